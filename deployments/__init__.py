@@ -1,0 +1,1 @@
+"""Ray Serve deployments: config, ingress, model replicas, request routing, placement."""

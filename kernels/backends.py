@@ -1,0 +1,96 @@
+"""LoRA compute backends behind one interface, looked up by name.
+
+Layers receive a backend and call `apply`; they never pick one or call a kernel themselves.
+`triton` runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+`torch` runs the pure-torch twins (CPU deployments, and the reference in tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+from kernels.lora_ref import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.meta import DispatchMeta
+
+
+class LoRABackend:
+    """Per-token LoRA compute over the dispatch metadata of one step.
+
+    Shapes: x [T, D_in]; lora_a_stacked [S, R, D_in]; lora_b_stacked [S, D_out, R];
+    slot_ranks int32[S]; slot_scales float32[S]; h float32[T*K, R]; out [T, D_out].
+    """
+
+    name = "abstract"
+
+    def shrink(self, x, lora_a_stacked, slot_ranks, meta: DispatchMeta) -> torch.Tensor:
+        raise NotImplementedError
+
+    def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta: DispatchMeta, out) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta: DispatchMeta, out):
+        """out += per-token weighted LoRA delta of x; returns out."""
+        h = self.shrink(x, lora_a_stacked, slot_ranks, meta)
+        return self.expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
+
+class TorchBackend(LoRABackend):
+    name = "torch"
+
+    def shrink(self, x, lora_a_stacked, slot_ranks, meta):
+        return lora_shrink_ref(x, lora_a_stacked, slot_ranks, meta)
+
+    def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+        return lora_expand_ref(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
+    def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+        return lora_apply_ref(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
+
+class TritonBackend(LoRABackend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels.lora_expand import lora_expand
+        from kernels.lora_shrink import lora_shrink
+
+        self._shrink, self._expand = lora_shrink, lora_expand
+
+    def shrink(self, x, lora_a_stacked, slot_ranks, meta):
+        return self._shrink(x, lora_a_stacked, slot_ranks, meta)
+
+    def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+        return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
+
+_BACKENDS: dict[str, Callable[[], LoRABackend]] = {"torch": TorchBackend, "triton": TritonBackend}
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> LoRABackend:
+    """The backend registered under `name` ("torch" or "triton")."""
+    try:
+        factory = _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown LoRA backend {name!r}; expected one of {available_backends()}") from None
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("LoRA backend 'triton' needs the triton package, which is not installed")
+    return factory()
+
+
+def default_backend_name(device: torch.device | str) -> str:
+    """triton on CUDA (when installed), torch elsewhere unless TRITON_INTERPRET=1 asks otherwise."""
+    device = torch.device(device)
+    has_triton = importlib.util.find_spec("triton") is not None
+    if device.type == "cuda" and has_triton:
+        return "triton"
+    if os.environ.get("TRITON_INTERPRET") == "1" and has_triton:
+        return "triton"
+    return "torch"

@@ -1,0 +1,135 @@
+"""Pure-torch per-token LoRA ops: the CPU backend and the oracle for the Triton kernels.
+
+Both paths avoid per-token Python loops. The decode path gathers each pair's adapter weights
+(index_select + bmm); the prefill path walks the per-slot segments of the dispatch metadata
+(index_select the slot's tokens, one matmul per slot, index_add back), so work grows with the
+number of tokens, not with tokens x adapters. Padding past a slot's rank is sliced off, never
+multiplied.
+
+Legend: T tokens, K choices, S slots, R max rank, N = T * K pairs, D_in / D_out features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.meta import DispatchMeta
+
+
+def _check(x: torch.Tensor, stacked: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name}: x must be [T, D]; got shape {tuple(x.shape)}")
+    if stacked.dim() != 3:
+        raise ValueError(f"{name}: stacked weights must be [S, ., .]; got shape {tuple(stacked.shape)}")
+
+
+def lora_shrink_ref(
+    x: torch.Tensor,
+    lora_a_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    meta: DispatchMeta,
+) -> torch.Tensor:
+    """Project every (token, k) pair onto its slot's lora_a.
+
+    Semantics: h[t*K+k, :r] = x[t] @ lora_a_stacked[s, :r].T with s = slots[t*K+k], r = rank[s];
+    h is zero past r and for s == -1.
+
+    Args:
+        x: [T, D_in] activations (fp32, bf16 or fp16).
+        lora_a_stacked: [S, R, D_in] slot-stacked lora_a, same dtype as x.
+        slot_ranks: int32[S] rank of each slot (0 = empty).
+        meta: dispatch metadata of the step.
+    Returns:
+        h: float32[N, R].
+    """
+    _check(x, lora_a_stacked, "lora_shrink")
+    ranks = slot_ranks.tolist()
+    h = x.new_zeros(meta.num_pairs, lora_a_stacked.shape[1], dtype=torch.float32)
+    for slot, rows, r in _groups(meta, ranks):
+        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
+        h[rows, :r] = (x.index_select(0, tokens) @ lora_a_stacked[slot, :r].T).float()
+    return h
+
+
+def lora_expand_ref(
+    h: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scales: torch.Tensor,
+    meta: DispatchMeta,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Add every pair's weighted lora_b projection into its token's output row.
+
+    Semantics: out[t] += sum_k weights[t*K+k] * scale[s] * h[t*K+k, :r] @ lora_b_stacked[s, :, :r].T
+    with s = slots[t*K+k], r = rank[s]; pairs with s == -1 add nothing.
+
+    Args:
+        h: float32[N, R] from lora_shrink.
+        lora_b_stacked: [S, D_out, R] slot-stacked lora_b.
+        slot_ranks: int32[S]; slot_scales: float32[S].
+        meta: dispatch metadata of the step.
+        out: [T, D_out], updated in place and returned.
+    """
+    _check(out, lora_b_stacked, "lora_expand")
+    ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
+    for slot, rows, r in _groups(meta, ranks):
+        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
+        coef = meta.weights.index_select(0, rows).unsqueeze(1) * scales[slot]
+        delta = (h.index_select(0, rows)[:, :r] * coef).to(out.dtype) @ lora_b_stacked[slot, :, :r].T
+        out.index_add_(0, tokens, delta)
+    return out
+
+
+def lora_apply_ref(
+    x: torch.Tensor,
+    lora_a_stacked: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scales: torch.Tensor,
+    meta: DispatchMeta,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """shrink then expand without materialising h for all pairs (what the CPU backend runs).
+
+    Semantics: out[t] += sum_k w[t,k] * scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T.
+    Shapes as in `lora_shrink_ref` and `lora_expand_ref`. Differentiable in x and meta.weights.
+    """
+    _check(x, lora_a_stacked, "lora_apply")
+    if meta.is_decode:
+        return _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+    ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
+    for slot, rows, r in _groups(meta, ranks):
+        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
+        coef = (meta.weights.index_select(0, rows) * scales[slot]).to(x.dtype).unsqueeze(1)
+        hs = (x.index_select(0, tokens) @ lora_a_stacked[slot, :r].T) * coef
+        out.index_add_(0, tokens, hs @ lora_b_stacked[slot, :, :r].T)
+    return out
+
+
+def _groups(meta: DispatchMeta, ranks: list[int]):
+    """Yield (slot, pair ids, rank) for each non-empty segment whose slot holds an adapter."""
+    for slot, start, end in meta.host_segments():
+        if ranks[slot] > 0:
+            yield slot, meta.sorted_pairs[start:end].long(), ranks[slot]
+
+
+def _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+    """Decode path: gather each pair's lora_a / lora_b and run two batched matvecs."""
+    ranks = slot_ranks.tolist()
+    used = [s for s, c in enumerate(meta.host_counts()) if c and ranks[s] > 0]
+    if not used:
+        return out
+    r = max(ranks[s] for s in used)
+    valid = meta.slots >= 0
+    index = meta.slots.clamp(min=0).long()
+    # Pairs with slot -1 or an empty slot get weight zero; their gathered weights are finite.
+    coef = meta.weights * slot_scales.index_select(0, index) * valid
+    coef = coef * (slot_ranks.index_select(0, index) > 0)
+    pairs = torch.arange(meta.num_pairs, device=x.device)
+    tokens = torch.div(pairs, meta.top_k, rounding_mode="floor")
+    a = lora_a_stacked.index_select(0, index)[:, :r]  # [N, r, D_in]
+    b = lora_b_stacked.index_select(0, index)[:, :, :r]  # [N, D_out, r]
+    h = torch.bmm(a, x.index_select(0, tokens).unsqueeze(2)) * coef.to(x.dtype).view(-1, 1, 1)
+    out.index_add_(0, tokens, torch.bmm(b, h).squeeze(2))
+    return out

@@ -1,0 +1,145 @@
+"""Per-step dispatch metadata: which (token, k) pairs go to which hot-set slot.
+
+Built once per step from a routing plan and shared by every MoLoRA layer of the forward pass,
+the same sort -> histogram -> cumsum that Mixture-of-Experts dispatch uses. The tensors live in
+buffers allocated once (`DispatchBuffers`), so a captured CUDA graph that reads them stays valid
+from step to step; only their contents change.
+
+Legend: T tokens, K choices per token, S hot-set slots, N = T * K (token, k) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# At or below this many (token, k) pairs a step takes the decode path (per-pair gather), above it
+# the prefill path (grouped tiles over the sorted per-slot segments).
+DECODE_MAX_PAIRS = 64
+
+
+@dataclass
+class DispatchMeta:
+    """Dispatch metadata of one step. Pair p = t * K + k is token t's k-th choice."""
+
+    num_tokens: int  # T
+    top_k: int  # K
+    num_slots: int  # S
+    slots: torch.Tensor  # int32[N]    hot-set slot of each pair, -1 = no adapter
+    weights: torch.Tensor  # float32[N]  mixing weight of each pair
+    sorted_pairs: torch.Tensor  # int32[N]    pair ids ordered by slot, slot -1 pairs last
+    slot_counts: torch.Tensor  # int32[S]    pairs routed to each slot
+    slot_offsets: torch.Tensor  # int32[S+1]  start of each slot's segment in sorted_pairs
+    _host_counts: list[int] | None = field(default=None, repr=False)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_tokens * self.top_k
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_pairs <= DECODE_MAX_PAIRS
+
+    def host_counts(self) -> list[int]:
+        """Pairs per slot on the host (one device sync per step, cached for all layers)."""
+        if self._host_counts is None:
+            self._host_counts = self.slot_counts.tolist()
+        return self._host_counts
+
+    def host_segments(self) -> list[tuple[int, int, int]]:
+        """(slot, start, end) of every non-empty segment of `sorted_pairs`, in slot order."""
+        segments, start = [], 0
+        for slot, count in enumerate(self.host_counts()):
+            if count:
+                segments.append((slot, start, start + count))
+                start += count
+        return segments
+
+    def max_pairs_per_slot(self) -> int:
+        return max(self.host_counts(), default=0)
+
+
+def build_dispatch(
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    num_slots: int,
+    out: "DispatchBuffers | None" = None,
+) -> DispatchMeta:
+    """Sort pairs by slot, count them per slot, take offsets.
+
+    Args:
+        slots: int[T, K] hot-set slot per token and choice, -1 = no adapter.
+        weights: float[T, K] mixing weight per token and choice.
+        num_slots: S, the hot-set size (slot ids are in [0, S)).
+        out: preallocated buffers to fill in place; None allocates fresh tensors (training).
+
+    Weights that require grad are referenced, not copied, so a learned router trains through
+    them.
+    """
+    if slots.dim() != 2 or weights.shape != slots.shape:
+        raise ValueError(
+            f"slots and weights must both be [T, K]; got {tuple(slots.shape)} and {tuple(weights.shape)}"
+        )
+    num_tokens, top_k = slots.shape
+    n = num_tokens * top_k
+    device = slots.device
+    if out is None:
+        flat_slots = slots.reshape(-1).to(torch.int32)
+        sorted_pairs = torch.empty(n, dtype=torch.int32, device=device)
+        counts = torch.empty(num_slots, dtype=torch.int32, device=device)
+        offsets = torch.empty(num_slots + 1, dtype=torch.int32, device=device)
+    else:
+        out.check_fits(num_tokens, top_k, num_slots)
+        flat_slots = out.slots[:n]
+        flat_slots.copy_(slots.reshape(-1))
+        sorted_pairs, counts, offsets = out.sorted_pairs[:n], out.slot_counts, out.slot_offsets
+    if weights.requires_grad or out is None:
+        flat_weights = weights.reshape(-1).float()
+    else:
+        flat_weights = out.weights[:n]
+        flat_weights.copy_(weights.reshape(-1))
+
+    # Slot -1 sorts after every real slot and falls outside the histogram.
+    key = flat_slots.long().masked_fill(flat_slots < 0, num_slots)
+    sorted_pairs.copy_(torch.argsort(key, stable=True))
+    counts.copy_(torch.bincount(key, minlength=num_slots + 1)[:num_slots])
+    offsets[0] = 0
+    torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
+    return DispatchMeta(
+        num_tokens=num_tokens,
+        top_k=top_k,
+        num_slots=num_slots,
+        slots=flat_slots,
+        weights=flat_weights,
+        sorted_pairs=sorted_pairs,
+        slot_counts=counts,
+        slot_offsets=offsets,
+    )
+
+
+class DispatchBuffers:
+    """Dispatch tensors allocated once at start-up for up to `max_tokens` x `max_k` pairs."""
+
+    def __init__(self, max_tokens: int, max_k: int, num_slots: int, device: torch.device | str = "cpu"):
+        if max_tokens < 1 or max_k < 1 or num_slots < 1:
+            raise ValueError(
+                f"max_tokens, max_k and num_slots must be >= 1; got {max_tokens}, {max_k}, {num_slots}"
+            )
+        n = max_tokens * max_k
+        self.max_tokens, self.max_k, self.num_slots = max_tokens, max_k, num_slots
+        self.slots = torch.full((n,), -1, dtype=torch.int32, device=device)  # int32[T_max*K_max]
+        self.weights = torch.zeros(n, dtype=torch.float32, device=device)  # float32[T_max*K_max]
+        self.sorted_pairs = torch.zeros(n, dtype=torch.int32, device=device)  # int32[T_max*K_max]
+        self.slot_counts = torch.zeros(num_slots, dtype=torch.int32, device=device)  # int32[S]
+        self.slot_offsets = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)  # int32[S+1]
+
+    def check_fits(self, num_tokens: int, top_k: int, num_slots: int) -> None:
+        if num_tokens > self.max_tokens or top_k > self.max_k or num_slots != self.num_slots:
+            raise ValueError(
+                f"step of T={num_tokens}, K={top_k}, S={num_slots} does not fit dispatch buffers "
+                f"of T<={self.max_tokens}, K<={self.max_k}, S={self.num_slots}"
+            )
+
+    def build(self, slots: torch.Tensor, weights: torch.Tensor) -> DispatchMeta:
+        return build_dispatch(slots, weights, self.num_slots, out=self)

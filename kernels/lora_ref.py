@@ -131,5 +131,7 @@ def _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, 
     a = lora_a_stacked.index_select(0, index)[:, :r]  # [N, r, D_in]
     b = lora_b_stacked.index_select(0, index)[:, :, :r]  # [N, D_out, r]
     h = torch.bmm(a, x.index_select(0, tokens).unsqueeze(2)) * coef.to(x.dtype).view(-1, 1, 1)
+    # A lower-rank slot's columns past its rank are padding: mask them rather than trust zeros.
+    h = h * (torch.arange(r, device=x.device) < slot_ranks.index_select(0, index).unsqueeze(1)).unsqueeze(2)
     out.index_add_(0, tokens, torch.bmm(b, h).squeeze(2))
     return out

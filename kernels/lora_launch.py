@@ -1,0 +1,143 @@
+"""Argument checks and block-size choices shared by the LoRA shrink / expand launchers.
+
+No kernels here (one Triton kernel per file); only host-side code that never reads tensor
+contents, so a launcher that uses it with a fixed `block_m` does no device sync and can be
+captured in a CUDA graph.
+
+Legend: T tokens, K choices, S slots, R max rank, N = T * K pairs, D_in / D_out features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.meta import DispatchMeta
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_M_CHOICES = (16, 32, 64, 128)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def pick_block_m(meta: DispatchMeta, block_m: int | None) -> int:
+    """Rows per tile of the grouped (prefill) kernels.
+
+    Like MoE kernels, size the tile to the tokens per expert: a slot with 10 pairs wastes most
+    of a 64-row tile, a slot with 2,000 pairs wants big tiles for weight reuse. The busiest
+    slot decides (one host sync per step, cached in `meta`). A given `block_m` is used as is,
+    with no sync, so the launch can be captured in a CUDA graph.
+    """
+    if block_m is not None:
+        if block_m not in BLOCK_M_CHOICES:
+            raise ValueError(f"block_m must be one of {BLOCK_M_CHOICES}; got {block_m}")
+        return block_m
+    busiest = meta.max_pairs_per_slot()
+    if busiest <= 16:
+        return 16
+    if busiest <= 64:
+        return 32
+    if busiest <= 512:
+        return 64
+    return 128
+
+
+def dot_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether tiles are upcast to fp32 (IEEE, no TF32) before `tl.dot`.
+
+    fp32 inputs: always, so fp32 results match the fp32 reference instead of TF32's ~1e-3.
+    bf16 on CPU (the Triton interpreter): the interpreter's bf16 `tl.dot` returns garbage
+    (triton 3.9), and the fp32 dot of bf16 values is exactly what a bf16 tensor-core dot with
+    fp32 accumulation computes, so the interpreter still tests the GPU numerics.
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
+
+
+def _check_slot_vectors(op: str, meta: DispatchMeta, slot_ranks: torch.Tensor, device: torch.device) -> None:
+    if slot_ranks.dtype != torch.int32 or slot_ranks.shape != (meta.num_slots,):
+        raise ValueError(
+            f"{op}: slot_ranks must be int32[S={meta.num_slots}]; "
+            f"got {slot_ranks.dtype}{list(slot_ranks.shape)}"
+        )
+    vectors = {
+        "slot_ranks": slot_ranks,
+        "meta.slots": meta.slots,
+        "meta.sorted_pairs": meta.sorted_pairs,
+        "meta.slot_counts": meta.slot_counts,
+        "meta.slot_offsets": meta.slot_offsets,
+    }
+    for name, t in vectors.items():
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def check_shrink_args(
+    op: str, x: torch.Tensor, lora_a_stacked: torch.Tensor, slot_ranks: torch.Tensor, meta: DispatchMeta
+) -> None:
+    """x [T, D_in] rows contiguous; lora_a_stacked [S, R, D_in] contiguous, same dtype."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: x dtype {x.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if lora_a_stacked.dtype != x.dtype:
+        raise ValueError(f"{op}: lora_a_stacked dtype {lora_a_stacked.dtype} != x dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[0] != meta.num_tokens:
+        raise ValueError(f"{op}: x must be [T={meta.num_tokens}, D_in]; got {list(x.shape)}")
+    a_shape = tuple(lora_a_stacked.shape)
+    if len(a_shape) != 3 or a_shape[0] != meta.num_slots or a_shape[2] != x.shape[1]:
+        raise ValueError(
+            f"{op}: lora_a_stacked must be [S={meta.num_slots}, R, D_in={x.shape[1]}]; "
+            f"got {list(lora_a_stacked.shape)}"
+        )
+    if x.stride(1) != 1:
+        raise ValueError(f"{op}: x rows must be contiguous (stride(1) == 1); got strides {x.stride()}")
+    if not lora_a_stacked.is_contiguous():
+        raise ValueError(f"{op}: lora_a_stacked must be contiguous")
+    if lora_a_stacked.device != x.device:
+        raise ValueError(f"{op}: lora_a_stacked is on {lora_a_stacked.device}, x on {x.device}")
+    _check_slot_vectors(op, meta, slot_ranks, x.device)
+
+
+def check_expand_args(
+    op: str,
+    h: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    slot_scales: torch.Tensor,
+    meta: DispatchMeta,
+    out: torch.Tensor,
+) -> None:
+    """h float32[N, R] contiguous; lora_b_stacked [S, D_out, R] contiguous; out [T, D_out] same dtype."""
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: out dtype {out.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if lora_b_stacked.dtype != out.dtype:
+        raise ValueError(f"{op}: lora_b_stacked dtype {lora_b_stacked.dtype} != out dtype {out.dtype}")
+    if lora_b_stacked.dim() != 3 or lora_b_stacked.shape[0] != meta.num_slots:
+        raise ValueError(
+            f"{op}: lora_b_stacked must be [S={meta.num_slots}, D_out, R]; got {list(lora_b_stacked.shape)}"
+        )
+    _, d_out, rank = lora_b_stacked.shape
+    if h.dtype != torch.float32 or tuple(h.shape) != (meta.num_pairs, rank) or not h.is_contiguous():
+        raise ValueError(
+            f"{op}: h must be contiguous float32[N={meta.num_pairs}, R={rank}]; got {h.dtype}{list(h.shape)}"
+        )
+    if tuple(out.shape) != (meta.num_tokens, d_out):
+        raise ValueError(f"{op}: out must be [T={meta.num_tokens}, D_out={d_out}]; got {list(out.shape)}")
+    if out.stride(1) != 1:
+        raise ValueError(f"{op}: out rows must be contiguous (stride(1) == 1); got strides {out.stride()}")
+    if not lora_b_stacked.is_contiguous():
+        raise ValueError(f"{op}: lora_b_stacked must be contiguous")
+    scales_ok = slot_scales.dtype == torch.float32 and slot_scales.shape == (meta.num_slots,)
+    if not scales_ok or not slot_scales.is_contiguous():
+        raise ValueError(
+            f"{op}: slot_scales must be contiguous float32[S={meta.num_slots}]; "
+            f"got {slot_scales.dtype}{list(slot_scales.shape)}"
+        )
+    others = {"h": h, "lora_b_stacked": lora_b_stacked, "slot_scales": slot_scales, "meta.weights": meta.weights}
+    for name, t in others.items():
+        if t.device != out.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, out on {out.device}")
+    if meta.weights.dtype != torch.float32 or not meta.weights.is_contiguous():
+        raise ValueError(f"{op}: meta.weights must be contiguous float32[N]; got {meta.weights.dtype}")
+    _check_slot_vectors(op, meta, slot_ranks, out.device)

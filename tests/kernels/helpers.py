@@ -1,0 +1,165 @@
+"""Shared test helpers for kernels: one `assert_close`, routing distributions, problem builders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.meta import DispatchMeta, build_dispatch
+
+# Per-dtype tolerance, relative to the size of the expected values: an element passes when
+# |actual - expected| <= tol * (|expected| + max|expected|). fp32 kernels differ from the
+# reference only by summation order; 16-bit ones also by where they round (the references round
+# h and each slot's delta to 16 bits, the kernels keep fp32 until the final store).
+TOLERANCE = {
+    torch.float32: 1e-5,
+    torch.float64: 1e-10,
+    torch.bfloat16: 2e-2,
+    torch.float16: 1e-2,
+}
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DISTRIBUTIONS = ("one", "uniform", "zipf", "skewed", "with_none", "empty_slots")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, msg: str = "") -> None:
+    """Compare with the tolerance of `dtype` (the compute dtype; default expected.dtype)."""
+    dtype = dtype or expected.dtype
+    tol = TOLERANCE[dtype]
+    assert actual.shape == expected.shape, f"{msg} shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{msg} non-finite values in actual"
+    scale = e.abs().max().item() if e.numel() else 0.0
+    err = (a - e).abs()
+    bound = tol * (e.abs() + scale) + 1e-30
+    if not bool((err <= bound).all()):
+        worst = int(torch.argmax(err / bound))
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
+        raise AssertionError(
+            f"{msg} not close for {dtype} (tol {tol}): at {idx} actual {a[idx].item():.6g} "
+            f"expected {e[idx].item():.6g}; max abs err {err.max().item():.3g}, max |expected| {scale:.3g}, "
+            f"{int((err > bound).sum())} of {e.numel()} elements off"
+        )
+
+
+def routing(dist: str, num_tokens: int, top_k: int, num_slots: int, gen: torch.Generator) -> torch.Tensor:
+    """int32[T, K] slots drawn from a named distribution (-1 = no adapter)."""
+    shape = (num_tokens, top_k)
+    if dist == "one":
+        # Every choice of every token to one slot: with K > 1 a token repeats a slot, so
+        # several rows of one tile add into the same output row.
+        return torch.full(shape, num_slots - 1, dtype=torch.int32)
+    if dist == "uniform":
+        return torch.randint(0, num_slots, shape, generator=gen, dtype=torch.int32)
+    if dist == "zipf":
+        probs = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.2
+        perm = torch.randperm(num_slots, generator=gen)
+        draws = torch.multinomial(probs, num_tokens * top_k, replacement=True, generator=gen)
+        return perm[draws].reshape(shape).to(torch.int32)
+    if dist == "skewed":
+        slots = torch.randint(0, num_slots, shape, generator=gen, dtype=torch.int32)
+        hot = torch.rand(shape, generator=gen) < 0.9
+        return torch.where(hot, torch.zeros_like(slots), slots)
+    if dist == "with_none":
+        slots = torch.randint(0, num_slots, shape, generator=gen, dtype=torch.int32)
+        return slots.masked_fill(torch.rand(shape, generator=gen) < 0.3, -1)
+    if dist == "empty_slots":
+        # Only every third slot is used; the rest hold adapters that no token picks.
+        used = torch.arange(0, num_slots, 3, dtype=torch.int32)
+        slots = used[torch.randint(0, len(used), shape, generator=gen)]
+        return slots.masked_fill(torch.rand(shape, generator=gen) < 0.1, -1)
+    raise ValueError(f"unknown routing distribution {dist!r}")
+
+
+@dataclass
+class Problem:
+    x: torch.Tensor  # [T, D_in]
+    lora_a: torch.Tensor  # [S, R, D_in], padding past rank poisoned
+    lora_b: torch.Tensor  # [S, D_out, R], padding past rank poisoned
+    ranks: torch.Tensor  # int32[S]
+    scales: torch.Tensor  # float32[S]
+    slots: torch.Tensor  # int32[T, K]
+    weights: torch.Tensor  # float32[T, K]
+    out: torch.Tensor  # [T, D_out] random non-zero base
+    meta: DispatchMeta
+
+
+def make_ranks(num_slots: int, max_rank: int, gen: torch.Generator, zero_rank_slot: bool = False) -> torch.Tensor:
+    """Mixed ranks in [4, max_rank] (max_rank itself included), optionally one empty (rank 0) slot."""
+    choices = [r for r in (4, 8, 12, 16, 24, 32, 48, 64) if r <= max_rank] or [max_rank]
+    ranks = torch.tensor(choices, dtype=torch.int32)[torch.randint(0, len(choices), (num_slots,), generator=gen)]
+    ranks[0] = max_rank
+    if zero_rank_slot and num_slots > 1:
+        ranks[1] = 0
+    return ranks
+
+
+def make_problem(
+    num_tokens: int,
+    top_k: int,
+    num_slots: int,
+    d_in: int,
+    d_out: int,
+    max_rank: int,
+    dtype: torch.dtype,
+    dist: str,
+    seed: int = 0,
+    device: str = "cpu",
+    pad_value: float = float("nan"),
+    zero_rank_slot: bool = True,
+) -> Problem:
+    """Random non-zero data; lora padding past each slot's rank holds `pad_value` (NaN: any read shows)."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = make_ranks(num_slots, max_rank, gen, zero_rank_slot)
+    x = torch.randn(num_tokens, d_in, generator=gen)
+    lora_a = torch.randn(num_slots, max_rank, d_in, generator=gen) / d_in**0.5
+    lora_b = torch.randn(num_slots, d_out, max_rank, generator=gen) / max_rank**0.5
+    for s, r in enumerate(ranks.tolist()):
+        lora_a[s, r:] = pad_value
+        lora_b[s, :, r:] = pad_value
+    scales = torch.rand(num_slots, generator=gen) + 0.5
+    slots = routing(dist, num_tokens, top_k, num_slots, gen)
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    out = torch.randn(num_tokens, d_out, generator=gen)
+    to = dict(device=device)
+    slots, weights = slots.to(**to), weights.to(**to)
+    return Problem(
+        x=x.to(dtype=dtype, **to),
+        lora_a=lora_a.to(dtype=dtype, **to),
+        lora_b=lora_b.to(dtype=dtype, **to),
+        ranks=ranks.to(**to),
+        scales=scales.to(**to),
+        slots=slots,
+        weights=weights,
+        out=out.to(dtype=dtype, **to),
+        meta=build_dispatch(slots, weights, num_slots),
+    )
+
+
+def naive_shrink(x, lora_a, ranks, slots) -> torch.Tensor:
+    """float64[N, R], one (token, k) pair at a time."""
+    num_tokens, top_k = slots.shape
+    h = torch.zeros(num_tokens * top_k, lora_a.shape[1], dtype=torch.float64)
+    for t in range(num_tokens):
+        for k in range(top_k):
+            s = int(slots[t, k])
+            r = int(ranks[s]) if s >= 0 else 0
+            if r:
+                h[t * top_k + k, :r] = lora_a[s, :r].double() @ x[t].double()
+    return h
+
+
+def naive_expand(h, lora_b, ranks, scales, slots, weights, out) -> torch.Tensor:
+    """float64[T, D_out] = out + sum of every pair's weighted delta, one pair at a time."""
+    num_tokens, top_k = slots.shape
+    result = out.double().clone()
+    for t in range(num_tokens):
+        for k in range(top_k):
+            s = int(slots[t, k])
+            r = int(ranks[s]) if s >= 0 else 0
+            if r:
+                p = t * top_k + k
+                coef = weights[t, k].double() * float(scales[s])
+                result[t] += coef * (lora_b[s, :, :r].double() @ h[p, :r].double())
+    return result

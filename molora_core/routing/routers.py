@@ -1,0 +1,96 @@
+"""Routers bound to hot-set slots: each turns a request's tokens into per-token (slot, weight).
+
+| router     | decides                                              | granularity |
+| sequence   | one adapter for the whole request                    | sequence    |
+| mixture    | named adapters with fixed weights                    | sequence    |
+| vocab      | token-id ranges -> adapters (text vs image tokens)   | token       |
+| gate       | learned gate over the embedding picks top-k adapters | token       |
+
+Every router returns slots int32[n, k] (-1 = no adapter) and weights float32[n, k] for the n
+tokens it is given. Routers whose `needs_hidden` is true run once the step's embeddings exist.
+A task-embedding router (LORAUTER) fits the same interface: per-sequence, from the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from molora_core.errors import RouterInvalid
+from molora_core.routing.gate import GateRouter
+
+
+class Router:
+    top_k: int = 1
+    needs_hidden: bool = False
+
+    def route(self, token_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_ids long[n] (and hidden [n, D] if needs_hidden) -> (slots int32[n, k], weights float32[n, k])."""
+        raise NotImplementedError
+
+
+class SequenceRouter(Router):
+    """Every token of the request to one slot with weight 1."""
+
+    def __init__(self, slot: int):
+        self.slot = slot
+
+    def route(self, token_ids, hidden=None):
+        n = token_ids.shape[0]
+        slots = torch.full((n, 1), self.slot, dtype=torch.int32, device=token_ids.device)
+        return slots, torch.ones(n, 1, dtype=torch.float32, device=token_ids.device)
+
+
+class MixtureRouter(Router):
+    """Every token to the same slots with fixed weights."""
+
+    def __init__(self, slots: Sequence[int], weights: Sequence[float]):
+        if len(slots) != len(weights) or not slots:
+            raise RouterInvalid(f"a mixture needs one weight per adapter; got {len(slots)} slots and {len(weights)} weights")
+        self.slots, self.weights, self.top_k = list(slots), [float(w) for w in weights], len(slots)
+
+    def route(self, token_ids, hidden=None):
+        n, device = token_ids.shape[0], token_ids.device
+        slots = torch.tensor(self.slots, dtype=torch.int32, device=device).expand(n, -1)
+        weights = torch.tensor(self.weights, dtype=torch.float32, device=device).expand(n, -1)
+        return slots, weights
+
+
+class VocabRouter(Router):
+    """Token ids in [lo, hi) to a slot; ids outside every range to `default_slot` (-1 = base)."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int, int]], default_slot: int = -1):
+        ordered = sorted(ranges)
+        for lo, hi, _ in ordered:
+            if not 0 <= lo < hi:
+                raise RouterInvalid(f"vocab range [{lo}, {hi}) is empty or negative; expected 0 <= lo < hi")
+        for (lo0, hi0, _), (lo1, hi1, _) in zip(ordered, ordered[1:]):
+            if lo1 < hi0:
+                raise RouterInvalid(f"vocab ranges [{lo0}, {hi0}) and [{lo1}, {hi1}) overlap")
+        self.ranges, self.default_slot = ordered, default_slot
+
+    def route(self, token_ids, hidden=None):
+        slots = torch.full_like(token_ids, self.default_slot, dtype=torch.int32)
+        for lo, hi, slot in self.ranges:
+            slots.masked_fill_((token_ids >= lo) & (token_ids < hi), slot)
+        weights = (slots >= 0).float()
+        return slots.unsqueeze(1), weights.unsqueeze(1)
+
+
+class GateSlotRouter(Router):
+    """A GateRouter whose adapters are resident at `slots` (same order as gate.adapters)."""
+
+    needs_hidden = True
+
+    def __init__(self, gate: GateRouter, slots: Sequence[int]):
+        if len(slots) != len(gate.adapters):
+            raise RouterInvalid(f"gate router has {len(gate.adapters)} adapters but {len(slots)} slots were bound")
+        self.gate, self.top_k = gate, gate.top_k
+        self.lookup = torch.tensor(list(slots), dtype=torch.int32)
+
+    def route(self, token_ids, hidden=None):
+        if hidden is None:
+            raise RouterInvalid("the gate router needs the hidden state of its tokens")
+        index, weights = self.gate(hidden)
+        return self.lookup.to(index.device)[index], weights

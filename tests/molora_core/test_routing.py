@@ -1,0 +1,132 @@
+"""Routers, specs, the routing plan and the gate router's artifact format."""
+
+import json
+
+import pytest
+import torch
+
+from molora_core.errors import RouterInvalid
+from molora_core.routing import (
+    AdapterSpec,
+    BaseSpec,
+    GateRouter,
+    GateSpec,
+    MixtureSpec,
+    RoutingPlan,
+    SequenceRouter,
+    VocabRouter,
+    VocabSpec,
+)
+
+SLOT_OF = {"code": 2, "math": 0, "image": 3}
+
+
+def test_sequence_and_mixture_routers_fill_only_their_rows():
+    plan = RoutingPlan(max_tokens=16, max_k=4, num_slots=4)
+    plan.begin(num_tokens=7, top_k=2)
+    plan.assign(0, AdapterSpec("code").bind(SLOT_OF), torch.arange(3))
+    plan.assign(3, BaseSpec().bind(SLOT_OF), torch.arange(2))
+    plan.assign(5, MixtureSpec(("math", "code"), (0.25, 0.75)).bind(SLOT_OF), torch.arange(2))
+    meta = plan.finalize()
+    assert plan.slots.tolist() == [[2, -1]] * 3 + [[-1, -1]] * 2 + [[0, 2]] * 2
+    assert plan.weights.tolist() == [[1, 0]] * 3 + [[0, 0]] * 2 + [[0.25, 0.75]] * 2
+    assert meta.slot_counts.tolist() == [2, 0, 5, 0]
+
+
+def test_vocab_router_maps_id_ranges_and_default():
+    spec = VocabSpec(ranges=((100, 200, "image"), (0, 50, "code")), default="math")
+    router = spec.bind(SLOT_OF)
+    slots, weights = router.route(torch.tensor([0, 49, 50, 99, 100, 199, 200]))
+    assert slots.squeeze(1).tolist() == [2, 2, 0, 0, 3, 3, 0]
+    assert weights.squeeze(1).tolist() == [1.0] * 7
+    base_default, w = VocabRouter([(10, 20, 1)]).route(torch.tensor([5, 15]))
+    assert base_default.squeeze(1).tolist() == [-1, 1] and w.squeeze(1).tolist() == [0.0, 1.0]
+    assert spec.adapter_names() == ["image", "code", "math"]
+
+
+@pytest.mark.parametrize("ranges, match", [([(0, 10, 1), (5, 20, 2)], "overlap"), ([(10, 10, 1)], "empty")])
+def test_vocab_router_rejects_bad_ranges(ranges, match):
+    with pytest.raises(RouterInvalid, match=match):
+        VocabRouter(ranges)
+
+
+def test_specs_name_their_adapters_and_refuse_unbound_ones():
+    assert MixtureSpec(("a", "b"), (0.5, 0.5)).adapter_names() == ["a", "b"]
+    with pytest.raises(RouterInvalid, match="'nope' has no hot-set slot"):
+        AdapterSpec("nope").bind(SLOT_OF)
+    with pytest.raises(RouterInvalid, match="one weight per adapter"):
+        MixtureSpec(("a", "b"), (1.0,))
+    with pytest.raises(RouterInvalid, match="names an adapter twice"):
+        MixtureSpec(("a", "a"), (0.5, 0.5))
+
+
+def test_gate_rows_wait_for_hidden_state():
+    torch.manual_seed(0)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code", "image"], top_k=2)
+    plan = RoutingPlan(max_tokens=8, max_k=2, num_slots=4)
+    plan.begin(num_tokens=5, top_k=2)
+    plan.assign(0, AdapterSpec("math").bind(SLOT_OF), torch.arange(2))
+    plan.assign(2, GateSpec(gate).bind(SLOT_OF), torch.arange(3))
+    assert plan.needs_hidden
+    with pytest.raises(ValueError, match="needs the step's hidden state"):
+        plan.finalize()
+    hidden = torch.randn(5, 8)
+    meta = plan.finalize(hidden)
+    index, weights = gate(hidden[2:])
+    lookup = torch.tensor([0, 2, 3])
+    assert plan.slots[2:].tolist() == lookup[index].tolist()
+    torch.testing.assert_close(plan.weights[2:], weights)
+    torch.testing.assert_close(plan.weights[2:].sum(-1), torch.ones(3))
+    assert int(meta.slot_counts.sum()) == 2 + 3 * 2
+
+
+def test_plan_rejects_steps_and_rows_that_do_not_fit():
+    plan = RoutingPlan(max_tokens=4, max_k=2, num_slots=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        plan.begin(5, 1)
+    plan.begin(4, 1)
+    with pytest.raises(ValueError, match="outside the step"):
+        plan.assign(3, SequenceRouter(0), torch.arange(2))
+    with pytest.raises(ValueError, match="K=1"):
+        plan.assign(0, MixtureSpec(("math", "code"), (0.5, 0.5)).bind(SLOT_OF), torch.arange(2))
+
+
+def test_plan_buffers_keep_their_addresses_across_steps():
+    plan = RoutingPlan(max_tokens=32, max_k=2, num_slots=4)
+    ptrs = None
+    for step, num_tokens in enumerate([32, 3, 17]):
+        plan.begin(num_tokens, 2)
+        plan.assign(0, SequenceRouter(step % 4), torch.arange(num_tokens))
+        meta = plan.finalize()
+        now = [meta.slots.data_ptr(), meta.sorted_pairs.data_ptr(), meta.slot_counts.data_ptr(), meta.slot_offsets.data_ptr()]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+
+
+def test_gate_router_save_load_round_trip(tmp_path):
+    torch.manual_seed(1)
+    gate = GateRouter(hidden_size=16, adapters=["math", "code", "image"], top_k=2)
+    with torch.no_grad():
+        gate.gate.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    path = gate.save(tmp_path / "router")
+    config = json.loads((path / "router.json").read_text())
+    assert config["adapters"] == ["math", "code", "image"] and config["kind"] == "gate" and config["top_k"] == 2
+    loaded = GateRouter.load(path)
+    hidden = torch.randn(6, 16)
+    for a, b in zip(gate(hidden), loaded(hidden)):
+        torch.testing.assert_close(a, b)
+
+
+def test_gate_router_load_errors(tmp_path):
+    with pytest.raises(RouterInvalid, match="router.json is missing"):
+        GateRouter.load(tmp_path)
+    path = GateRouter(8, ["a", "b"]).save(tmp_path / "r")
+    config = json.loads((path / "router.json").read_text())
+    config["hidden_size"] = 9
+    (path / "router.json").write_text(json.dumps(config))
+    with pytest.raises(RouterInvalid, match=r"gate.weight is \(2, 8\); expected \(2, 9\)"):
+        GateRouter.load(path)
+    with pytest.raises(RouterInvalid, match="distinct adapter names"):
+        GateRouter(8, ["a", "a"])
+    with pytest.raises(RouterInvalid, match="top_k"):
+        GateRouter(8, ["a"], top_k=2)

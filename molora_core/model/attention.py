@@ -1,0 +1,161 @@
+"""Grouped-query self-attention over a flat batch of prefill chunks and decode tokens.
+
+Each step's new keys/values are written into the KV cache, then every query attends to its own
+sequence's cached positions (causal, optionally a sliding window) through torch SDPA:
+- a sequence with several new tokens (a prompt, or a later chunk of one) runs its own SDPA call,
+  with `is_causal` when nothing is cached and an explicit [n, ctx] mask otherwise;
+- all single-token (decode) sequences run one SDPA call over their slots, padded to the longest
+  context and masked per row.
+The masks depend only on the step, so `AttentionMeta` builds them once and every layer reuses them.
+
+Legend: T tokens, B sequences, H heads, H_kv key/value heads, D_h head dim, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molora_core.model.batch import StepBatch
+from molora_core.model.config import DecoderConfig
+from molora_core.model.kv_cache import KVCache
+from molora_core.model.layers import RMSNorm
+from molora_core.model.rope import apply_rope
+
+# `enable_gqa` (torch >= 2.5) lets SDPA read H_kv heads without materializing the repeat.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(q, k, v, mask, is_causal, scale):
+    """q [B, H, n, D_h], k/v [B, H_kv, ctx, D_h] -> [B, H, n, D_h]."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _SDPA_HAS_GQA:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    kwargs = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, **kwargs)
+
+
+@dataclass
+class AttentionMeta:
+    """Per-step attention metadata, built once by `build` and shared by every layer."""
+
+    batch: StepBatch
+    device: torch.device
+    has_cache: bool
+    token_slots: torch.Tensor  # int64[T] KV-cache slot of each token's sequence
+    prefill: list[int]  # indices b of sequences on the per-sequence path
+    decode_rows: torch.Tensor | None  # int64[B_d] flat token index of each decode sequence
+    decode_slots: torch.Tensor | None  # int64[B_d] their slots
+    decode_lens: list[int]  # [B_d] their context lengths
+    _masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, batch: StepBatch, device: torch.device, has_cache: bool) -> "AttentionMeta":
+        prefill, decode = [], []
+        for b, (n, ctx) in enumerate(zip(batch.num_new, batch.context_lens)):
+            if not has_cache and n != ctx:
+                raise ValueError(
+                    f"sequence {b} has {ctx - n} cached tokens but no KV cache was given"
+                )
+            (decode if n == 1 and ctx > 1 else prefill).append(b)
+        token_slots = torch.tensor(batch.per_token(batch.slots), dtype=torch.int64).to(device)
+        decode_rows = decode_slots = None
+        if decode:
+            decode_rows = torch.tensor([batch.starts[b] for b in decode], dtype=torch.int64).to(device)
+            decode_slots = torch.tensor([batch.slots[b] for b in decode], dtype=torch.int64).to(device)
+        return cls(
+            batch, device, has_cache, token_slots, prefill, decode_rows, decode_slots,
+            [batch.context_lens[b] for b in decode],
+        )
+
+    def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(mask bool[n, ctx] or None, is_causal) for sequence b's queries against its keys."""
+        n, ctx = self.batch.num_new[b], self.batch.context_lens[b]
+        if n == ctx and (window is None or ctx <= window):
+            return None, n > 1
+        key = ("prefill", b, window)
+        if key not in self._masks:
+            q_pos = torch.arange(ctx - n, ctx, device=self.device)[:, None]
+            k_pos = torch.arange(ctx, device=self.device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[key] = mask
+        return self._masks[key], False
+
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """bool[B_d, 1, 1, max_ctx]: row b sees its own context (and window) only."""
+        lens = self.decode_lens
+        if min(lens) == max(lens) and (window is None or max(lens) <= window):
+            return None
+        key = ("decode", window)
+        if key not in self._masks:
+            ctx = torch.tensor(lens, dtype=torch.int64, device=self.device)[:, None]
+            k_pos = torch.arange(max(lens), device=self.device)[None, :]
+            mask = k_pos < ctx
+            if window is not None:
+                mask &= k_pos > ctx - 1 - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections (HF names, plain nn.Linear), optional q/k RMSNorm, RoPE, SDPA."""
+
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scaling = cfg.head_dim**-0.5
+        self.sliding_window = cfg.sliding_windows[layer_idx]
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, D]
+        positions: torch.Tensor,  # int64[T]
+        cos: torch.Tensor,  # [T, D_h]
+        sin: torch.Tensor,  # [T, D_h]
+        meta: AttentionMeta,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:  # [T, D]
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            kv_cache.write(self.layer_idx, meta.token_slots, positions, k, v)
+
+        out = torch.empty_like(q)  # [T, H, D_h]
+        batch = meta.batch
+        for b in meta.prefill:
+            start, n, ctx = batch.starts[b], batch.num_new[b], batch.context_lens[b]
+            if kv_cache is not None:
+                ks, vs = kv_cache.view(self.layer_idx, batch.slots[b], ctx)
+            else:
+                ks, vs = k[start : start + n].transpose(0, 1), v[start : start + n].transpose(0, 1)
+            mask, is_causal = meta.prefill_mask(b, self.sliding_window)
+            qs = q[start : start + n].transpose(0, 1)[None]
+            o = _sdpa(qs, ks[None], vs[None], mask, is_causal, self.scaling)
+            out[start : start + n] = o[0].transpose(0, 1)
+        if meta.decode_rows is not None:
+            kd, vd = kv_cache.gather(self.layer_idx, meta.decode_slots, max(meta.decode_lens))
+            qd = q[meta.decode_rows][:, :, None, :]  # [B_d, H, 1, D_h]
+            od = _sdpa(qd, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)
+            out[meta.decode_rows] = od[:, :, 0, :]
+        return self.o_proj(out.view(t, self.num_heads * self.head_dim))

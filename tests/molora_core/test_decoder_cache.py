@@ -1,0 +1,143 @@
+"""The KV-cache path: chunked prefill + decode of several sequences in one flat batch gives the
+same logits as a dense forward over each full sequence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molora_core.model import KVCache, StepBatch, load_model
+from tests.molora_core.test_decoder import FP32_ATOL, ids_for, make_checkpoint
+
+# Each step: (sequence, first new position, number of new tokens). Mixes two-chunk prefills, a
+# fresh prompt arriving while others decode, decode steps of different context lengths, a
+# multi-token append after decoding, and a step whose spans are not in sequence order.
+SCHEDULE = [
+    [("a", 0, 4), ("b", 0, 6)],
+    [("a", 4, 3), ("b", 6, 6)],
+    [("a", 7, 1), ("c", 0, 5), ("b", 12, 1)],
+    [("a", 8, 1), ("b", 13, 1), ("c", 5, 1)],
+    [("c", 6, 3), ("a", 9, 1)],
+    [("a", 10, 1), ("b", 14, 1), ("c", 9, 1)],
+]
+LENGTHS = {"a": 11, "b": 15, "c": 10}
+SLOTS = {"a": 3, "b": 0, "c": 2}
+
+
+def run_schedule(model, seqs, cache, reorder_last=True):
+    """Run SCHEDULE through model.forward; return {seq: logits [len, V]} gathered per position."""
+    out = {name: torch.full((n, model.config.vocab_size), float("nan")) for name, n in LENGTHS.items()}
+    for step_no, step in enumerate(SCHEDULE):
+        spans = step
+        ids = torch.cat([seqs[name][pos : pos + n] for name, pos, n in spans])
+        batch = StepBatch.build([SLOTS[name] for name, _, _ in spans], [n for _, _, n in spans],
+                                [pos + n for _, pos, n in spans])
+        if reorder_last and step_no == len(SCHEDULE) - 1:
+            # Same tokens, spans listed in a different order than they lie in the flat batch.
+            order = [2, 0, 1]
+            batch = StepBatch(*(tuple(getattr(batch, f)[i] for i in order)
+                                for f in ("slots", "starts", "num_new", "context_lens")))
+            spans = [spans[i] for i in order]
+        seen = []
+        with torch.no_grad():
+            logits = model(ids, batch.positions(), batch, cache, on_embeddings=seen.append)
+            last = model(ids, batch.positions(), batch, _copy(cache), logits="last")
+        assert len(seen) == 1 and seen[0].shape == (ids.shape[0], model.config.hidden_size)
+        for (name, pos, n), start in zip(spans, batch.starts):
+            out[name][pos : pos + n] = logits[start : start + n]
+        assert torch.allclose(last, logits[batch.last_token_indices()], atol=1e-6)
+    return out
+
+
+def _copy(cache: KVCache) -> KVCache:
+    """A throwaway copy, so the second (logits="last") call cannot disturb the real cache."""
+    clone = KVCache(cache.num_layers, cache.max_seqs, cache.max_seq_len, cache.num_kv_heads, cache.head_dim,
+                    cache.dtype, cache.device)
+    clone.k.copy_(cache.k)
+    clone.v.copy_(cache.v)
+    return clone
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                                       "rope_theta": 10000.0}}),
+        ("qwen3", {}),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+        ("mistral", {"sliding_window": 5}),
+    ],
+    ids=["llama3-rope", "qwen3", "qwen2-sliding", "mistral-sliding"],
+)
+def test_chunked_prefill_and_decode_match_dense(tmp_path, family, overrides):
+    _, path = make_checkpoint(tmp_path, family, **overrides)
+    model = load_model(path, dtype=torch.float32)
+    seqs = {name: ids_for(1, n, seed=i)[0] for i, (name, n) in enumerate(LENGTHS.items())}
+    cache = KVCache.for_model(model, max_seqs=4, max_seq_len=16)
+    got = run_schedule(model, seqs, cache)
+    worst = 0.0
+    for name, ids in seqs.items():
+        with torch.no_grad():
+            want = model.forward_dense(ids[None])[0]
+        worst = max(worst, (got[name] - want).abs().max().item())
+    assert worst <= FP32_ATOL, f"max abs diff {worst:.3g}"
+
+
+def test_cache_allocated_once(tmp_path):
+    _, path = make_checkpoint(tmp_path, "llama")
+    model = load_model(path)
+    cache = KVCache.for_model(model, max_seqs=4, max_seq_len=16)
+    pointers = (cache.k.data_ptr(), cache.v.data_ptr())
+    assert cache.k.shape == (2, 4, 2, 16, 16) and cache.dtype == torch.float32
+    seqs = {name: ids_for(1, n, seed=i)[0] for i, (name, n) in enumerate(LENGTHS.items())}
+    run_schedule(model, seqs, cache, reorder_last=False)
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == pointers
+
+
+def test_bad_batches_are_refused(tmp_path):
+    _, path = make_checkpoint(tmp_path, "llama")
+    model = load_model(path)
+    cache = KVCache.for_model(model, max_seqs=2, max_seq_len=8)
+    ids = torch.zeros(4, dtype=torch.int64)
+    cases = {
+        "covers 3 tokens": StepBatch.build([0], [3], [3]),
+        "slot 5 outside": StepBatch.build([5], [4], [4]),
+        "exceeds the KV cache's max_seq_len": StepBatch.build([0], [4], [9]),
+        "slot twice": StepBatch.build([1, 1], [2, 2], [2, 2]),
+    }
+    for message, batch in cases.items():
+        with pytest.raises(ValueError, match=message):
+            model(ids, torch.arange(4), batch, cache)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(ids, torch.arange(4), StepBatch.build([0], [4], [6]), None)
+
+
+class _Recording(torch.nn.Module):
+    """Stands in for a LoRA-aware layer: wraps the base nn.Linear and records input shapes."""
+
+    def __init__(self, base: torch.nn.Linear, seen: list):
+        super().__init__()
+        self.base, self.seen = base, seen
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape))
+        return self.base(x)
+
+
+def test_projections_replaceable_by_name(tmp_path):
+    """A LoRA layer swapped in by HF module path is used, and sees flat tokens [T, D_in]."""
+    _, path = make_checkpoint(tmp_path, "qwen3")
+    model = load_model(path)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(targets) == 2 * 7 and "model.layers.1.mlp.down_proj" in targets
+    seen = []
+    for name in targets:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _Recording(model.get_submodule(name), seen))
+    batch = StepBatch.build([1, 0], [5, 3], [5, 3])
+    ids = torch.arange(8)
+    with torch.no_grad():
+        model(ids, batch.positions(), batch, KVCache.for_model(model, 2, 8))
+    assert len(seen) == len(targets)
+    assert all(len(shape) == 2 and shape[0] == 8 for shape in seen)

@@ -89,14 +89,23 @@ def lora_apply_ref(
     slot_scales: torch.Tensor,
     meta: DispatchMeta,
     out: torch.Tensor,
+    path: str = "auto",
 ) -> torch.Tensor:
     """shrink then expand without materialising h for all pairs (what the CPU backend runs).
 
     Semantics: out[t] += sum_k w[t,k] * scale[s] * (x[t] @ lora_a[s, :r].T) @ lora_b[s, :, :r].T.
     Shapes as in `lora_shrink_ref` and `lora_expand_ref`. Differentiable in x and meta.weights.
+
+    path: "prefill" walks the per-slot segments; "decode" gathers each pair's weights (four ops
+    whatever the number of slots, which pays off where launches are dear); "auto" takes decode
+    for decode-size steps on CUDA and prefill elsewhere. On CPU the segment walk wins at every
+    size: at T=16, D=1024 it is 0.05 ms against 1.4 ms for the gather, which copies each pair's
+    weights.
     """
     _check(x, lora_a_stacked, "lora_apply")
-    if meta.is_decode:
+    if path not in ("auto", "decode", "prefill"):
+        raise ValueError(f"path must be 'auto', 'decode' or 'prefill'; got {path!r}")
+    if path == "decode" or (path == "auto" and meta.is_decode and x.is_cuda):
         return _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
     ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
     for slot, rows, r in _groups(meta, ranks):
@@ -132,6 +141,7 @@ def _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, 
     b = lora_b_stacked.index_select(0, index)[:, :, :r]  # [N, D_out, r]
     h = torch.bmm(a, x.index_select(0, tokens).unsqueeze(2)) * coef.to(x.dtype).view(-1, 1, 1)
     # A lower-rank slot's columns past its rank are padding: mask them rather than trust zeros.
-    h = h * (torch.arange(r, device=x.device) < slot_ranks.index_select(0, index).unsqueeze(1)).unsqueeze(2)
+    in_rank = torch.arange(r, device=x.device) < slot_ranks.index_select(0, index).unsqueeze(1)
+    h = torch.where(in_rank.unsqueeze(2), h, torch.zeros((), dtype=h.dtype, device=h.device))
     out.index_add_(0, tokens, torch.bmm(b, h).squeeze(2))
     return out

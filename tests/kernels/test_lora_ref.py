@@ -29,19 +29,19 @@ def test_shrink_expand_ref_match_naive(shape, dist, dtype):
     assert_close(out, expected, dtype, "lora_expand_ref")
 
 
+@pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}K{}S{}D{}x{}R{}".format(*s))
-def test_apply_ref_matches_naive(shape, dist, dtype):
-    # The gathered decode path multiplies the padding of lower-rank slots (it relies on the
-    # hot-set's zero padding, see molora_core.hotset), so this test keeps the padding zero.
-    p = make_problem(*shape, dtype=dtype, dist=dist, seed=sum(shape) + 1, pad_value=0.0)
+def test_apply_ref_matches_naive(shape, dist, dtype, path):
+    # Finite garbage past each slot's rank: both paths must ignore it, not rely on zeros.
+    p = make_problem(*shape, dtype=dtype, dist=dist, seed=sum(shape) + 1, pad_value=3.0)
     expected = naive_expand(
         naive_shrink(p.x, p.lora_a, p.ranks, p.slots), p.lora_b, p.ranks, p.scales, p.slots, p.weights, p.out
     )
     out = p.out.clone()
-    assert lora_apply_ref(p.x, p.lora_a, p.lora_b, p.ranks, p.scales, p.meta, out) is out
-    assert_close(out, expected, dtype, f"lora_apply_ref ({'decode' if p.meta.is_decode else 'prefill'})")
+    assert lora_apply_ref(p.x, p.lora_a, p.lora_b, p.ranks, p.scales, p.meta, out, path=path) is out
+    assert_close(out, expected, dtype, f"lora_apply_ref ({path})")
 
 
 def test_apply_ref_prefill_ignores_padding_contents():
@@ -54,15 +54,16 @@ def test_apply_ref_prefill_ignores_padding_contents():
     assert_close(out, expected, torch.float32)
 
 
-@pytest.mark.parametrize("num_tokens,top_k", [(6, 2), (100, 2)], ids=["decode", "prefill"])
-def test_apply_ref_gradients_match_naive(num_tokens, top_k):
+@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("num_tokens,top_k", [(6, 2), (100, 2)], ids=["decode-size", "prefill-size"])
+def test_apply_ref_gradients_match_naive(num_tokens, top_k, path):
     p = make_problem(num_tokens, top_k, 4, 32, 24, 8, torch.float64, "with_none", seed=5, pad_value=0.0)
     x = p.x.clone().requires_grad_(True)
     weights = p.weights.double().clone().requires_grad_(True)
     meta = build_dispatch(p.slots, weights, 4)
     assert meta.is_decode == (num_tokens * top_k <= 64)
     grad_out = torch.randn_like(p.out)
-    (lora_apply_ref(x, p.lora_a, p.lora_b, p.ranks, p.scales, meta, p.out.clone()) * grad_out).sum().backward()
+    (lora_apply_ref(x, p.lora_a, p.lora_b, p.ranks, p.scales, meta, p.out.clone(), path=path) * grad_out).sum().backward()
 
     x2 = p.x.clone().requires_grad_(True)
     w2 = p.weights.double().clone().requires_grad_(True)

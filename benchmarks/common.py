@@ -1,0 +1,88 @@
+"""What every benchmark records beside its numbers: the device, the versions and the command."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+
+def environment(device: str | None = None) -> dict:
+    info = {
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "versions": {},
+    }
+    for package in ("torch", "triton", "transformers", "peft", "redis", "ray"):
+        try:
+            info["versions"][package] = version(package)
+        except PackageNotFoundError:
+            pass
+    try:
+        import torch
+
+        info["cpu_threads"] = torch.get_num_threads()
+        if device and device.startswith("cuda"):
+            info["device"] = torch.cuda.get_device_name(torch.device(device))
+        else:
+            info["device"] = f"cpu ({info['processor']}, {torch.get_num_threads()} threads)"
+    except ImportError:
+        info["device"] = "cpu"
+    return info
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of fn() in milliseconds, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def interleaved_medians_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median wall time (ms) of each fn, run round-robin so that load from other processes
+    falls on every variant alike rather than on whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
+    """columns: (key, format spec) pairs."""
+    cells = [[format(row[key], spec) if spec else str(row[key]) for key, spec in columns] for row in rows]
+    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, (key, _) in enumerate(columns)]
+    print("  ".join(key.rjust(w) for (key, _), w in zip(columns, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))

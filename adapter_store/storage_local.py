@@ -1,0 +1,97 @@
+"""Object storage in a local directory (``file:///path``), the embedded default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from .errors import AdapterInvalid, StorageUnavailable, UriOutsideStorage
+from .storage_base import BLOB_PREFIX, BlobInfo, ObjectStorage, ProgressFn, blob_key, file_chunks, write_verified
+
+
+def file_uri_path(uri: str) -> Path:
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+        raise AdapterInvalid(f"{uri!r} is not a file:// URI, expected file:///absolute/path")
+    return Path(unquote(parsed.path))
+
+
+class LocalStorage(ObjectStorage):
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.root = file_uri_path(uri).resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageUnavailable(f"cannot create storage directory {self.root}: {e}") from None
+
+    def _blob_path(self, sha256: str) -> Path:
+        return self.root / blob_key(sha256)
+
+    def put_blob(self, path: Path, sha256: str, size: int, progress: ProgressFn | None = None) -> None:
+        dest = self._blob_path(sha256)
+        if self.stat_blob(sha256) == size:
+            if progress is not None:
+                progress(size, size)
+            return
+        try:
+            write_verified(file_chunks(path), dest, sha256=sha256, size=size, progress=progress)
+        except OSError as e:
+            raise StorageUnavailable(f"cannot write blob {sha256} under {self.root}: {e}") from None
+
+    def stat_blob(self, sha256: str) -> int | None:
+        try:
+            return self._blob_path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageUnavailable(f"cannot stat blob {sha256}: {e}") from None
+
+    def get_blob(self, sha256: str, dest: Path, size: int | None = None, progress: ProgressFn | None = None) -> None:
+        src = self._blob_path(sha256)
+        if not src.is_file():
+            raise StorageUnavailable(f"blob {sha256} is missing from {self.uri}")
+        try:
+            write_verified(file_chunks(src), dest, sha256=sha256, size=size, progress=progress)
+        except OSError as e:
+            raise StorageUnavailable(f"cannot read blob {sha256}: {e}") from None
+
+    def delete_blob(self, sha256: str) -> None:
+        self._blob_path(sha256).unlink(missing_ok=True)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        base = self.root / BLOB_PREFIX
+        if not base.is_dir():
+            return
+        for sub in sorted(base.iterdir()):
+            for p in sorted(sub.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    st = p.stat()
+                    yield BlobInfo(p.name, st.st_size, st.st_mtime)
+
+    def _resolve_dir(self, uri: str) -> Path:
+        if not uri.startswith("file://"):
+            raise UriOutsideStorage(f"URI {uri!r} is outside the configured storage {self.uri}", param="uri")
+        path = file_uri_path(uri)
+        if ".." in path.parts or not path.is_absolute():
+            raise UriOutsideStorage(f"URI {uri!r} is not a plain absolute path inside {self.uri}", param="uri")
+        real = Path(os.path.realpath(path))
+        if real != self.root and self.root not in real.parents:
+            raise UriOutsideStorage(f"URI {uri!r} is outside the configured storage {self.uri}", param="uri")
+        return real
+
+    def list_uri(self, uri: str) -> dict[str, int]:
+        directory = self._resolve_dir(uri)
+        if not directory.is_dir():
+            raise AdapterInvalid(f"URI {uri!r} is not a directory in {self.uri}", param="uri")
+        return {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+
+    def fetch_uri(self, uri: str, name: str, dest: Path, progress: ProgressFn | None = None) -> None:
+        src = self._resolve_dir(uri) / name
+        write_verified(file_chunks(src), dest, sha256=None, size=src.stat().st_size, progress=progress)
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageUnavailable(f"storage directory {self.root} is not writable")

@@ -23,3 +23,7 @@ class RouterInvalid(MoLoRAError, ValueError):
 
 class ModelLoadError(MoLoRAError, ValueError):
     """A model directory cannot be loaded (missing files, unsupported architecture, format)."""
+
+
+class RequestInvalid(MoLoRAError, ValueError):
+    """A generation request is malformed (empty or over-long prompt, bad sampling values, stop)."""

@@ -1,0 +1,191 @@
+"""Engine benchmark: offline generation throughput and per-step latency, against transformers + PEFT.
+
+A batch of requests with (a) no adapters, (b) one adapter per request across 4 adapters, (c)
+per-token gate routing (top-2) over the same 4 adapters, through our engine; and the baseline a
+user of this stack would pick today: transformers + PEFT `generate` on the same mixed-adapter
+batch (`adapter_names=`), same model, prompts and lengths, greedy, no EOS stop.
+
+The model (Qwen3 architecture) and the rank-16 adapters are random (made locally, no download):
+throughput does not depend on the weights' values.
+
+    .venv/bin/python benchmarks/engine.py --quick          # CPU sizes
+    python benchmarks/engine.py                             # GPU sizes
+
+Prints a table, writes JSON (device, versions, command) and ends with
+``vs_peft_throughput: <(b) ours / PEFT>`` and ``molora_vs_base_throughput: <(c) / (a)>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from molora_core.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
+from molora_core.engine.stats import percentile  # noqa: E402
+from molora_core.lora_layer import TARGET_MODULES  # noqa: E402
+from molora_core.model import load_pretrained  # noqa: E402
+from molora_core.peft_io import load_peft_adapter  # noqa: E402
+from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, GateSpec  # noqa: E402
+
+SIZES = {
+    # hidden, layers, heads, kv heads, intermediate, vocab, batch, prompt, new tokens
+    "quick": dict(hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=4096, batch=16, prompt=32, new=32),
+    "full": dict(hidden=1024, layers=28, heads=16, kv=8, inter=3072, vocab=32768, batch=16, prompt=256, new=128),
+}
+NUM_ADAPTERS, RANK = 4, 16
+
+
+def save_word_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over exactly the model's vocabulary (the engine detokenizes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+
+
+def make_assets(root: Path, s: dict, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"], num_key_value_heads=s["kv"], head_dim=s["hidden"] // s["heads"],
+        max_position_embeddings=4096, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg).eval()
+    model.save_pretrained(root / "model")
+    save_word_tokenizer(root / "model", s["vocab"])
+    for i in range(NUM_ADAPTERS):
+        torch.manual_seed(100 + i)
+        lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(TARGET_MODULES), init_lora_weights=False)
+        get_peft_model(copy.deepcopy(model), lora).save_pretrained(str(root / f"a{i}"))
+    return model
+
+
+def requests(s: dict, routing_of) -> list[Request]:
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, s["vocab"], (s["batch"], s["prompt"]), generator=gen).tolist()
+    sampling = SamplingParams(max_tokens=s["new"], ignore_eos=True)
+    return [Request(p, sampling, routing_of(i)) for i, p in enumerate(prompts)]
+
+
+def run_ours(engine: Engine, reqs: list[Request]) -> dict:
+    engine.generate(copy.deepcopy(reqs[:2]))  # warm-up
+    engine.counters.step_s.clear()
+    started = time.perf_counter()
+    outs = engine.generate(reqs)
+    wall = time.perf_counter() - started
+    tokens = sum(o.completion_tokens for o in outs)
+    steps = list(engine.counters.step_s)
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps)}
+
+
+def run_peft(root: Path, s: dict, device, dtype) -> dict:
+    from peft import PeftModel
+    from transformers import Qwen3ForCausalLM
+
+    base = Qwen3ForCausalLM.from_pretrained(root / "model", dtype=dtype).to(device).eval()
+    model = PeftModel.from_pretrained(base, str(root / "a0"), adapter_name="a0")
+    for i in range(1, NUM_ADAPTERS):
+        model.load_adapter(str(root / f"a{i}"), adapter_name=f"a{i}")
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["prompt"]), generator=gen).to(device)
+    names = [f"a{i % NUM_ADAPTERS}" for i in range(s["batch"])]
+
+    def once(n_new, batch_ids, batch_names):
+        with torch.inference_mode():
+            return model.generate(batch_ids, attention_mask=torch.ones_like(batch_ids), adapter_names=batch_names,
+                                  max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+
+    once(2, ids[:2], names[:2])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = once(s["new"], ids, names)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+            "step_mean_ms": 1e3 * wall / (out.shape[1] - ids.shape[1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CPU sizes")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
+    args = parser.parse_args()
+    s = dict(SIZES["quick" if args.quick else "full"])
+    if args.batch:
+        s["batch"] = args.batch
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
+    dtype = getattr(torch, dtype_name)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_assets(root, s, dtype)
+        loaded = load_pretrained(root / "model", dtype_name, device)
+        config = EngineConfig(max_batch=s["batch"], max_seq_len=s["prompt"] + s["new"] + 8, hot_slots=NUM_ADAPTERS,
+                              max_rank=RANK, max_top_k=2, prefill_chunk=max(256, s["prompt"]),
+                              max_step_tokens=s["batch"] * (s["prompt"] + 1), max_queue=4 * s["batch"])
+        engine = Engine(loaded, config, adapter_loader=lambda name: load_peft_adapter(root / name, name=name))
+        torch.manual_seed(7)
+        gate = GateRouter(s["hidden"], [f"a{i}" for i in range(NUM_ADAPTERS)], top_k=2)
+        scenarios = {
+            "a_base": lambda i: BaseSpec(),
+            "b_adapter_per_request": lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}"),
+            "c_gate_per_token": lambda i: GateSpec(gate),
+        }
+        results = {name: run_ours(engine, requests(s, routing)) for name, routing in scenarios.items()}
+        results["peft_mixed_adapter_names"] = run_peft(root, s, device, dtype)
+
+    print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
+          f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS}")
+    print(f"{'scenario':<28}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}")
+    for name, r in results.items():
+        p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
+        p99 = r.get("step_p99_ms")
+        print(f"{name:<28}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{(f'{p99:.2f}' if p99 else 'n/a'):>14}")
+    vs_peft = results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"]
+    vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]
+    report = {
+        "benchmark": "engine",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft")} | {"python": platform.python_version()},
+        "sizes": s, "dtype": dtype_name, "results": results,
+        "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
+        "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    print(f"vs_peft_throughput: {vs_peft:.2f}")
+    print(f"molora_vs_base_throughput: {vs_base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

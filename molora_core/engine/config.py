@@ -1,0 +1,50 @@
+"""The engine's configuration: sizes fixed at start-up (KV cache, hot-set, routing plan, queue)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from molora_core.lora_layer import TARGET_MODULES
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine allocates once: nothing here changes while it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch: int = Field(8, ge=1, le=4096, description="running sequences at once (KV-cache slots)")
+    max_seq_len: int = Field(512, ge=2, description="prompt + generated tokens per sequence (KV-cache row length)")
+    max_queue: int = Field(64, ge=1, description="requests waiting for admission; submit raises CapacityExceeded beyond")
+    prefill_chunk: int = Field(256, ge=1, description="most prompt tokens of one sequence in one step (chunked prefill)")
+    max_step_tokens: int | None = Field(
+        None, ge=1, description="most tokens in one step; None = max_batch + prefill_chunk"
+    )
+    hot_slots: int = Field(8, ge=1, description="hot-set slots (adapters resident at once)")
+    max_rank: int = Field(16, ge=1, description="largest LoRA rank the hot-set holds")
+    max_top_k: int = Field(4, ge=1, description="most adapters one token may mix (mixtures, gate top-k)")
+    target_modules: tuple[str, ...] = Field(TARGET_MODULES, description="projection names that get LoRA slots")
+    pin_timeout_s: float = Field(
+        30.0, ge=0.0,
+        description="how long a request waits for hot-set slots when all are pinned before failing with CapacityExceeded",
+    )
+    device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ...; None = CUDA when present, else CPU")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="model dtype; None = the checkpoint's (float32 on CPU)"
+    )
+    backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
+    max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.max_step_tokens is not None and self.max_step_tokens < self.max_batch:
+            raise ValueError(
+                f"max_step_tokens={self.max_step_tokens} must be >= max_batch={self.max_batch} "
+                "(every running sequence decodes one token per step)"
+            )
+        return self
+
+    @property
+    def step_tokens(self) -> int:
+        return self.max_step_tokens or self.max_batch + self.prefill_chunk

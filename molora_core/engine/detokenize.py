@@ -1,0 +1,69 @@
+"""Incremental detokenization with stop strings, for streaming text deltas.
+
+Byte-level tokenizers split multi-byte UTF-8 characters across tokens; decoding a prefix that
+ends inside a character yields U+FFFD. Like vLLM, we decode a short window of recent tokens and
+release text only once it no longer ends in U+FFFD, so no replacement character is ever sent
+for a character that later completes. Text that could still be the start of a stop string is
+held back until it cannot be, so the stream never sends what the final output cuts off.
+"""
+
+from __future__ import annotations
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns generated token ids, one at a time, into safe-to-send text deltas."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = 0  # tokens before this are already in `text`
+        self.text = ""  # decoded (possibly not yet sent) text
+        self.sent = 0  # characters of `text` already sent
+        self._stop_checked = 0  # characters of `text` checked for stop strings
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> None:
+        """Append one token; sets `stopped` (and cuts `text`) when a stop string appears."""
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self.ids[self._prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            self._check_stop()
+
+    def _check_stop(self) -> None:
+        if not self.stop:
+            return
+        start = max(0, self._stop_checked - self._holdback)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+        self._stop_checked = len(self.text)
+
+    def flush(self) -> None:
+        """At the end of the request: take whatever the window still holds (even a broken char)."""
+        if self.stopped:
+            return
+        tail = self._decode(self.ids[self._prefix_offset :])
+        head = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        if len(tail) > len(head):
+            self.text += tail[len(head) :]
+            self._read_offset = len(self.ids)
+            self._check_stop()
+
+    def take_delta(self, final: bool) -> str:
+        """Text not sent yet; all of it when final, else minus a possible stop-string prefix."""
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self._holdback)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta

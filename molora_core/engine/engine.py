@@ -1,0 +1,481 @@
+"""The continuous-batching engine: one base model, many adapters, per-token routing.
+
+Each step runs the new tokens of every running sequence (prompt chunks and decode tokens) as
+one flat batch through the decoder, with one routing plan for all of them, so requests on the
+base model, on different adapters, on mixtures and on learned gate routers share every forward
+pass. New requests join between steps; a request leaves on EOS, a stop string or token,
+max_tokens, a full KV-cache row, an abort, or when its consumer drops its handle.
+
+Requests pin their adapters in the hot-set from admission to exit. When every slot is pinned,
+a request waits (bounded by `pin_timeout_s`) and is admitted once a running request releases
+a slot; the wait queue itself is bounded by `max_queue`.
+
+The KV cache, the hot-set and the routing plan's dispatch buffers are allocated once at
+start-up (fixed addresses, as CUDA-graph capture of decode steps will need; not built yet).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from kernels import default_backend_name, get_backend
+from molora_core.adapter import LoRAAdapter
+from molora_core.engine.config import EngineConfig
+from molora_core.engine.detokenize import IncrementalDetokenizer
+from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
+from molora_core.engine.sampling import sample
+from molora_core.engine.sequence import Sequence
+from molora_core.engine.stats import Counters, EngineStats, percentile
+from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
+from molora_core.hotset import HotSet
+from molora_core.lora_layer import LoRAContext, attach_molora
+from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
+from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan
+
+AdapterLoader = Callable[[str], LoRAAdapter]
+RouterLoader = Callable[[str], GateRouter]
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = set()
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if eos is not None:
+        ids.add(int(eos))
+    gen = Path(loaded.path) / "generation_config.json" if loaded.path else None
+    if gen is not None and gen.is_file():
+        import json
+
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(int(v) for v in (value if isinstance(value, list) else [value] if value is not None else []))
+    return ids
+
+
+class Engine:
+    """Continuous batching over a model directory (or an already loaded model).
+
+    Args:
+        model: a model directory or a LoadedModel (its projections are wrapped in place).
+        config: sizes fixed at start-up.
+        adapter_loader: hot-set key -> LoRAAdapter, called on a hot-set miss (cold load).
+        router_loader: router name -> GateRouter, for RouterSpec routing.
+        background: run steps on a daemon thread (serving); False = the consumer of a handle
+            drives `step()` itself (scripts, tests, benchmarks).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LoadedModel,
+        config: EngineConfig | None = None,
+        adapter_loader: AdapterLoader | None = None,
+        router_loader: RouterLoader | None = None,
+        background: bool = False,
+    ):
+        self.config = config = config or EngineConfig()
+        if isinstance(model, LoadedModel):
+            loaded = model
+        else:
+            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            loaded = load_pretrained(model, config.dtype, device)
+        self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
+        self.device = self.model.device
+        self.vocab_size = self.model.config.vocab_size
+        self.hotset = HotSet.for_model(
+            self.model, config.target_modules, config.hot_slots, config.max_rank,
+            dtype=self.model.dtype, device=self.device,
+        )
+        self.context = LoRAContext(get_backend(config.backend or self._default_backend()))
+        attach_molora(self.model, self.hotset, self.context)
+        self.kv_cache = KVCache.for_model(self.model, config.max_batch, config.max_seq_len)
+        self.plan = RoutingPlan(config.step_tokens, config.max_top_k, config.hot_slots, self.device)
+        self.adapter_loader, self.router_loader = adapter_loader, router_loader
+        self.eos_ids = _eos_ids(loaded)
+        self.counters = Counters()
+
+        self._routers: OrderedDict[str, GateRouter] = OrderedDict()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._free_kv = list(range(config.max_batch - 1, -1, -1))
+        self._aborts: set[str] = set()
+        self._ids: set[str] = set()  # request ids waiting or running
+        self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)
+        self._wake = threading.Condition(self._lock)
+        self._step_lock = threading.RLock()  # held while a step (or a hot-set change) runs
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
+            self._thread.start()
+
+    def _default_backend(self) -> str:
+        # TRITON_INTERPRET=1 (set by the test suite for kernel tests) would make
+        # default_backend_name pick the Triton interpreter on CPU, far too slow to serve with.
+        return "torch" if self.device.type == "cpu" else default_backend_name(self.device)
+
+    # -- public API ------------------------------------------------------------------------
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None
+
+    def submit(self, request: Request | str, sampling: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request and return its handle. Keep the handle: dropping it aborts the request.
+
+        Raises RequestInvalid for a bad prompt or routing, CapacityExceeded when the wait queue
+        holds `max_queue` requests.
+        """
+        if isinstance(request, str):
+            request = Request(request, sampling or SamplingParams())
+        self.check_alive()
+        try:
+            seq = self._sequence(request)
+        except (RequestInvalid, RouterInvalid):
+            self.counters.rejected += 1
+            raise
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue:
+                self.counters.rejected += 1
+                raise CapacityExceeded(
+                    f"the wait queue is full ({self.config.max_queue} requests); retry later"
+                )
+            if request.request_id in self._ids:
+                raise RequestInvalid(f"request id {request.request_id!r} is already in use")
+            self._ids.add(request.request_id)
+            self._waiting.append(seq)
+            self.counters.submitted += 1
+            self._wake.notify_all()
+        return RequestHandle(self, request, seq.stream)
+
+    def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run requests to completion (offline batch); outputs in input order."""
+        handles = [self.submit(r, sampling) for r in requests]
+        return [h.result() for h in handles]
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (waiting or running); its stream ends with finish_reason 'abort'."""
+        with self._lock:
+            if request_id in self._ids:
+                self._aborts.add(request_id)
+                self._wake.notify_all()
+
+    def load_adapter(self, key: str, adapter: LoRAAdapter) -> int:
+        """Prefetch `adapter` into the hot-set under `key` (between steps); returns its slot."""
+        with self._step_lock:
+            return self.hotset.load(key, adapter)
+
+    def remove_adapter(self, key: str) -> None:
+        """Drop `key` from the hot-set (freed now, or when its last request ends)."""
+        with self._step_lock:
+            self.hotset.remove(key)
+
+    def stats(self) -> EngineStats:
+        c, h = self.counters, self.hotset
+        with self._lock:
+            waiting = len(self._waiting)
+        resident = h.resident()
+        return EngineStats(
+            waiting=waiting, running=len(self._running), submitted=c.submitted, finished=c.finished,
+            aborted=c.aborted, failed=c.failed, rejected=c.rejected, prompt_tokens=c.prompt_tokens,
+            generated_tokens=c.generated_tokens, steps=c.steps, decode_steps=c.decode_steps,
+            tokens_by_adapter=dict(c.tokens_by_adapter), hotset_hits=h.stats.hits,
+            hotset_host_hits=h.stats.host_hits, hotset_cold_loads=h.stats.cold_loads,
+            hotset_evictions=h.stats.evictions, resident_adapters=resident,
+            pinned_adapters={k: h.pins(k) for k in resident}, ttft_p50_s=percentile(c.ttft_s, 50),
+            ttft_p99_s=percentile(c.ttft_s, 99), step_p50_s=percentile(c.step_s, 50),
+            step_p99_s=percentile(c.step_s, 99),
+        )
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._waiting or self._running or self._aborts)
+
+    def check_alive(self) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine's step thread died: {self._fatal!r}") from self._fatal
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+
+    def close(self) -> None:
+        """Stop the step thread and end every request with finish_reason 'abort'."""
+        with self._lock:
+            self._closed = True
+            self._aborts.update(self._ids)
+            self._wake.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        with self._step_lock:
+            self._apply_aborts()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit, run one forward over every running sequence, sample, stream. False = idle."""
+        with self._step_lock:
+            self._apply_aborts()
+            self._admit()
+            if not self._running:
+                with self._lock:
+                    blocked = bool(self._waiting)
+                if blocked:  # waiting for hot-set slots that no running request will free
+                    time.sleep(0.005)
+                return blocked
+            self._run_batch()
+            return True
+
+    def _loop(self) -> None:
+        try:
+            while not self._closed:
+                if not self.step():
+                    with self._lock:
+                        if not (self._waiting or self._aborts or self._closed):
+                            self._wake.wait(timeout=1.0)
+        except BaseException as exc:  # a bug in a step: fail every request instead of hanging them
+            self._fatal = exc
+            with self._step_lock:
+                for seq in list(self._running) + list(self._waiting):
+                    self._fail(seq, RuntimeError(f"engine step failed: {exc!r}"))
+
+    # -- admission -------------------------------------------------------------------------
+    def _sequence(self, request: Request) -> Sequence:
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestInvalid(f"request {request.request_id!r} has an empty prompt")
+        if len(ids) >= self.config.max_seq_len:
+            raise RequestInvalid(
+                f"prompt of {len(ids)} tokens does not fit max_seq_len={self.config.max_seq_len} "
+                "with room for one generated token"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestInvalid(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        spec = request.routing
+        if not isinstance(spec, RouterSpec):
+            names = spec.adapter_names()
+            if len(names) > self.config.hot_slots:
+                raise RequestInvalid(
+                    f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots"
+                )
+            if isinstance(spec, MixtureSpec) and len(names) > self.config.max_top_k:
+                raise RequestInvalid(f"a mixture of {len(names)} adapters exceeds max_top_k={self.config.max_top_k}")
+        p = request.sampling
+        generator = None
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else random.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator)
+
+    def _gate(self, name: str) -> GateRouter:
+        router = self._routers.get(name)
+        if router is None:
+            if self.router_loader is None:
+                raise RouterInvalid(f"router {name!r} requested but the engine has no router_loader")
+            router = self.router_loader(name)
+            hidden = self.model.config.hidden_size
+            if router.hidden_size != hidden:
+                raise RouterInvalid(f"router {name!r} reads hidden size {router.hidden_size}; the model's is {hidden}")
+            if router.top_k > self.config.max_top_k:
+                raise RouterInvalid(f"router {name!r} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
+            router = router.to(self.device).eval()
+            self._routers[name] = router
+            while len(self._routers) > self.config.max_routers:
+                self._routers.popitem(last=False)
+        self._routers.move_to_end(name)
+        return router
+
+    def _pin(self, seq: Sequence) -> bool:
+        """Pin every adapter of seq's routing; False (holding nothing) when the hot-set is full."""
+        if seq.spec is None:
+            spec = seq.request.routing
+            seq.spec = GateSpec(self._gate(spec.router)) if isinstance(spec, RouterSpec) else spec
+        names = seq.spec.adapter_names()
+        if len(names) > self.config.hot_slots:
+            raise RequestInvalid(f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots")
+        try:
+            for name in names:
+                loader = None if self.adapter_loader is None else (lambda n=name: self.adapter_loader(n))
+                seq.pinned.append((name, self.hotset.acquire(name, loader)))
+        except CapacityExceeded:
+            self._unpin(seq)
+            return False
+        except BaseException:
+            self._unpin(seq)
+            raise
+        seq.router = seq.spec.bind(dict(seq.pinned))
+        return True
+
+    def _unpin(self, seq: Sequence) -> None:
+        for key, slot in seq.pinned:
+            self.hotset.release(key, slot)
+        seq.pinned.clear()
+
+    def _admit(self) -> None:
+        with self._lock:
+            candidates = list(self._waiting)
+        for seq in candidates:
+            if not self._free_kv:
+                return
+            try:
+                admitted = self._pin(seq)
+            except Exception as exc:  # unknown or invalid adapter / router, loader failure
+                self._fail(seq, exc)
+                continue
+            if not admitted:
+                waited = time.monotonic() - seq.arrival
+                if waited > self.config.pin_timeout_s:
+                    self._fail(seq, CapacityExceeded(
+                        f"request {seq.request_id!r} waited {waited:.1f}s for hot-set slots for "
+                        f"{seq.spec.adapter_names()}; all {self.config.hot_slots} slots stay pinned"
+                    ))
+                continue
+            with self._lock:
+                self._waiting.remove(seq)
+            seq.kv_slot = self._free_kv.pop()
+            self._running.append(seq)
+            self.counters.prompt_tokens += len(seq.prompt_ids)
+
+    # -- exits -----------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        self._unpin(seq)
+        if seq.kv_slot >= 0:
+            self._free_kv.append(seq.kv_slot)
+            seq.kv_slot = -1
+        if seq in self._running:
+            self._running.remove(seq)
+        with self._lock:
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+            self._ids.discard(seq.request_id)
+            self._aborts.discard(seq.request_id)
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
+        self._release(seq)
+        self.counters.failed += 1
+        seq.stream.put(exc)
+
+    def _finish(self, seq: Sequence, reason: str, token_ids: tuple[int, ...] = ()) -> None:
+        if reason != "stop" or not seq.detok.stopped:
+            seq.detok.flush()
+        seq.stream.put(seq.delta(seq.detok.take_delta(final=True), token_ids, reason))
+        self._release(seq)
+        if reason == "abort":
+            self.counters.aborted += 1
+        else:
+            self.counters.finished += 1
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            if not self._aborts:
+                return
+            aborts = set(self._aborts)
+            doomed = [s for s in list(self._waiting) + self._running if s.request_id in aborts]
+        for seq in doomed:
+            self._finish(seq, "abort")
+
+    # -- one forward -----------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, new tokens) of this step: every decode first, then prompt chunks."""
+        budget = self.config.step_tokens
+        entries = []
+        for seq in self._running:
+            if seq.num_tokens - seq.num_computed == 1:
+                entries.append((seq, 1))
+                budget -= 1
+        for seq in self._running:
+            remaining = seq.num_tokens - seq.num_computed
+            if remaining > 1 and budget > 0:
+                n = min(remaining, self.config.prefill_chunk, budget)
+                entries.append((seq, n))
+                budget -= n
+        return entries
+
+    def _route(self, entries, ids: torch.Tensor, batch: StepBatch):
+        """Fill the step's routing plan; returns the on_embeddings hook (None if not needed)."""
+        routers = [seq.router for seq, _ in entries]
+        if all(r is None for r in routers):
+            self.context.meta = None
+            return None
+        self.plan.begin(ids.shape[0], max(r.top_k for r in routers if r is not None))
+        for (seq, n), start in zip(entries, batch.starts):
+            self.plan.assign(start, seq.router, ids[start : start + n])
+        if not self.plan.needs_hidden:
+            self.context.meta = self.plan.finalize()
+            return None
+
+        def on_embeddings(hidden: torch.Tensor) -> None:
+            self.context.meta = self.plan.finalize(hidden)
+
+        return on_embeddings
+
+    def _run_batch(self) -> None:
+        started = time.perf_counter()
+        entries = self._schedule()
+        batch = StepBatch.build(
+            [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
+            [seq.num_computed + n for seq, n in entries],
+        )
+        flat = [t for seq, n in entries for t in seq.pending_ids(n)]
+        ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+        is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
+        try:
+            with torch.inference_mode():
+                hook = self._route(entries, ids, batch)
+                logits = self.model(ids, batch.positions(self.device), batch, self.kv_cache,
+                                    on_embeddings=hook, logits="last")
+            ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
+            tokens = sample(
+                logits[ready], [entries[b][0].request.sampling for b in ready],
+                [entries[b][0].generator for b in ready],
+            ) if ready else []
+        except Exception as exc:
+            for seq, _ in entries:
+                self._fail(seq, exc)
+            return
+        finally:
+            self.context.meta = None
+        c = self.counters
+        c.steps += 1
+        c.decode_steps += is_decode
+        for seq, n in entries:
+            seq.num_computed += n
+            for key in (seq.spec.adapter_names() or ["base"]):
+                c.tokens_by_adapter[key] = c.tokens_by_adapter.get(key, 0) + n
+        for b, token in zip(ready, tokens):
+            self._emit(entries[b][0], token)
+        c.step_s.append(time.perf_counter() - started)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.counters.ttft_s.append(now - seq.arrival)
+        seq.output_ids.append(token)
+        self.counters.generated_tokens += 1
+        p = seq.request.sampling
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            reason = "stop"
+        else:
+            seq.detok.add(token)
+            if seq.detok.stopped:
+                reason = "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_seq_len):
+            reason = "length"
+        if reason is None:
+            seq.stream.put(seq.delta(seq.detok.take_delta(final=False), (token,)))
+        else:
+            self._finish(seq, reason, (token,))

@@ -1,0 +1,56 @@
+"""The engine's per-request state while a request waits or runs (owned by the step thread)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from molora_core.engine.detokenize import IncrementalDetokenizer
+from molora_core.engine.request import Request, StreamDelta, _Stream
+from molora_core.routing.routers import Router
+from molora_core.routing.spec import RoutingSpec
+
+
+@dataclass(eq=False)  # identity: two requests are never the same sequence
+class Sequence:
+    request: Request
+    stream: _Stream
+    prompt_ids: list[int]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    spec: RoutingSpec | None = None  # resolved at admission (a RouterSpec becomes a GateSpec)
+    pinned: list[tuple[str, int]] = field(default_factory=list)  # (hot-set key, slot) held
+    router: Router | None = None
+    kv_slot: int = -1
+    num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    output_ids: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token(self, i: int) -> int:
+        p = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+    def pending_ids(self, n: int) -> list[int]:
+        """The next n tokens not yet in the cache."""
+        start = self.num_computed
+        p = len(self.prompt_ids)
+        if start + n <= p:
+            return self.prompt_ids[start : start + n]
+        return [self.token(i) for i in range(start, start + n)]
+
+    def delta(self, text: str, token_ids: tuple[int, ...], finish_reason=None) -> StreamDelta:
+        return StreamDelta(
+            self.request_id, text, token_ids, len(self.prompt_ids), len(self.output_ids),
+            finish_reason is not None, finish_reason,
+        )

@@ -1,0 +1,39 @@
+"""`molora generate` streams to the terminal with an adapter, a mixture or a router."""
+
+from __future__ import annotations
+
+import pytest
+
+from molora_core.cli import main
+from molora_core.demo import ensure_demo_assets
+from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+from molora_core.peft_io import load_peft_adapter
+from molora_core.routing import AdapterSpec
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return ensure_demo_assets(tmp_path_factory.getbasetemp() / "demo-assets")
+
+
+@pytest.mark.parametrize(
+    "routing", [[], ["--adapter", "math"], ["--mixture", "math:0.6,chat:0.4"], ["--router", "demo-gate"]],
+    ids=["base", "adapter", "mixture", "router"],
+)
+def test_generate_streams_text(demo, capsys, routing):
+    prompt = "Q: What is 2 + 3? A:"
+    argv = ["generate", "--model", str(demo / "model"), "--prompt", prompt, "--max-tokens", "8", *routing]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "8 tokens" in captured.err or "finish_reason=stop" in captured.err
+    if routing[:1] == ["--adapter"]:
+        engine = Engine(demo / "model", EngineConfig(max_batch=1, hot_slots=1, max_rank=8),
+                        adapter_loader=lambda n: load_peft_adapter(demo / "adapters" / n))
+        want = engine.submit(Request(prompt, SamplingParams(max_tokens=8), AdapterSpec("math"))).result().text
+        assert captured.out == want + "\n"
+
+
+def test_generate_reports_bad_input(demo, capsys):
+    assert main(["generate", "--model", str(demo / "model"), "--prompt", "x", "--adapter", "missing"]) == 2
+    assert "adapter 'missing'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(demo / "model"), "--prompt", "x", "--mixture", "math"]) == 2

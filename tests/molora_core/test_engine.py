@@ -1,0 +1,269 @@
+"""The engine against transformers (+PEFT) generate, and its batching, sampling, stops and exits.
+
+Most tests run on the demo assets (built once per session under pytest's base temp directory)
+with `background=False`, so the consumer drives the steps and the batch composition of every
+step is deterministic.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import pytest
+import torch
+
+from molora_core.demo import ensure_demo_assets
+from molora_core.engine import Engine, EngineConfig, Request, RouterSpec, SamplingParams
+from molora_core.errors import AdapterNotFound, CapacityExceeded, RequestInvalid
+from molora_core.peft_io import load_peft_adapter
+from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, MixtureSpec, VocabSpec
+
+PROMPTS = ["Q: What is 12 + 7? A:", "def add_3(x):", "User: Hello! How are you today?\nAssistant:", "Bonjour"]
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    return ensure_demo_assets(tmp_path_factory.getbasetemp() / "demo-assets")
+
+
+def make_engine(demo, background=False, **overrides) -> Engine:
+    cfg = dict(max_batch=4, max_seq_len=96, prefill_chunk=5, hot_slots=4, max_rank=8, max_queue=16)
+    cfg.update(overrides)
+    return Engine(
+        demo / "model",
+        EngineConfig(**cfg),
+        adapter_loader=lambda name: load_peft_adapter(demo / "adapters" / name.split("@")[0], name=name),
+        router_loader=lambda name: GateRouter.load(demo / "routers" / name),
+        background=background,
+    )
+
+
+@pytest.fixture(scope="module")
+def engine(demo):
+    return make_engine(demo)
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
+
+
+def hf_greedy(model, tokenizer, prompt, n):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("adapter", [None, "code"])
+def test_greedy_equals_transformers_generate(demo, engine, adapter):
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
+    if adapter:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    # The long prompt is prefilled in chunks of 5 tokens.
+    for prompt in (PROMPTS[0], PROMPTS[2]):
+        want = hf_greedy(reference, tokenizer, prompt, 24)
+        got = engine.submit(Request(prompt, greedy(24), routing)).result()
+        assert list(got.token_ids) == want
+        assert got.completion_tokens == 24 and got.finish_reason == "length"
+
+
+def _mixed_requests(demo):
+    tokenizer_vocab = 1024
+    return [
+        Request(PROMPTS[0], greedy(12), AdapterSpec("math")),
+        Request(PROMPTS[1], greedy(9), AdapterSpec("code")),
+        Request(PROMPTS[2], greedy(14), RouterSpec("demo-gate")),
+        Request(PROMPTS[3], greedy(7), BaseSpec()),
+        Request(PROMPTS[0], greedy(10), MixtureSpec(("math", "chat"), (0.7, 0.3))),
+        Request(PROMPTS[1], greedy(8), VocabSpec(((0, 300, "code"), (300, tokenizer_vocab, "multilingual")))),
+        Request(PROMPTS[2], SamplingParams(max_tokens=11, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+                RouterSpec("demo-gate")),
+    ]
+
+
+def test_continuous_batch_of_mixed_routing_equals_each_alone(demo, engine):
+    alone = [engine.submit(r).result().token_ids for r in _mixed_requests(demo)]
+    # Staggered arrivals: requests join while others are mid-prefill or decoding, 4 at a time.
+    handles, requests = [], _mixed_requests(demo)
+    for i, request in enumerate(requests):
+        handles.append(engine.submit(request))
+        for _ in range(i % 3):
+            engine.step()
+    together = [h.result().token_ids for h in handles]
+    assert together == alone
+    assert engine.counters.steps > 0 and not engine._running
+    assert all(pins == 0 for pins in engine.stats().pinned_adapters.values())
+
+
+def test_same_seed_same_output(engine):
+    def run(seed, company=0):
+        handles = [engine.submit(Request(PROMPTS[3], SamplingParams(max_tokens=8, temperature=1.0, seed=99 + i)))
+                   for i in range(company)]
+        h = engine.submit(Request(PROMPTS[2], SamplingParams(max_tokens=20, temperature=1.0, top_k=50, seed=seed, ignore_eos=True)))
+        out = h.result().token_ids
+        for other in handles:
+            other.result()
+        return out
+
+    first = run(1)
+    assert run(1) == first
+    assert run(1, company=3) == first
+    assert run(2) != first
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(engine):
+    want = engine.submit(Request(PROMPTS[0], greedy(10))).result().token_ids
+    assert engine.submit(Request(PROMPTS[0], greedy(10, temperature=1.5, top_k=1, seed=3))).result().token_ids == want
+    assert engine.submit(Request(PROMPTS[0], greedy(10, temperature=1.5, top_p=1e-6, seed=3))).result().token_ids == want
+
+
+def test_stop_string_ends_the_output_before_it(engine):
+    full = engine.submit(Request(PROMPTS[2], greedy(30))).result().text
+    stop = full[5:8]
+    assert len(stop) == 3 and stop in full
+    handle = engine.submit(Request(PROMPTS[2], greedy(30, stop=(stop, "never-appears"))))
+    deltas = [d.text for d in handle]
+    out = handle.output()
+    assert out.text == full[: full.index(stop)]
+    assert "".join(deltas) == out.text
+    assert out.finish_reason == "stop" and out.completion_tokens < 30
+
+
+def test_max_tokens_and_eos(engine):
+    out = engine.submit(Request(PROMPTS[0], greedy(3))).result()
+    assert (out.completion_tokens, out.finish_reason) == (3, "length")
+    # The greedy continuation's 4th token declared as end-of-sequence: generation stops on it.
+    tokens = engine.submit(Request(PROMPTS[1], greedy(6))).result().token_ids
+    eos = tokens[3]
+    first = tokens.index(eos)
+    out = engine.submit(Request(PROMPTS[1], SamplingParams(max_tokens=6, stop_token_ids=(eos,)))).result()
+    assert out.token_ids == tokens[: first + 1] and out.finish_reason == "stop"
+    saved = set(engine.eos_ids)
+    engine.eos_ids = {eos}
+    try:
+        out = engine.submit(Request(PROMPTS[1], SamplingParams(max_tokens=6))).result()
+    finally:
+        engine.eos_ids = saved
+    assert out.token_ids == tokens[: first + 1] and out.finish_reason == "stop"
+
+
+def test_bad_requests_are_refused(engine):
+    with pytest.raises(RequestInvalid, match="empty prompt"):
+        engine.submit(Request([], greedy(2)))
+    with pytest.raises(RequestInvalid, match="max_seq_len"):
+        engine.submit(Request([1] * 200, greedy(2)))
+    with pytest.raises(RequestInvalid, match="outside the vocabulary"):
+        engine.submit(Request([5, 99999], greedy(2)))
+    with pytest.raises(RequestInvalid, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_unknown_adapter_fails_only_that_request(demo):
+    def loader(name):
+        if name == "nope":
+            raise AdapterNotFound(f"adapter {name!r} is not registered")
+        return load_peft_adapter(demo / "adapters" / name, name=name)
+
+    engine = Engine(demo / "model", EngineConfig(max_batch=2, max_seq_len=64, hot_slots=2, max_rank=8), adapter_loader=loader)
+    bad = engine.submit(Request(PROMPTS[0], greedy(4), AdapterSpec("nope")))
+    good = engine.submit(Request(PROMPTS[0], greedy(4), AdapterSpec("math")))
+    with pytest.raises(AdapterNotFound, match="nope"):
+        bad.result()
+    assert good.result().completion_tokens == 4
+    assert engine.stats().failed == 1
+
+
+def test_queue_full_raises_capacity_exceeded(demo):
+    engine = make_engine(demo, max_queue=2)
+    handles = [engine.submit(Request(PROMPTS[0], greedy(2))) for _ in range(2)]
+    with pytest.raises(CapacityExceeded, match="wait queue is full"):
+        engine.submit(Request(PROMPTS[0], greedy(2)))
+    assert engine.stats().rejected == 1
+    for h in handles:
+        h.result()
+    engine.submit(Request(PROMPTS[0], greedy(2))).result()  # room again
+
+
+def test_pinned_hotset_makes_requests_wait_then_proceed(demo):
+    engine = make_engine(demo, hot_slots=1, pin_timeout_s=60)
+    first = engine.submit(Request(PROMPTS[1], greedy(6), AdapterSpec("code")))
+    second = engine.submit(Request(PROMPTS[0], greedy(6), AdapterSpec("math")))
+    base = engine.submit(Request(PROMPTS[3], greedy(3)))  # needs no slot: not held up
+    engine.step()
+    assert [s.request_id for s in engine._running] == [first.request_id, base.request_id]
+    assert engine.stats().waiting == 1
+    first_out = first.result()  # drives steps until "code" is unpinned
+    assert first_out.completion_tokens == 6
+    engine.step()
+    assert second.request_id in [s.request_id for s in engine._running]
+    assert second.result().completion_tokens == 6 and base.result().completion_tokens == 3
+    assert engine.stats().hotset_evictions == 1
+
+
+def test_pinned_hotset_wait_is_bounded(demo):
+    engine = make_engine(demo, hot_slots=1, pin_timeout_s=0.05)
+    long = engine.submit(Request(PROMPTS[1], greedy(80), AdapterSpec("code")))
+    blocked = engine.submit(Request(PROMPTS[0], greedy(4), AdapterSpec("math")))
+    engine.step()
+    time.sleep(0.06)
+    with pytest.raises(CapacityExceeded, match="waited"):
+        blocked.result()
+    long.close()
+    engine.step()
+    assert engine.stats().pinned_adapters == {"code": 0}
+
+
+def test_abort_and_dropped_handles_free_slots_and_pins(demo):
+    engine = make_engine(demo, background=True)
+    try:
+        handle = engine.submit(Request(PROMPTS[0], greedy(80), AdapterSpec("math")))
+        deltas = [next(handle), next(handle)]
+        engine.abort(handle.request_id)
+        rest = list(handle)
+        assert rest[-1].finish_reason == "abort" and len(deltas) + len(rest) < 80
+        dropped = engine.submit(Request(PROMPTS[1], greedy(80), AdapterSpec("code")))
+        next(dropped)
+        del dropped  # the consumer went away
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while engine.has_work() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = engine.stats()
+        assert stats.aborted == 2 and stats.running == 0
+        assert all(p == 0 for p in stats.pinned_adapters.values())
+        assert sorted(engine._free_kv) == list(range(4))
+    finally:
+        engine.close()
+
+
+def test_async_streaming_from_the_step_thread(demo):
+    import asyncio
+
+    engine = make_engine(demo, background=True)
+
+    async def consume(request):
+        handle = engine.submit(request)
+        return [d async for d in handle]
+
+    async def main():
+        return await asyncio.gather(*(consume(Request(p, greedy(6), AdapterSpec("chat"))) for p in PROMPTS))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        engine.close()
+    sync = make_engine(demo)
+    for prompt, deltas in zip(PROMPTS, results):
+        assert deltas[-1].finished and deltas[-1].completion_tokens == 6
+        want = sync.submit(Request(prompt, greedy(6), AdapterSpec("chat"))).result()
+        assert "".join(d.text for d in deltas) == want.text
+        assert tuple(t for d in deltas for t in d.token_ids) == want.token_ids
+    stats = sync.stats()
+    assert stats.tokens_by_adapter["chat"] > 0 and stats.ttft_p50_s is not None and stats.step_p99_s is not None

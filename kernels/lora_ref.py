@@ -11,6 +11,8 @@ Legend: T tokens, K choices, S slots, R max rank, N = T * K pairs, D_in / D_out 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels.meta import DispatchMeta
@@ -108,12 +110,67 @@ def lora_apply_ref(
     if path == "decode" or (path == "auto" and meta.is_decode and x.is_cuda):
         return _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
     ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
-    for slot, rows, r in _groups(meta, ranks):
-        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
-        coef = (meta.weights.index_select(0, rows) * scales[slot]).to(x.dtype).unsqueeze(1)
-        hs = (x.index_select(0, tokens) @ lora_a_stacked[slot, :r].T) * coef
-        out.index_add_(0, tokens, hs @ lora_b_stacked[slot, :, :r].T)
+    for seg in _segments(meta):
+        r = ranks[seg.slot]
+        if r == 0:
+            continue
+        a, b, scale = lora_a_stacked[seg.slot, :r], lora_b_stacked[seg.slot, :, :r], scales[seg.slot]
+        if seg.runs is not None:
+            # Contiguous token ranges (requests grouped by adapter): views, no gather or scatter.
+            for t0, t1, i0 in seg.runs:
+                hs = x[t0:t1] @ a.T
+                if seg.weights is not None:
+                    hs = hs * seg.weights[i0 : i0 + t1 - t0].to(x.dtype)
+                out[t0:t1].addmm_(hs, b.T, alpha=scale)
+            continue
+        coef = scale if seg.weights is None else (seg.weights * scale).to(x.dtype)
+        hs = (x.index_select(0, seg.tokens) @ a.T) * coef
+        out.index_add_(0, seg.tokens, hs @ b.T)
     return out
+
+
+# A segment split into more contiguous token runs than this is gathered and scattered instead.
+MAX_RUNS = 4
+
+
+@dataclass
+class _Segment:
+    """One slot's pairs of the step, prepared once for every layer."""
+
+    slot: int
+    tokens: torch.Tensor  # long[n] token of each pair
+    weights: torch.Tensor | None  # float32[n, 1] pair weights; None when all are 1 (and need no grad)
+    runs: list[tuple[int, int, int]] | None  # (t0, t1, first pair index) covering the segment, or None
+
+
+def _segments(meta: DispatchMeta) -> list[_Segment]:
+    cached = meta.backend_cache.get("torch_segments")
+    if cached is not None:
+        return cached
+    segments = []
+    grad = meta.weights.requires_grad
+    for slot, start, end in meta.host_segments():
+        rows = meta.sorted_pairs[start:end].long()
+        tokens = torch.div(rows, meta.top_k, rounding_mode="floor") if meta.top_k > 1 else rows
+        weights = meta.weights.index_select(0, rows).unsqueeze(1)
+        if not grad and bool((weights == 1).all()):
+            weights = None
+        runs = None if grad or meta.top_k > 1 else _runs(tokens.tolist())
+        segments.append(_Segment(slot, tokens, weights, runs))
+    meta.backend_cache["torch_segments"] = segments
+    return segments
+
+
+def _runs(tokens: list[int]) -> list[tuple[int, int, int]] | None:
+    """Maximal ranges of consecutive tokens, or None if there are more than MAX_RUNS."""
+    runs, i0 = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or tokens[i] != tokens[i - 1] + 1:
+            runs.append((tokens[i0], tokens[i - 1] + 1, i0))
+            if len(runs) > MAX_RUNS:
+                return None
+            i0 = i
+    return runs
 
 
 def _groups(meta: DispatchMeta, ranks: list[int]):

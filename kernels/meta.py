@@ -32,6 +32,8 @@ class DispatchMeta:
     slot_counts: torch.Tensor  # int32[S]    pairs routed to each slot
     slot_offsets: torch.Tensor  # int32[S+1]  start of each slot's segment in sorted_pairs
     _host_counts: list[int] | None = field(default=None, repr=False)
+    # Per-step values a backend derives once and every layer of the step reuses.
+    backend_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_pairs(self) -> int:

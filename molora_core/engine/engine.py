@@ -37,7 +37,7 @@ from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import LoRAContext, attach_molora
 from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
-from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan
+from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
 AdapterLoader = Callable[[str], LoRAAdapter]
 RouterLoader = Callable[[str], GateRouter]
@@ -388,14 +388,18 @@ class Engine:
 
     # -- one forward -----------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        """(sequence, new tokens) of this step: every decode first, then prompt chunks."""
+        """(sequence, new tokens) of this step: every decode first, then prompt chunks.
+
+        Sequences are grouped by adapter slot, so each slot's tokens form contiguous runs that
+        the LoRA backend takes as views instead of gathering and scattering them.
+        """
         budget = self.config.step_tokens
         entries = []
-        for seq in self._running:
+        for seq in sorted(self._running, key=_slot_order):
             if seq.num_tokens - seq.num_computed == 1:
                 entries.append((seq, 1))
                 budget -= 1
-        for seq in self._running:
+        for seq in sorted(self._running, key=_slot_order):
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1 and budget > 0:
                 n = min(remaining, self.config.prefill_chunk, budget)
@@ -479,3 +483,11 @@ class Engine:
             seq.stream.put(seq.delta(seq.detok.take_delta(final=False), (token,)))
         else:
             self._finish(seq, reason, (token,))
+
+
+def _slot_order(seq: Sequence) -> int:
+    """Base-model sequences first, then single-adapter ones by slot, then mixed routers."""
+    router = seq.router
+    if router is None:
+        return -1
+    return router.slot if isinstance(router, SequenceRouter) else 1 << 30

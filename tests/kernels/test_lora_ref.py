@@ -86,3 +86,28 @@ def test_no_adapter_step_leaves_out_unchanged():
             assert torch.equal(h, torch.zeros_like(h))
             lora_expand_ref(h, p.lora_b, p.ranks, p.scales, meta, out)
         assert torch.equal(out, p.out)
+
+
+@pytest.mark.parametrize("unit_weights", [True, False], ids=["unit-weights", "weighted"])
+@pytest.mark.parametrize(
+    "blocks",
+    [[(0, 40)], [(0, 10), (1, 20), (2, 5), (-1, 7), (0, 3)], [(s % 3, 2) for s in range(30)]],
+    ids=["one-run", "few-runs", "many-runs"],
+)
+def test_apply_ref_contiguous_runs_match_naive(blocks, unit_weights):
+    """Requests grouped by adapter give contiguous token runs, taken as views; the scattered
+    case (more than MAX_RUNS runs per slot) falls back to gather and scatter."""
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.cat([torch.full((n, 1), s, dtype=torch.int32) for s, n in blocks])
+    num_tokens = slots.shape[0]
+    weights = torch.ones(num_tokens, 1) if unit_weights else torch.rand(num_tokens, 1, generator=gen)
+    lora_a = torch.randn(3, 16, 32, generator=gen)
+    lora_b = torch.randn(3, 24, 16, generator=gen)
+    ranks = torch.tensor([16, 4, 8], dtype=torch.int32)
+    scales = torch.tensor([0.5, 2.0, 1.0])
+    x = torch.randn(num_tokens, 32, generator=gen)
+    out0 = torch.randn(num_tokens, 24, generator=gen)
+    meta = build_dispatch(slots, weights, 3)
+    out = lora_apply_ref(x, lora_a, lora_b, ranks, scales, meta, out0.clone(), path="prefill")
+    expected = naive_expand(naive_shrink(x, lora_a, ranks, slots), lora_b, ranks, scales, slots, weights, out0)
+    assert_close(out, expected, torch.float32)

@@ -5,7 +5,8 @@ Everything is trained briefly on the built-in corpus (`corpus.py`) with fixed se
 thread, so the same torch / tokenizers / transformers versions give the same bytes every time:
 - tokenizer: byte-level BPE (1024 ids) trained with `tokenizers`;
 - model: Qwen3 architecture (4 layers, hidden 128, ~0.9M parameters) trained for `model_steps`
-  steps on all four domains -- enough to produce corpus-like text, nothing more;
+  steps on all four domains (seconds on one CPU thread) -- enough to produce
+  corpus-like text, nothing more;
 - adapters `code`, `math`, `chat`, `multilingual`: rank-8 LoRA on every projection, each trained
   on its own domain with the base frozen, saved with `save_peft_adapter`;
 - router `demo-gate`: a top-2 MoLoRA gate over the four adapters, trained with `train_gate`.
@@ -157,7 +158,7 @@ def _sha256(path: Path) -> str:
 
 
 def make_demo_assets(
-    directory: str | Path, model_steps: int = 60, adapter_steps: int = 15, router_steps: int = 10, overwrite: bool = True
+    directory: str | Path, model_steps: int = 200, adapter_steps: int = 30, router_steps: int = 20, overwrite: bool = True
 ) -> Path:
     """Write the demo model, tokenizer, adapters and router under `directory`; returns it."""
     root = Path(directory)

@@ -49,9 +49,11 @@ def greedy(n, **kw):
 
 
 def hf_greedy(model, tokenizer, prompt, n):
+    """transformers' greedy tokens, stopping at EOS as our engine does (min_new_tokens would
+    instead forbid EOS, a different distribution)."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -69,9 +71,10 @@ def test_greedy_equals_transformers_generate(demo, engine, adapter):
     # The long prompt is prefilled in chunks of 5 tokens.
     for prompt in (PROMPTS[0], PROMPTS[2]):
         want = hf_greedy(reference, tokenizer, prompt, 24)
-        got = engine.submit(Request(prompt, greedy(24), routing)).result()
+        got = engine.submit(Request(prompt, SamplingParams(max_tokens=24), routing)).result()
         assert list(got.token_ids) == want
-        assert got.completion_tokens == 24 and got.finish_reason == "length"
+        assert got.completion_tokens == len(want)
+        assert got.finish_reason == ("stop" if want[-1] == tokenizer.eos_token_id else "length")
 
 
 def _mixed_requests(demo):
@@ -115,7 +118,7 @@ def test_same_seed_same_output(engine):
     first = run(1)
     assert run(1) == first
     assert run(1, company=3) == first
-    assert run(2) != first
+    assert any(run(seed) != first for seed in (2, 3, 4)), "other seeds must be able to sample otherwise"
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(engine):

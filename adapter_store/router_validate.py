@@ -1,4 +1,4 @@
-"""Validate a router artifact directory: ``router.safetensors`` (+ optional ``router_config.json``).
+"""Validate a router artifact directory: ``router.safetensors`` (+ optional ``router.json``).
 
 Only the header is read. The store checks the file is safetensors with float tensors; what each
 tensor means (gate weights per layer, task embeddings) is the model side's business.
@@ -14,7 +14,7 @@ from .peft_validate import FLOAT_DTYPES, refuse_pickles
 from .safetensors_header import read_header
 
 ROUTER_WEIGHTS = "router.safetensors"
-ROUTER_CONFIG = "router_config.json"
+ROUTER_CONFIG = "router.json"  # the same file name as molora_core.routing.GateRouter writes
 
 
 def router_files(directory: Path) -> dict[str, Path]:

@@ -69,7 +69,7 @@ def write_router(directory: Path, n_adapters: int, hidden: int = 64, seed: int =
     rng = np.random.default_rng(seed)
     save_file({"gate.weight": rng.standard_normal((n_adapters, hidden)).astype(np.float32)},
               str(directory / "router.safetensors"))
-    (directory / "router_config.json").write_text(json.dumps({"top_k": 2}))
+    (directory / "router.json").write_text(json.dumps({"top_k": 2}))
     return directory
 
 

@@ -139,7 +139,7 @@ def test_routers(registry, tmp_path):
     assert m.weights_sha256 == hash_file(rd / "router.safetensors")[0]
     assert not registry.register_router(rd, "gate1", kind="gate", adapters=["r-a", "r-b"]).created
     assert registry.register_router(rd, "gate1", kind="gate", adapters=["r-b", "r-a"]).manifest.version == 2
-    assert (registry.load_router("gate1").path / "router_config.json").is_file()
+    assert (registry.load_router("gate1").path / "router.json").is_file()
     with pytest.raises(AdapterNotFound, match="missing"):
         registry.register_router(rd, "gate2", kind="gate", adapters=["r-a", "missing"])
     with pytest.raises(RouterInvalid, match="kind"):

@@ -1,0 +1,286 @@
+"""The HTTP ingress: OpenAI-compatible generation, the registry API, /v1/models, /healthz, /metrics.
+
+    GET  /v1/models                 base model, adapters, routers (as 'molora:<router>')
+    POST /v1/completions            prompt -> text; stream=true for server-sent events
+    POST /v1/chat/completions       messages -> assistant message; stream=true for SSE
+    *    /v1/adapters, /v1/routers  the registry's routes (adapter_store.routes)
+    GET  /healthz                   200 when the registry answers, else 503
+    GET  /metrics                   Prometheus text format
+
+The ingress resolves `model` against the registry (deployments.resolve), sends the request to a
+model replica through the adapter-affinity request router, and turns the replica's stream into
+OpenAI bodies or SSE chunks. Every error is `{"error": {message, type, param, code}}`; the
+replica that served a request is named in the `x-molora-replica` response header.
+"""
+
+# No `from __future__ import annotations`: Serve rebuilds the methods' signatures for FastAPI,
+# which must see `Request` as a class, not a string.
+import json
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapter_store import build_registry_router
+from adapter_store.errors import StoreError
+from deployments.bootstrap import open_store
+from deployments.config import AppConfig
+from deployments.errors import ApiError, bad_request, classify, overloaded, unavailable
+from deployments.metrics import IngressMetrics
+from deployments.openai_models import ChatCompletionRequest, CompletionRequest
+from deployments.placement import PlacementController
+from deployments.replica import stats_key
+from deployments.resolve import ROUTER_PREFIX, Resolver
+
+REPLICA_HEADER = "x-molora-replica"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions when max_tokens is unset
+MAX_BODY_BYTES = 4 << 20
+
+app = FastAPI(title="MoLoRA Serve", description="OpenAI-compatible API over one base model and many LoRA adapters.")
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(exc)
+
+
+@app.exception_handler(StoreError)
+async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
+    return _error_response(classify(exc))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(_validation(list(exc.errors())))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error_response(ApiError(exc.status_code, str(exc.detail), kind, f"http_{exc.status_code}"))
+
+
+def _validation(errors: list[dict]) -> ApiError:
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    got = first.get("input")
+    return bad_request(f"{param or 'request'}: {first.get('msg', 'invalid')} (got {got!r})", param)
+
+
+def _ray_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, BackPressureError):
+        return overloaded(f"every model replica's queue is full: {exc}")
+    return unavailable(f"the model replica failed: {type(exc).__name__}: {exc}")
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@serve.ingress(app)
+class Ingress:
+    """Serve deployment class; `deployments.app` binds it to the ModelReplica handle and config."""
+
+    def __init__(self, replica: DeploymentHandle, config: dict, placement_interval_s: float = 5.0):
+        cfg = AppConfig.model_validate(config)
+        self.cfg = cfg
+        self.base_model = cfg.model_name
+        self.store = open_store(cfg, Path(cfg.model_path))
+        self.registry = self.store.registry
+        self.resolver = Resolver(self.registry, self.base_model)
+        self.replica = replica.options(stream=True)
+        self.metrics = IngressMetrics()
+        app.include_router(build_registry_router(self.registry, api_key=cfg.api_key))
+        self.placement = PlacementController(self.registry, self.store.settings.namespace, placement_interval_s)
+        self.placement.start()
+
+    # -- plain routes ----------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            await run_in_threadpool(self.registry.ping)
+        except StoreError as exc:
+            return _error_response(classify(exc))
+        return JSONResponse({"status": "ok", "model": self.base_model})
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        def collect():
+            data = [{"id": self.base_model, "object": "model", "created": 0, "owned_by": "molora", "kind": "base"}]
+            for page_of, kind in ((self.registry.list_adapters, "adapter"), (self.registry.list_routers, "router")):
+                cursor = None
+                while True:
+                    page = page_of(limit=1000, cursor=cursor)
+                    for m in page.items:
+                        entry = {"id": m.name if kind == "adapter" else f"{ROUTER_PREFIX}{m.name}", "object": "model",
+                                 "created": int(m.created_at), "owned_by": "molora", "kind": kind,
+                                 "version": m.version, "parent": self.base_model}
+                        if kind == "router":
+                            entry["adapters"] = list(m.adapters)
+                        data.append(entry)
+                    cursor = page.next_cursor
+                    if cursor is None:
+                        break
+            return data
+
+        return JSONResponse({"object": "list", "data": await run_in_threadpool(collect)})
+
+    @app.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        def replica_records():
+            client, pattern = self.registry.client, stats_key(self.store.settings.namespace, "*")
+            keys = sorted(client.scan_iter(match=pattern, count=1000))
+            return [json.loads(raw) for raw in client.mget(keys) if raw] if keys else []
+
+        try:
+            records = await run_in_threadpool(replica_records)
+        except Exception:  # Redis down: still report what the ingress knows
+            records = []
+        return PlainTextResponse(self.metrics.render(records), media_type="text/plain; version=0.0.4")
+
+    # -- generation ------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve("completions", request, CompletionRequest)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve("chat", request, ChatCompletionRequest)
+
+    async def _serve(self, route: str, request: Request, model: type):
+        try:
+            response = await self._generate(route, await self._parse(request, model))
+        except Exception as exc:
+            err = exc if isinstance(exc, ApiError) else classify(exc)
+            self.metrics.request(route, err.status)
+            return _error_response(err)
+        self.metrics.request(route, response.status_code)
+        return response
+
+    @staticmethod
+    async def _parse(request: Request, model: type):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body of {len(raw)} bytes is over {MAX_BODY_BYTES}", code="body_too_large")
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise bad_request(f"request body is a JSON {type(data).__name__}, expected an object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise _validation(exc.errors()) from None
+
+    async def _generate(self, route: str, body):
+        started = time.monotonic()
+        routing = await run_in_threadpool(self.resolver.resolve, body.model, body.adapters)
+        rid = f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        payload = {"request_id": rid, "routing": routing.payload(),
+                   "sampling": body.sampling_fields(DEFAULT_MAX_TOKENS)}
+        if route == "chat":
+            payload["messages"] = body.message_dicts()
+        else:
+            payload["prompt"] = body.prompt
+        stream = self.replica.generate.remote(payload)
+        try:
+            first = await stream.__anext__()
+        except Exception as exc:
+            raise _ray_error(exc) from None
+        if first["type"] == "error":
+            raise ApiError.from_item(first)
+        headers = {REPLICA_HEADER: first["replica"]}
+        meta = {"id": rid, "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return StreamingResponse(self._events(route, body, meta, stream, started), headers=headers,
+                                     media_type="text/event-stream")
+        text, finish, usage = [], None, (0, 0)
+        try:
+            async for item in stream:
+                if item["type"] == "error":
+                    raise ApiError.from_item(item)
+                self._observe(item)
+                if item["type"] == "delta":
+                    if not text and item["tokens"]:
+                        self.metrics.first_token(time.monotonic() - started)
+                    text.append(item["text"])
+                    finish, usage = item["finish_reason"], (item["prompt_tokens"], item["completion_tokens"])
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise _ray_error(exc) from None
+        if finish == "abort":
+            raise unavailable("the request was aborted by the model replica (shutting down?)")
+        out = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish}
+                  if route == "chat" else {"index": 0, "text": out, "finish_reason": finish, "logprobs": None})
+        body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
+                     "choices": [choice], "usage": _usage(*usage)}
+        return JSONResponse(body_json, headers=headers)
+
+    def _observe(self, item: dict) -> None:
+        if item["type"] == "delta" and item["tokens"]:
+            self.metrics.generated(item["tokens"])
+
+    async def _events(self, route: str, body, meta: dict, stream, started: float):
+        chat = route == "chat"
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        usage, last = (0, 0), None
+
+        def chunk(content: str | None, finish, role: bool = False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": content} if role else ({"content": content} if content else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+            return {**meta, "object": obj, "choices": [choice]}
+
+        try:
+            if chat:
+                yield _sse(chunk("", None, role=True))
+            async for item in stream:
+                if item["type"] == "error":
+                    yield _sse(ApiError.from_item(item).body())
+                    return
+                if item["type"] != "delta":
+                    continue
+                now = time.monotonic()
+                if item["tokens"]:
+                    self.metrics.generated(item["tokens"])
+                    if last is None:
+                        self.metrics.first_token(now - started)
+                    else:
+                        self.metrics.inter_token(now - last)
+                    last = now
+                usage = (item["prompt_tokens"], item["completion_tokens"])
+                finish = item["finish_reason"]
+                if finish == "abort":
+                    yield _sse(unavailable("the request was aborted by the model replica").body())
+                    return
+                if item["text"] or finish:
+                    yield _sse(chunk(item["text"], finish))
+            if body.include_usage:
+                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*usage)})
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # the replica died mid-stream: end this stream with an error event
+            yield _sse(_ray_error(exc).body())

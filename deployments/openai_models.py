@@ -1,0 +1,126 @@
+"""Request bodies of the OpenAI-compatible routes (the fields MoLoRA Serve reads).
+
+Unknown fields are ignored, as OpenAI clients send fields a server may not use (`user`,
+`logit_bias` at defaults, ...). Fields whose non-default values we cannot honour (n > 1,
+penalties, logprobs) are refused with a 400 instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class AdapterWeight(BaseModel):
+    """One member of an explicit mixture (`adapters` extra body field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=80, description="Registered adapter name, optionally 'name@version'.")
+    weight: float = Field(1.0, gt=0, le=100, description="Mixing weight, the same for every token.")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="Send a last chunk with the usage totals.")
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200, description="Base model, adapter name, or 'molora:<router>'.")
+    adapters: list[AdapterWeight] | None = Field(
+        None, min_length=1, max_length=16, description="Explicit mixture; `model` must then be the base model."
+    )
+    max_tokens: int | None = Field(None, ge=1, le=1 << 20, description="Tokens to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=-1, le=1 << 20, description="Top-k filter (0 or -1 = off); not an OpenAI field.")
+    seed: int | None = Field(None, ge=0, lt=1 << 63, description="Same seed, same output.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
+    stream: bool = Field(False, description="Server-sent events.")
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported (must be 0).")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported (must be 0).")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks); not an OpenAI field.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError(f"stop={value!r}; expected at most 4 non-empty strings")
+        return stops
+
+    def sampling_fields(self, default_max_tokens: int) -> dict:
+        return {
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
+            "seed": self.seed, "max_tokens": self.max_tokens or default_max_tokens, "stop": list(self.stop or []),
+            "ignore_eos": self.ignore_eos,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids.")
+    echo: bool = Field(False, description="Not supported (must be false).")
+    logprobs: int | None = Field(None, description="Not supported (must be unset).")
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if self.echo or self.logprobs:
+            raise ValueError(f"echo={self.echo}, logprobs={self.logprobs}; expected echo false and no logprobs")
+        return self
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError(f"{len(value)} prompts; expected one prompt per request")
+            value = value[0]
+        if not value:
+            raise ValueError("prompt is empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise ValueError(f"content part of type {part.get('type')!r}; only 'text' is supported")
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Common):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20, description="Alias of max_tokens.")
+    logprobs: bool = Field(False, description="Not supported (must be false).")
+
+    @model_validator(mode="after")
+    def _alias(self) -> "ChatCompletionRequest":
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.logprobs:
+            raise ValueError("logprobs=true; expected false (log-probabilities are not supported)")
+        for m in self.messages:
+            m.text()  # raises on non-text parts while the body is validated
+        return self
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

@@ -1,0 +1,100 @@
+"""Adapter-affinity request router: send a request where its adapters are already hot.
+
+A Ray Serve `RequestRouter` for the ModelReplica deployment. For each request it reads the
+hot-set keys the ingress resolved (`payload["routing"]["adapters"]`) and ranks replicas:
+
+1. replicas that hold *all* of them, then those that hold the *most* of them (a partial hit still
+   saves cold loads), each rank narrowed to two random picks (power of two choices: the base
+   class then takes the shorter queue of the two among those that accept);
+2. every replica, power of two choices, as the last rank.
+
+What a replica "holds" is the union of its last routing stats (`record_routing_stats`: its
+resident hot-set, refreshed every `request_routing_stats_period_s`) and the adapters this router
+sent it in the last `memory_s` seconds, which covers the gap until its next stats report.
+Missing stats (a new replica, a failed report) simply count as holding nothing, so routing falls
+back to plain power of two choices. When the best holder's queue is longer than the shortest
+queue by more than `imbalance_threshold`, load wins and the last rank goes first.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+
+def request_adapters(pending_request: PendingRequest | None) -> list[str]:
+    """The hot-set keys a ModelReplica.generate payload names ([] for base or unknown calls)."""
+    if pending_request is None:
+        return []
+    for value in list(pending_request.args) + list(pending_request.kwargs.values()):
+        if isinstance(value, dict) and isinstance(value.get("routing"), dict):
+            return [str(a) for a in value["routing"].get("adapters") or []]
+    return []
+
+
+def two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    return replicas if len(replicas) <= 2 else random.sample(replicas, 2)
+
+
+class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, imbalance_threshold: int = 8, memory_s: float = 30.0, **kwargs: Any) -> None:
+        self.imbalance_threshold = imbalance_threshold
+        self.memory_s = memory_s
+        self._recent: dict[ReplicaID, dict[str, float]] = {}  # replica -> key -> last time routed there
+
+    def held(self, replica: RunningReplica, now: float) -> set[str]:
+        stats = replica.routing_stats or {}
+        hot = set(stats.get("hot_set") or [])
+        recent = self._recent.get(replica.replica_id, {})
+        return hot | {k for k, t in recent.items() if now - t < self.memory_s}
+
+    def queue_len(self, replica: RunningReplica) -> int:
+        cached = self.replica_queue_len_cache.get(replica.replica_id)
+        if cached is not None:
+            return cached
+        return int((replica.routing_stats or {}).get("queue", 0))
+
+    def rank(self, candidates: list[RunningReplica], wanted: list[str]) -> list[list[RunningReplica]]:
+        """Ranks of replicas, most preferred first (without the random narrowing)."""
+        if not wanted or len(candidates) <= 1:
+            return [candidates]
+        now = time.monotonic()
+        want = set(wanted)
+        groups: dict[int, list[RunningReplica]] = {}
+        for r in candidates:
+            groups.setdefault(len(want & self.held(r, now)), []).append(r)
+        ranks = [groups[score] for score in sorted(groups, reverse=True) if score > 0]
+        if ranks:
+            best = min(self.queue_len(r) for r in ranks[0])
+            shortest = min(self.queue_len(r) for r in candidates)
+            if best - shortest > self.imbalance_threshold:
+                return [candidates] + ranks
+        return ranks + [candidates]
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        ranks = self.rank(list(candidate_replicas), request_adapters(pending_request))
+        if pending_request is not None:
+            # Our last rank is every replica: when all of them are busy, back off before retrying.
+            pending_request.routing_context.should_backoff = True
+        return [two_choices(r) for r in ranks if r]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        wanted = request_adapters(pending_request)
+        if not wanted:
+            return
+        now = time.monotonic()
+        recent = self._recent.setdefault(replica_id, {})
+        for key in wanted:
+            recent[key] = now
+        if len(recent) > 4096:  # bound the memory: keep the newest half
+            for key, _ in sorted(recent.items(), key=lambda kv: kv[1])[: len(recent) // 2]:
+                del recent[key]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._recent.pop(replica_id, None)
+        super().on_replica_actor_died(replica_id)

@@ -1,0 +1,108 @@
+"""`model` (+ `adapters`) of an OpenAI request -> a routing the model replica understands.
+
+    "<base model>"            -> base, no adapter
+    "<adapter>[@<version>]"   -> one adapter, every token (hot-set key "name@version")
+    "molora:<router>[@<v>]"   -> the registered gate router over its adapters, per token
+    "<base>" + adapters=[...] -> an explicit mixture with fixed weights
+
+Adapters resolve to versioned hot-set keys ("math@3") when the request arrives, so a replica
+never serves a request with a version other than the one resolved here, and an update makes new
+requests use the new version while running ones finish on the old.
+
+A router resolves to one key that also names its adapters' versions
+("demo-gate@1:code@1,math@2"), so the replica loads a fresh gate when any of them changes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapter_store import Registry
+from adapter_store.errors import InvalidName, NotFound
+from deployments.errors import ApiError, bad_request, model_not_found
+
+ROUTER_PREFIX = "molora:"
+_CACHE_S = 1.0  # a deleted or updated adapter is seen by new requests within this delay
+
+
+@dataclass(frozen=True)
+class Routing:
+    kind: Literal["base", "adapter", "mixture", "router"]
+    adapters: tuple[str, ...] = ()  # hot-set keys, in routing order
+    weights: tuple[float, ...] = ()  # mixture only
+    router: str | None = None  # router key, see the module docstring
+
+    def payload(self) -> dict:
+        return {"kind": self.kind, "adapters": list(self.adapters), "weights": list(self.weights), "router": self.router}
+
+
+def split_version(text: str) -> tuple[str, int | None]:
+    name, sep, version = text.partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise bad_request(f"version {version!r} in {text!r} is not a positive integer", "model")
+    return name, int(version)
+
+
+def parse_router_key(key: str) -> tuple[str, int, list[str]]:
+    """'gate@2:code@1,math@3' -> ('gate', 2, ['code@1', 'math@3'])."""
+    head, _, tail = key.partition(":")
+    name, _, version = head.partition("@")
+    return name, int(version), [k for k in tail.split(",") if k]
+
+
+@dataclass
+class Resolver:
+    registry: Registry
+    base_model: str
+    _cache: dict = field(default_factory=dict)
+
+    def _cached(self, kind: str, name: str, version: int | None):
+        key = (kind, name, version)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < _CACHE_S:
+            return hit[1]
+        get = self.registry.get_adapter if kind == "adapter" else self.registry.get_router
+        manifest = get(name, version)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[key] = (now, manifest)
+        return manifest
+
+    def adapter_key(self, text: str, model: str) -> str:
+        name, version = split_version(text)
+        try:
+            m = self._cached("adapter", name, version)
+        except (NotFound, InvalidName):
+            raise model_not_found(model, f"is neither the base model {self.base_model!r}, a registered adapter, "
+                                  f"nor '{ROUTER_PREFIX}<router>'") from None
+        return f"{m.name}@{m.version}"
+
+    def resolve(self, model: str, adapters: list | None = None) -> Routing:
+        """Blocking (Redis reads): call from a thread pool."""
+        if adapters:
+            if model != self.base_model:
+                raise bad_request(f"'adapters' (an explicit mixture) needs model={self.base_model!r}; got {model!r}",
+                                  "model")
+            keys = [self.adapter_key(a.name, a.name) for a in adapters]
+            if len(set(keys)) != len(keys):
+                raise bad_request(f"'adapters' names an adapter twice: {[a.name for a in adapters]}", "adapters")
+            return Routing("mixture", tuple(keys), tuple(float(a.weight) for a in adapters))
+        if model == self.base_model:
+            return Routing("base")
+        if model.startswith(ROUTER_PREFIX):
+            name, version = split_version(model[len(ROUTER_PREFIX):])
+            try:
+                m = self._cached("router", name, version)
+            except (NotFound, InvalidName):
+                raise model_not_found(model, "names no registered router") from None
+            if m.kind != "gate":
+                raise ApiError(400, f"router {name!r} is of kind {m.kind!r}; only 'gate' routers serve requests",
+                               code="router_kind_unsupported", param="model")
+            keys = [self.adapter_key(a, model) for a in m.adapters]
+            return Routing("router", tuple(keys), router=f"{m.name}@{m.version}:{','.join(keys)}")
+        return Routing("adapter", (self.adapter_key(model, model),))

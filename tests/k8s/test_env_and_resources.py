@@ -60,7 +60,7 @@ def test_every_ray_node_sees_the_same_app_env(build):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_readme_creates_every_referenced_secret_key(overlay):
-    readme = (K8S / "README_SECTION.md").read_text()
+    readme = (K8S.parent / "README.md").read_text()
     refs = set()
     for obj in render(overlay):
         for _, spec in pod_specs(obj):

@@ -99,16 +99,22 @@ def lora_apply_ref(
     Shapes as in `lora_shrink_ref` and `lora_expand_ref`. Differentiable in x and meta.weights.
 
     path: "prefill" walks the per-slot segments; "decode" gathers each pair's weights (four ops
-    whatever the number of slots, which pays off where launches are dear); "auto" takes decode
-    for decode-size steps on CUDA and prefill elsewhere. On CPU the segment walk wins at every
-    size: at T=16, D=1024 it is 0.05 ms against 1.4 ms for the gather, which copies each pair's
-    weights.
+    whatever the number of slots, which pays off where launches are dear); "dense" runs every
+    token through the span of active slots with zero weights where it is not routed (a fixed
+    handful of ops, at span/K times the LoRA FLOPs); "auto" takes decode for decode-size steps
+    on CUDA, dense for decode-size CPU steps whose tokens are scattered over several slots (per
+    token routing), and prefill elsewhere. On CPU the gather loses at every size (T=16, D=1024:
+    1.4 ms against 0.05 ms for the segment walk), since it copies each pair's weights.
     """
     _check(x, lora_a_stacked, "lora_apply")
-    if path not in ("auto", "decode", "prefill"):
-        raise ValueError(f"path must be 'auto', 'decode' or 'prefill'; got {path!r}")
-    if path == "decode" or (path == "auto" and meta.is_decode and x.is_cuda):
+    if path not in ("auto", "decode", "prefill", "dense"):
+        raise ValueError(f"path must be 'auto', 'decode', 'prefill' or 'dense'; got {path!r}")
+    if path == "auto":
+        path = _auto_path(meta, x)
+    if path == "decode":
         return _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+    if path == "dense":
+        return _apply_dense(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
     ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
     for seg in _segments(meta):
         r = ranks[seg.slot]
@@ -131,6 +137,52 @@ def lora_apply_ref(
 
 # A segment split into more contiguous token runs than this is gathered and scattered instead.
 MAX_RUNS = 4
+# The dense path runs tokens through at most this many consecutive slots.
+MAX_DENSE_SPAN = 16
+
+
+def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
+    if not meta.is_decode:
+        return "prefill"
+    if x.is_cuda:
+        return "decode"
+    if meta.weights.requires_grad:
+        return "prefill"
+    segments = _segments(meta)
+    scattered = sum(seg.runs is None for seg in segments)
+    span = segments[-1].slot - segments[0].slot + 1 if segments else 0
+    return "dense" if scattered >= 2 and span <= MAX_DENSE_SPAN else "prefill"
+
+
+def _apply_dense(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+    """Every token through slots lo..hi-1 at once; pairs not routed there weigh zero."""
+    lo, hi, coef = _dense_coef(meta)
+    if hi == lo:
+        return out
+    span, rank = hi - lo, lora_a_stacked.shape[1]
+    in_rank = torch.arange(rank, device=x.device) < slot_ranks[lo:hi].unsqueeze(1)  # [span, R]
+    per_slot = torch.where(in_rank, slot_scales[lo:hi].unsqueeze(1), 0.0)  # scale, 0 past rank
+    h = (x @ lora_a_stacked[lo:hi].reshape(span * rank, -1).T).view(-1, span, rank)
+    h = torch.where(in_rank, h, 0.0) * (coef.unsqueeze(2) * per_slot).to(x.dtype)
+    delta = torch.bmm(h.transpose(0, 1), lora_b_stacked[lo:hi].transpose(1, 2))  # [span, T, D_out]
+    out += delta.sum(0)
+    return out
+
+
+def _dense_coef(meta: DispatchMeta) -> tuple[int, int, torch.Tensor]:
+    """(lo, hi, float32[T, hi - lo] summed weight of each token on each slot), once per step."""
+    cached = meta.backend_cache.get("torch_dense")
+    if cached is None:
+        segments = _segments(meta)
+        lo = segments[0].slot if segments else 0
+        hi = segments[-1].slot + 1 if segments else 0
+        coef = torch.zeros(meta.num_tokens, hi - lo, device=meta.slots.device)
+        valid = meta.slots >= 0
+        pairs = torch.arange(meta.num_pairs, device=meta.slots.device)[valid]
+        tokens = torch.div(pairs, meta.top_k, rounding_mode="floor")
+        coef.index_put_((tokens, meta.slots[valid].long() - lo), meta.weights[valid], accumulate=True)
+        cached = meta.backend_cache["torch_dense"] = (lo, hi, coef)
+    return cached
 
 
 @dataclass

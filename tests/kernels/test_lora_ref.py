@@ -29,7 +29,7 @@ def test_shrink_expand_ref_match_naive(shape, dist, dtype):
     assert_close(out, expected, dtype, "lora_expand_ref")
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize("path", ["decode", "prefill", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}K{}S{}D{}x{}R{}".format(*s))

@@ -219,27 +219,21 @@ class ModelReplica:
                 log.info("adapter %s left its slot after %s", key, event.type)
 
     def _event_loop(self) -> None:
-        sub = None
+        """Follow the registry's event stream from where this replica started. Reading the stream
+        (not pub/sub) means events published while Redis or this loop was away are caught up."""
+        last = None
         while not self._stop.is_set():
             try:
-                if sub is None:
-                    sub = self.registry.events.subscribe()
-                event = sub.get(timeout_s=1.0)
-                if event is not None:
+                if last is None:
+                    last = self.registry.events.last_id()
+                for event in self.registry.events.read(after=last, count=100, block_ms=1000):
                     self._on_event(event)
-            except Exception as exc:  # reconnect after a Redis outage
+                    last = event.id
+            except Exception as exc:  # Redis down: keep the position, try again shortly
                 if self._stop.is_set():
                     break
                 log.warning("event follower: %r", exc)
-                if sub is not None:
-                    try:
-                        sub.close()
-                    except Exception:
-                        pass
-                sub = None
                 self._stop.wait(1.0)
-        if sub is not None:
-            sub.close()
 
     def __del__(self):
         self._stop.set()

@@ -24,7 +24,7 @@ from adapter_store.errors import InvalidName, NotFound
 from deployments.errors import ApiError, bad_request, model_not_found
 
 ROUTER_PREFIX = "molora:"
-_CACHE_S = 1.0  # a deleted or updated adapter is seen by new requests within this delay
+_CACHE_S = 1.0  # a deleted pinned version is seen by new requests within this delay
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,17 @@ class Resolver:
     _cache: dict = field(default_factory=dict)
 
     def _cached(self, kind: str, name: str, version: int | None):
+        """The manifest; "latest" is always read from Redis (one GET), so a new version or a
+        delete is seen by the next request; a pinned version's manifest never changes and is
+        kept for a moment."""
+        get = self.registry.get_adapter if kind == "adapter" else self.registry.get_router
+        if version is None:
+            return get(name, None)
         key = (kind, name, version)
         hit = self._cache.get(key)
         now = time.monotonic()
         if hit is not None and now - hit[0] < _CACHE_S:
             return hit[1]
-        get = self.registry.get_adapter if kind == "adapter" else self.registry.get_router
         manifest = get(name, version)
         if len(self._cache) > 4096:
             self._cache.clear()

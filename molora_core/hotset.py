@@ -132,6 +132,11 @@ class HotSet:
             slot = self._index.get(key)
             return 0 if slot is None else self._slots[slot].pins
 
+    def holds(self, key: str) -> bool:
+        """Resident in a slot or kept in the host-memory tier (no loader needed to pin it)."""
+        with self._lock:
+            return key in self._index or key in self._host
+
     def host_keys(self) -> list[str]:
         with self._lock:
             return list(self._host)

@@ -27,7 +27,8 @@ class EngineConfig(BaseModel):
     target_modules: tuple[str, ...] = Field(TARGET_MODULES, description="projection names that get LoRA slots")
     pin_timeout_s: float = Field(
         30.0, ge=0.0,
-        description="how long a request waits for hot-set slots when all are pinned before failing with CapacityExceeded",
+        description="how long a request waits for its adapters (background cold load, then a free hot-set slot) "
+        "before failing with CapacityExceeded",
     )
     device: str | None = Field(None, description="'cpu', 'cuda', 'cuda:1', ...; None = CUDA when present, else CPU")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(

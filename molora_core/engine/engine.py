@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -99,6 +100,10 @@ class Engine:
         self.counters = Counters()
 
         self._routers: OrderedDict[str, GateRouter] = OrderedDict()
+        # Cold adapter loads run here, off the step thread, so running requests keep decoding
+        # while a new request's adapters come from object storage.
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="molora-fetch")
+        self._fetches: dict[str, Future] = {}  # hot-set key -> load in flight or finished
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._free_kv = list(range(config.max_batch - 1, -1, -1))
@@ -211,6 +216,7 @@ class Engine:
             self._thread.join(timeout=30)
         with self._step_lock:
             self._apply_aborts()
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self):
         return self
@@ -305,18 +311,52 @@ class Engine:
         names = seq.spec.adapter_names()
         if len(names) > self.config.hot_slots:
             raise RequestInvalid(f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots")
+        if not self._fetched(names):
+            return False
         try:
             for name in names:
-                loader = None if self.adapter_loader is None else (lambda n=name: self.adapter_loader(n))
+                future = self._fetches.get(name)
+                if future is not None:
+                    loader = future.result
+                elif self.adapter_loader is not None:  # evicted since _fetched: rare, load in line
+                    loader = lambda n=name: self.adapter_loader(n)  # noqa: E731
+                else:
+                    loader = None
                 seq.pinned.append((name, self.hotset.acquire(name, loader)))
+                self._fetches.pop(name, None)
         except CapacityExceeded:
             self._unpin(seq)
             return False
         except BaseException:
             self._unpin(seq)
+            for name in names:  # a failed load is retried by the next request that needs it
+                future = self._fetches.get(name)
+                if future is not None and future.done() and future.exception() is not None:
+                    del self._fetches[name]
             raise
         seq.router = seq.spec.bind(dict(seq.pinned))
         return True
+
+    def _fetched(self, names: list[str]) -> bool:
+        """Start background loads of the adapters that are neither resident nor in host memory;
+        True once none of `names` is still loading."""
+        ready = True
+        for name in names:
+            if self.hotset.holds(name) or self.adapter_loader is None:
+                continue  # acquire pins it, or raises AdapterNotFound without a loader
+            future = self._fetches.get(name)
+            if future is None:
+                self._fetches[name] = self._fetcher.submit(self._load_adapter, name)
+                ready = False
+            elif not future.done():
+                ready = False
+        return ready
+
+    def _load_adapter(self, name: str) -> LoRAAdapter:
+        started = time.perf_counter()
+        adapter = self.adapter_loader(name)
+        self.hotset.stats.load_seconds += time.perf_counter() - started
+        return adapter
 
     def _unpin(self, seq: Sequence) -> None:
         for key, slot in seq.pinned:
@@ -338,8 +378,9 @@ class Engine:
                 waited = time.monotonic() - seq.arrival
                 if waited > self.config.pin_timeout_s:
                     self._fail(seq, CapacityExceeded(
-                        f"request {seq.request_id!r} waited {waited:.1f}s for hot-set slots for "
-                        f"{seq.spec.adapter_names()}; all {self.config.hot_slots} slots stay pinned"
+                        f"request {seq.request_id!r} waited {waited:.1f}s for its adapters "
+                        f"{seq.spec.adapter_names()} to load and find hot-set slots "
+                        f"(all {self.config.hot_slots} stay pinned, or loading is that slow)"
                     ))
                 continue
             with self._lock:

@@ -199,8 +199,12 @@ def test_pinned_hotset_makes_requests_wait_then_proceed(demo):
     first = engine.submit(Request(PROMPTS[1], greedy(6), AdapterSpec("code")))
     second = engine.submit(Request(PROMPTS[0], greedy(6), AdapterSpec("math")))
     base = engine.submit(Request(PROMPTS[3], greedy(3)))  # needs no slot: not held up
-    engine.step()
-    assert [s.request_id for s in engine._running] == [first.request_id, base.request_id]
+    engine.step()  # "code" starts loading in the background; base is admitted at once
+    assert [s.request_id for s in engine._running] == [base.request_id]
+    deadline = time.monotonic() + 30
+    while first.request_id not in [s.request_id for s in engine._running] and time.monotonic() < deadline:
+        engine.step()
+    assert first.request_id in [s.request_id for s in engine._running]
     assert engine.stats().waiting == 1
     first_out = first.result()  # drives steps until "code" is unpinned
     assert first_out.completion_tokens == 6
@@ -270,3 +274,37 @@ def test_async_streaming_from_the_step_thread(demo):
         assert tuple(t for d in deltas for t in d.token_ids) == want.token_ids
     stats = sync.stats()
     assert stats.tokens_by_adapter["chat"] > 0 and stats.ttft_p50_s is not None and stats.step_p99_s is not None
+
+
+def test_cold_load_runs_beside_the_batch_not_inside_it(demo):
+    """A slow cold load (object storage) must not stall requests that are already decoding."""
+    events = {}
+
+    def slow_loader(name):
+        events["load_started"] = time.monotonic()
+        time.sleep(1.0)
+        events["load_done"] = time.monotonic()
+        return load_peft_adapter(demo / "adapters" / name, name=name)
+
+    engine = Engine(demo / "model", EngineConfig(max_batch=4, max_seq_len=96, hot_slots=4, max_rank=8),
+                    adapter_loader=slow_loader)
+    try:
+        running = engine.submit(Request(PROMPTS[0], greedy(30)))
+        engine.step()  # the base request is admitted and prefilled
+        cold = engine.submit(Request(PROMPTS[1], greedy(8), AdapterSpec("code")))
+        base_out = running.result()  # drives the steps while "code" loads in the background
+        events["base_done"] = time.monotonic()
+        assert base_out.completion_tokens == 30
+        cold_out = cold.result()
+        assert events["load_started"] < events["base_done"] < events["load_done"], (
+            "the base request finished while the adapter was still loading"
+        )
+    finally:
+        engine.close()
+    reference = make_engine(demo)
+    try:
+        (expected,) = reference.generate([Request(PROMPTS[1], greedy(8), AdapterSpec("code"))])
+    finally:
+        reference.close()
+    assert cold_out.token_ids == expected.token_ids
+    assert engine.hotset.stats.cold_loads == 1 and engine.hotset.stats.load_seconds >= 1.0

@@ -28,8 +28,11 @@ def build_app(cfg: AppConfig, *, heartbeat_s: float = 2.0, placement_interval_s:
     args = config_args(cfg)
     replica_options = dict(
         ray_actor_options={"num_cpus": cfg.num_cpus_per_replica, "num_gpus": cfg.num_gpus_per_replica},
-        # Requests beyond the engine's batch wait in the engine's own queue (429 when full).
-        max_ongoing_requests=cfg.max_batch + max(cfg.max_queue, 1),
+        # A replica takes its batch plus its engine queue; beyond that, requests wait in the
+        # caller's queue of max_queue places, and past that Serve raises BackPressureError, which
+        # the ingress answers with 429 + Retry-After instead of queueing without bound.
+        max_ongoing_requests=cfg.max_batch + cfg.max_queue,
+        max_queued_requests=cfg.max_queue,
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS, request_routing_stats_period_s=routing_stats_period_s,
             request_routing_stats_timeout_s=max(routing_stats_period_s, 5.0),

@@ -57,7 +57,10 @@ class AppConfig(BaseModel):
     max_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank a slot holds.")
     max_batch: int = Field(16, ge=1, le=4096, description="Sequences decoded together per step.")
     max_seq_len: int = Field(2048, ge=16, le=1 << 20, description="Prompt + completion tokens per sequence.")
-    max_queue: int = Field(256, ge=0, le=1 << 20, description="Requests waiting beyond the running batch before 429.")
+    max_queue: int = Field(
+        256, ge=1, le=1 << 20,
+        description="Requests a replica queues beyond its batch (and the ingress queues beyond those) before 429.",
+    )
     max_adapter_bytes: int = Field(512 << 20, gt=0, description="Cap on an uploaded adapter's bytes.")
     redis_url: str | None = Field(None, description="Registry Redis; None starts an embedded Valkey under cache_dir.")
     storage_uri: str | None = Field(None, description="file:///path or s3://bucket/prefix; None: cache_dir/storage.")

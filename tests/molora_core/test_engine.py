@@ -194,29 +194,43 @@ def test_queue_full_raises_capacity_exceeded(demo):
     engine.submit(Request(PROMPTS[0], greedy(2))).result()  # room again
 
 
+def _running_ids(engine):
+    return [s.request_id for s in engine._running]
+
+
+def _step_until_running(engine, handle, timeout_s=30.0):
+    """Adapters load in the background: step until the request is admitted."""
+    deadline = time.monotonic() + timeout_s
+    while handle.request_id not in _running_ids(engine) and time.monotonic() < deadline:
+        engine.step()
+    assert handle.request_id in _running_ids(engine)
+
+
 def test_pinned_hotset_makes_requests_wait_then_proceed(demo):
     engine = make_engine(demo, hot_slots=1, pin_timeout_s=60)
     first = engine.submit(Request(PROMPTS[1], greedy(6), AdapterSpec("code")))
+    engine.step()  # "code" starts loading in the background
+    assert _running_ids(engine) == []
+    _step_until_running(engine, first)
     second = engine.submit(Request(PROMPTS[0], greedy(6), AdapterSpec("math")))
     base = engine.submit(Request(PROMPTS[3], greedy(3)))  # needs no slot: not held up
-    engine.step()  # "code" starts loading in the background; base is admitted at once
-    assert [s.request_id for s in engine._running] == [base.request_id]
-    deadline = time.monotonic() + 30
-    while first.request_id not in [s.request_id for s in engine._running] and time.monotonic() < deadline:
-        engine.step()
-    assert first.request_id in [s.request_id for s in engine._running]
+    engine.step()
+    assert _running_ids(engine) == [first.request_id, base.request_id]
     assert engine.stats().waiting == 1
     first_out = first.result()  # drives steps until "code" is unpinned
     assert first_out.completion_tokens == 6
-    engine.step()
-    assert second.request_id in [s.request_id for s in engine._running]
+    _step_until_running(engine, second)
     assert second.result().completion_tokens == 6 and base.result().completion_tokens == 3
     assert engine.stats().hotset_evictions == 1
 
 
 def test_pinned_hotset_wait_is_bounded(demo):
     engine = make_engine(demo, hot_slots=1, pin_timeout_s=0.05)
+    # Resident before the request: the 0.05 s bound below is for "math" alone.
+    engine.load_adapter("code", load_peft_adapter(demo / "adapters" / "code", name="code"))
     long = engine.submit(Request(PROMPTS[1], greedy(80), AdapterSpec("code")))
+    engine.step()
+    assert long.request_id in _running_ids(engine)
     blocked = engine.submit(Request(PROMPTS[0], greedy(4), AdapterSpec("math")))
     engine.step()
     time.sleep(0.06)

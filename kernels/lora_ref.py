@@ -47,9 +47,10 @@ def lora_shrink_ref(
     _check(x, lora_a_stacked, "lora_shrink")
     ranks = slot_ranks.tolist()
     h = x.new_zeros(meta.num_pairs, lora_a_stacked.shape[1], dtype=torch.float32)
-    for slot, rows, r in _groups(meta, ranks):
-        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
-        h[rows, :r] = (x.index_select(0, tokens) @ lora_a_stacked[slot, :r].T).float()
+    for seg in _segments(meta):
+        r = ranks[seg.slot]
+        if r:
+            h[seg.rows, :r] = (x.index_select(0, seg.tokens) @ lora_a_stacked[seg.slot, :r].T).float()
     return h
 
 
@@ -75,11 +76,13 @@ def lora_expand_ref(
     """
     _check(out, lora_b_stacked, "lora_expand")
     ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
-    for slot, rows, r in _groups(meta, ranks):
-        tokens = torch.div(rows, meta.top_k, rounding_mode="floor")
-        coef = meta.weights.index_select(0, rows).unsqueeze(1) * scales[slot]
-        delta = (h.index_select(0, rows)[:, :r] * coef).to(out.dtype) @ lora_b_stacked[slot, :, :r].T
-        out.index_add_(0, tokens, delta)
+    for seg in _segments(meta):
+        r = ranks[seg.slot]
+        if not r:
+            continue
+        coef = scales[seg.slot] if seg.weights is None else seg.weights * scales[seg.slot]
+        delta = (h.index_select(0, seg.rows)[:, :r] * coef).to(out.dtype) @ lora_b_stacked[seg.slot, :, :r].T
+        out.index_add_(0, seg.tokens, delta)
     return out
 
 
@@ -190,6 +193,7 @@ class _Segment:
     """One slot's pairs of the step, prepared once for every layer."""
 
     slot: int
+    rows: torch.Tensor  # long[n] pair ids (t * K + k) of the segment
     tokens: torch.Tensor  # long[n] token of each pair
     weights: torch.Tensor | None  # float32[n, 1] pair weights; None when all are 1 (and need no grad)
     runs: list[tuple[int, int, int]] | None  # (t0, t1, first pair index) covering the segment, or None
@@ -208,7 +212,7 @@ def _segments(meta: DispatchMeta) -> list[_Segment]:
         if not grad and bool((weights == 1).all()):
             weights = None
         runs = None if grad or meta.top_k > 1 else _runs(tokens.tolist())
-        segments.append(_Segment(slot, tokens, weights, runs))
+        segments.append(_Segment(slot, rows, tokens, weights, runs))
     meta.backend_cache["torch_segments"] = segments
     return segments
 
@@ -223,13 +227,6 @@ def _runs(tokens: list[int]) -> list[tuple[int, int, int]] | None:
                 return None
             i0 = i
     return runs
-
-
-def _groups(meta: DispatchMeta, ranks: list[int]):
-    """Yield (slot, pair ids, rank) for each non-empty segment whose slot holds an adapter."""
-    for slot, start, end in meta.host_segments():
-        if ranks[slot] > 0:
-            yield slot, meta.sorted_pairs[start:end].long(), ranks[slot]
 
 
 def _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 
-def environment(device: str | None = None) -> dict:
+def environment(device: str | None = None, packages: tuple[str, ...] = ()) -> dict:
+    """Command, Python, platform, device and versions (torch, triton, transformers, peft, redis,
+    ray, plus `packages`) of this run."""
     info = {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "python": platform.python_version(),
@@ -21,7 +23,7 @@ def environment(device: str | None = None) -> dict:
         "processor": platform.processor() or platform.machine(),
         "versions": {},
     }
-    for package in ("torch", "triton", "transformers", "peft", "redis", "ray"):
+    for package in ("torch", "triton", "transformers", "peft", "redis", "ray", *packages):
         try:
             info["versions"][package] = version(package)
         except PackageNotFoundError:

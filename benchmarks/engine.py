@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import environment, write_json  # noqa: E402
 from molora_core.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from molora_core.engine.stats import percentile  # noqa: E402
 from molora_core.lora_layer import TARGET_MODULES  # noqa: E402
@@ -172,16 +169,12 @@ def main() -> None:
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]
     report = {
         "benchmark": "engine",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft")} | {"python": platform.python_version()},
+        "environment": environment(str(device)),
         "sizes": s, "dtype": dtype_name, "results": results,
         "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     print(f"vs_peft_throughput: {vs_peft:.2f}")
     print(f"molora_vs_base_throughput: {vs_base:.2f}")

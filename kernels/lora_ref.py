@@ -105,19 +105,17 @@ def lora_apply_ref(
     whatever the number of slots, which pays off where launches are dear); "dense" runs every
     token through the span of active slots with zero weights where it is not routed (a fixed
     handful of ops, at span/K times the LoRA FLOPs); "auto" takes decode for decode-size steps
-    on CUDA, dense for decode-size CPU steps whose tokens are scattered over several slots (per
-    token routing), and prefill elsewhere. On CPU the gather loses at every size (T=16, D=1024:
+    on CUDA, dense for decode-size CPU steps unless every routed token lies in one contiguous run
+    of one slot, and prefill elsewhere. On CPU the gather loses at every size (T=16, D=1024:
     1.4 ms against 0.05 ms for the segment walk), since it copies each pair's weights.
     """
     _check(x, lora_a_stacked, "lora_apply")
-    if path not in ("auto", "decode", "prefill", "dense"):
-        raise ValueError(f"path must be 'auto', 'decode', 'prefill' or 'dense'; got {path!r}")
-    if path == "auto":
-        path = _auto_path(meta, x)
+    path = _resolve_path(path, meta, x)
     if path == "decode":
         return _apply_gathered(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
     if path == "dense":
-        return _apply_dense(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+        _apply_dense(x, lora_a_stacked[None], [lora_b_stacked], slot_ranks[None], slot_scales[None], meta, [out])
+        return out
     ranks, scales = slot_ranks.tolist(), slot_scales.tolist()
     for seg in _segments(meta):
         r = ranks[seg.slot]
@@ -138,38 +136,92 @@ def lora_apply_ref(
     return out
 
 
+def lora_apply_shared_ref(
+    x: torch.Tensor,
+    lora_a_group: torch.Tensor,
+    lora_b_list: list[torch.Tensor],
+    ranks_group: torch.Tensor,
+    scales_group: torch.Tensor,
+    meta: DispatchMeta,
+    outs: list[torch.Tensor],
+    path: str = "auto",
+    rank_scales: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """`lora_apply_ref` for G modules that read the same x (q/k/v, gate/up): outs[g] += delta_g.
+
+    Args:
+        lora_a_group: [G, S, R, D_in]; module g's lora_a_stacked is lora_a_group[g].
+        lora_b_list: G tensors [S, D_out_g, R] (any strides; [D_out, S, R] storage makes the
+            dense expand a single matmul).
+        ranks_group: int32[G, S]; scales_group: float32[G, S].
+        outs: G tensors [T, D_out_g], updated in place (column slices of one output are fine).
+        rank_scales: optional float32[G, S, R] = scale below each slot's rank, 0 past it (the
+            hot-set keeps it current; derived from ranks and scales when None).
+    The dense path shrinks for every module and slot with one matmul; the other paths run
+    `lora_apply_ref` per module.
+    """
+    _check(x, lora_a_group[0], "lora_apply_shared")
+    path = _resolve_path(path, meta, x)
+    if path == "dense":
+        _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales)
+        return outs
+    for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
+        lora_apply_ref(x, lora_a_group[g], lora_b, ranks_group[g], scales_group[g], meta, out, path)
+    return outs
+
+
 # A segment split into more contiguous token runs than this is gathered and scattered instead.
 MAX_RUNS = 4
 # The dense path runs tokens through at most this many consecutive slots.
 MAX_DENSE_SPAN = 16
 
 
+def _resolve_path(path: str, meta: DispatchMeta, x: torch.Tensor) -> str:
+    if path not in ("auto", "decode", "prefill", "dense"):
+        raise ValueError(f"path must be 'auto', 'decode', 'prefill' or 'dense'; got {path!r}")
+    return _auto_path(meta, x) if path == "auto" else path
+
+
 def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
-    if not meta.is_decode:
-        return "prefill"
     if x.is_cuda:
-        return "decode"
+        return "decode" if meta.is_decode else "prefill"
     if meta.weights.requires_grad:
         return "prefill"
     segments = _segments(meta)
-    scattered = sum(seg.runs is None for seg in segments)
-    span = segments[-1].slot - segments[0].slot + 1 if segments else 0
-    return "dense" if scattered >= 2 and span <= MAX_DENSE_SPAN else "prefill"
+    if not segments or segments[-1].slot - segments[0].slot + 1 > MAX_DENSE_SPAN:
+        return "prefill"
+    if meta.is_decode:
+        # One contiguous run is two matmuls on views; anything more is cheaper dense.
+        single_run = len(segments) == 1 and segments[0].runs is not None and len(segments[0].runs) == 1
+        return "prefill" if single_run else "dense"
+    # Prefill-size steps: contiguous runs (requests grouped by adapter) walk their own slot only;
+    # tokens scattered over slots (per-token routing) are cheaper as a few large dense matmuls
+    # than as a gather, two matmuls and a scatter per slot.
+    return "dense" if any(seg.runs is None for seg in segments) else "prefill"
 
 
-def _apply_dense(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
-    """Every token through slots lo..hi-1 at once; pairs not routed there weigh zero."""
+def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
+    """Every token through slots lo..hi-1 of every module of the group at once; pairs not routed
+    to a slot weigh zero there. Past a slot's rank the weight is zero too, so finite padding
+    contents never reach the output (the hot-set keeps padding at zero anyway)."""
     lo, hi, coef = _dense_coef(meta)
     if hi == lo:
-        return out
-    span, rank = hi - lo, lora_a_stacked.shape[1]
-    in_rank = torch.arange(rank, device=x.device) < slot_ranks[lo:hi].unsqueeze(1)  # [span, R]
-    per_slot = torch.where(in_rank, slot_scales[lo:hi].unsqueeze(1), 0.0)  # scale, 0 past rank
-    h = (x @ lora_a_stacked[lo:hi].reshape(span * rank, -1).T).view(-1, span, rank)
-    h = torch.where(in_rank, h, 0.0) * (coef.unsqueeze(2) * per_slot).to(x.dtype)
-    delta = torch.bmm(h.transpose(0, 1), lora_b_stacked[lo:hi].transpose(1, 2))  # [span, T, D_out]
-    out += delta.sum(0)
-    return out
+        return
+    groups, _, rank, d_in = lora_a_group.shape
+    span = hi - lo
+    if rank_scales is None:
+        in_rank = torch.arange(rank, device=x.device) < ranks_group[:, lo:hi, None]
+        rank_scales = torch.where(in_rank, scales_group[:, lo:hi, None], 0.0)  # [G, span, R]
+    else:
+        rank_scales = rank_scales[:, lo:hi]
+    weight = (coef[None, :, :, None] * rank_scales[:, None]).to(x.dtype)  # [G, T, span, R]
+    a = lora_a_group[:, lo:hi].reshape(groups, span * rank, d_in)
+    h = torch.bmm(x.expand(groups, -1, -1), a.transpose(1, 2)).view(weight.shape)  # [G, T, span, R]
+    h.mul_(weight)
+    for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
+        # A view when lora_b's storage is [D_out, S, R]; a copy of the span otherwise.
+        b = lora_b[lo:hi].permute(1, 0, 2).reshape(lora_b.shape[1], span * rank)
+        out.addmm_(h[g].view(-1, span * rank), b.T)
 
 
 def _dense_coef(meta: DispatchMeta) -> tuple[int, int, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The GPU hot-set: adapters resident in slot-stacked buffers at fixed addresses.
 
 Every target module gets `lora_a_stacked[S, R, D_in]` and `lora_b_stacked[S, D_out, R]`, with
-per-slot rank and scale, allocated once. Loading an adapter is an in-place copy into a free or
+per-slot rank and scale, allocated once (modules that read the same input share one lora_a
+tensor, so one matmul shrinks for all of them). Loading an adapter is an in-place copy into a free or
 evicted slot and never a new allocation, so pointers held by a captured CUDA graph stay valid
 (the MoLoRA paper's hot-set, arXiv 2603.15965). Slots are pinned by reference counts of running
 requests; only unpinned slots are evicted (LRU), and evicted adapters stay in a host-memory tier.
@@ -24,14 +25,44 @@ from molora_core.errors import AdapterInvalid, AdapterNotFound, CapacityExceeded
 
 
 class SlotBuffers:
-    """One target module's slot-stacked LoRA weights."""
+    """One target module's slot-stacked LoRA weights.
 
-    def __init__(self, d_in: int, d_out: int, num_slots: int, max_rank: int, dtype: torch.dtype, device):
+    Standalone, every tensor is its own allocation. Modules that read the same input (q/k/v,
+    gate/up) share a `BufferGroup`: their lora_a, ranks and scales are rows of the group's
+    tensors, so a backend can run one shrink matmul for all of them.
+
+    b_layout "slot_major" stores lora_b as [S, D_out, R] (what the Triton kernels read);
+    "out_major" stores it as [D_out, S, R] and exposes the same [S, D_out, R] shape as a view, so
+    the dense CPU path expands every slot at once with one matmul over [D_out, S * R].
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device,
+        group: "BufferGroup | None" = None,
+        index: int = 0,
+        b_layout: str = "slot_major",
+    ):
         self.d_in, self.d_out = d_in, d_out
-        self.lora_a_stacked = torch.zeros(num_slots, max_rank, d_in, dtype=dtype, device=device)  # [S, R, D_in]
-        self.lora_b_stacked = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)  # [S, D_out, R]
-        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)  # int32[S], 0 = empty
-        self.slot_scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # float32[S]
+        if group is None:
+            group = BufferGroup(1, d_in, num_slots, max_rank, dtype, device)
+        self.group, self.index = group, index
+        self.lora_a_stacked = group.lora_a[index]  # [S, R, D_in], contiguous
+        if b_layout == "slot_major":
+            self.lora_b_stacked = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)  # [S, D_out, R]
+        elif b_layout == "out_major":
+            storage = torch.zeros(d_out, num_slots, max_rank, dtype=dtype, device=device)  # [D_out, S, R]
+            self.lora_b_stacked = storage.permute(1, 0, 2)  # [S, D_out, R] view
+        else:
+            raise ValueError(f"b_layout must be 'slot_major' or 'out_major'; got {b_layout!r}")
+        self.slot_ranks = group.ranks[index]  # int32[S], 0 = empty
+        self.slot_scales = group.scales[index]  # float32[S]
+        self.rank_scales = group.rank_scales[index]  # float32[S, R]: scale below the slot's rank, 0 past it
 
     def write(self, slot: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: float) -> None:
         """Copy one module's weights into `slot` in place; None clears it. Zeroes the rank padding."""
@@ -40,6 +71,7 @@ class SlotBuffers:
             self.lora_b_stacked[slot].zero_()
             self.slot_ranks[slot] = 0
             self.slot_scales[slot] = 0.0
+            self.rank_scales[slot] = 0.0
             return
         rank = lora_a.shape[0]
         self.lora_a_stacked[slot, :rank].copy_(lora_a)
@@ -48,9 +80,22 @@ class SlotBuffers:
         self.lora_b_stacked[slot, :, rank:].zero_()
         self.slot_ranks[slot] = rank
         self.slot_scales[slot] = scale
+        self.rank_scales[slot, :rank] = scale
+        self.rank_scales[slot, rank:] = 0.0
 
     def data_ptrs(self) -> tuple[int, ...]:
         return tuple(t.data_ptr() for t in (self.lora_a_stacked, self.lora_b_stacked, self.slot_ranks, self.slot_scales))
+
+
+class BufferGroup:
+    """lora_a, ranks and scales of G modules that read the same input, one tensor each."""
+
+    def __init__(self, size: int, d_in: int, num_slots: int, max_rank: int, dtype: torch.dtype, device):
+        self.lora_a = torch.zeros(size, num_slots, max_rank, d_in, dtype=dtype, device=device)  # [G, S, R, D_in]
+        self.ranks = torch.zeros(size, num_slots, dtype=torch.int32, device=device)  # int32[G, S]
+        self.scales = torch.zeros(size, num_slots, dtype=torch.float32, device=device)  # float32[G, S]
+        self.rank_scales = torch.zeros(size, num_slots, max_rank, dtype=torch.float32, device=device)  # [G, S, R]
+        self.members: list[SlotBuffers] = []
 
 
 @dataclass
@@ -87,17 +132,39 @@ class HotSet:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         host_cache_bytes: int = 1 << 30,
+        groups: list[tuple[str, ...]] = (),
+        b_layout: str = "slot_major",
     ):
+        """module_shapes: module path -> (D_in, D_out). groups: tuples of module paths that
+        read the same input (same D_in), stored as one `BufferGroup` each. b_layout: see
+        `SlotBuffers` (the backend's `b_layout`)."""
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots and max_rank must be >= 1; got {num_slots} and {max_rank}")
         if not module_shapes:
             raise ValueError("module_shapes is empty: the hot-set needs at least one target module")
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.device = torch.device(device)
-        self.buffers = {
-            path: SlotBuffers(d_in, d_out, num_slots, max_rank, dtype, self.device)
-            for path, (d_in, d_out) in module_shapes.items()
-        }
+        self.buffers: dict[str, SlotBuffers] = {}
+        self.groups: list[BufferGroup] = []
+        grouped = {path: members for members in groups for path in members}
+        for path, (d_in, d_out) in module_shapes.items():
+            if path in self.buffers:
+                continue
+            members = grouped.get(path, (path,))
+            missing = [m for m in members if m not in module_shapes]
+            if missing or len({module_shapes[m][0] for m in members}) != 1:
+                raise ValueError(
+                    f"buffer group {members} must name target modules with one input size; "
+                    f"missing {missing}, sizes {[module_shapes.get(m) for m in members]}"
+                )
+            group = BufferGroup(len(members), d_in, num_slots, max_rank, dtype, self.device)
+            for index, member in enumerate(members):
+                buffers = SlotBuffers(
+                    d_in, module_shapes[member][1], num_slots, max_rank, dtype, self.device, group, index, b_layout
+                )
+                group.members.append(buffers)
+                self.buffers[member] = buffers
+            self.groups.append(group)
         self.host_cache_bytes = host_cache_bytes
         self.stats = HotSetStats()
         self._slots: list[_Slot | None] = [None] * num_slots
@@ -107,15 +174,34 @@ class HotSet:
         self._lock = threading.RLock()
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, target_modules, num_slots: int, max_rank: int, **kwargs) -> "HotSet":
-        """A hot-set over every nn.Linear of `model` whose last name part is in target_modules."""
+    def for_model(
+        cls,
+        model: torch.nn.Module,
+        target_modules,
+        num_slots: int,
+        max_rank: int,
+        shared_inputs: tuple[tuple[str, ...], ...] = (),
+        **kwargs,
+    ) -> "HotSet":
+        """A hot-set over every nn.Linear of `model` whose last name part is in target_modules.
+
+        shared_inputs: name tuples such as ("q_proj", "k_proj", "v_proj"); the members of one
+        tuple under one parent module are grouped when all of them are targets.
+        """
         targets = set(target_modules)
         shapes = {
             name: (module.in_features, module.out_features)
             for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
         }
-        return cls(shapes, num_slots, max_rank, **kwargs)
+        groups = []
+        parents = sorted({path.rpartition(".")[0] for path in shapes})
+        for parent in parents:
+            for names in shared_inputs:
+                members = tuple(f"{parent}.{n}" if parent else n for n in names)
+                if len(members) > 1 and all(m in shapes for m in members):
+                    groups.append(members)
+        return cls(shapes, num_slots, max_rank, groups=groups, **kwargs)
 
     # -- queries ---------------------------------------------------------------------------
     def slot_of(self, key: str) -> int | None:

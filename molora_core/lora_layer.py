@@ -4,6 +4,10 @@
 
 The delta goes through a backend (`kernels.get_backend`) over the step's dispatch metadata,
 which every layer reads from one shared `LoRAContext`, so the plan is built once per step.
+
+Projections that read the same input (q/k/v, gate/up) also get a `MoLoRAGroup`, which the
+decoder calls instead of the members one by one: one base matmul over their concatenated
+weights (the members' weights become views of it) and one LoRA call for all of them.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import DispatchMeta, LoRABackend
-from molora_core.hotset import HotSet, SlotBuffers
+from molora_core.hotset import BufferGroup, HotSet, SlotBuffers
+from molora_core.model.packed import PackedLinear, can_pack, pack_linears
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Sibling projections that read the same input, and the attribute of their parent module
+# (Attention, MLP) that the decoder calls to run them together.
+SHARED_INPUTS = {("q_proj", "k_proj", "v_proj"): "qkv_group", ("gate_proj", "up_proj"): "gate_up_group"}
 
 
 @dataclass
@@ -42,8 +51,8 @@ class MoLoRALinear(nn.Module):
         self.context = context
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
+    def weight(self) -> torch.Tensor | None:
+        return getattr(self.base, "weight", None)  # None once packed for oneDNN
 
     @property
     def in_features(self) -> int:
@@ -58,20 +67,11 @@ class MoLoRALinear(nn.Module):
         meta = self.context.meta
         if meta is None:
             return y
-        x2d = x.reshape(-1, x.shape[-1])
-        if x2d.shape[0] != meta.num_tokens:
-            raise ValueError(
-                f"routing plan covers {meta.num_tokens} tokens but the layer got {x2d.shape[0]}"
-            )
         buffers = self.buffers
-        self.context.backend.apply(
-            x2d.contiguous(),
-            buffers.lora_a_stacked,
-            buffers.lora_b_stacked,
-            buffers.slot_ranks,
-            buffers.slot_scales,
-            meta,
-            y.view(-1, y.shape[-1]),
+        g, i = buffers.group, slice(buffers.index, buffers.index + 1)  # this module's row of its group
+        self.context.backend.apply_shared(
+            _tokens(x, meta), g.lora_a[i], [buffers.lora_b_stacked], g.ranks[i], g.scales[i], meta,
+            [y.view(-1, y.shape[-1])], g.rank_scales[i],
         )
         return y
 
@@ -79,8 +79,108 @@ class MoLoRALinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.buffers.slot_ranks.numel()}"
 
 
+def _tokens(x: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] != meta.num_tokens:
+        raise ValueError(f"routing plan covers {meta.num_tokens} tokens but the layer got {x2d.shape[0]}")
+    return x2d.contiguous()
+
+
+class MoLoRAGroup:
+    """Sibling MoLoRALinear layers that read the same input, run as one.
+
+    Calling it returns each member's output, as the members would: base outputs come from one
+    matmul over the members' concatenated weights (after construction each member's weight
+    and bias are views of these, so loading a state dict still reaches them), and the LoRA
+    deltas from one backend call over the members' `BufferGroup`. A plain object, not an
+    nn.Module, so the model's state dict does not list the weights twice.
+    """
+
+    def __init__(self, members: list[MoLoRALinear], group: BufferGroup, context: LoRAContext):
+        if [m.buffers for m in members] != group.members:
+            raise ValueError("a MoLoRAGroup's members must be its buffer group's modules, in order")
+        biases = [m.base.bias for m in members]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            raise ValueError("a MoLoRAGroup's members must all have a bias or all have none")
+        self.members, self.group, self.context = members, group, context
+        self.sizes = [m.out_features for m in members]
+        with torch.no_grad():
+            self.weight = torch.cat([m.base.weight for m in members])  # [sum D_out, D_in]
+            self.bias = None if biases[0] is None else torch.cat(biases)
+            for i, (m, w) in enumerate(zip(members, self.weight.split(self.sizes))):
+                m.base.weight = nn.Parameter(w, requires_grad=m.base.weight.requires_grad)
+                if self.bias is not None:
+                    m.base.bias = nn.Parameter(self.bias.split(self.sizes)[i], requires_grad=m.base.bias.requires_grad)
+
+        self.packed: PackedLinear | None = None
+
+    def pack(self) -> bool:
+        """Pack the concatenated weight for oneDNN (CPU); the dense weight is released and each
+        member's base becomes a column slice of the packed projection. False if not packable."""
+        if self.packed is not None:
+            return True
+        if not can_pack(self.weight):
+            return False
+        self.packed = PackedLinear(self.weight, self.bias)
+        self.weight = self.bias = None
+        start = 0
+        for member, size in zip(self.members, self.sizes):
+            member.base = _PackedSlice(self.packed, start, start + size)
+            start += size
+        return True
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """Base outputs of every member, concatenated: [..., sum D_out]."""
+        return self.packed(x) if self.packed is not None else F.linear(x, self.weight, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = self.base(x).split(self.sizes, dim=-1)
+        meta = self.context.meta
+        if meta is not None:
+            g = self.group
+            self.context.backend.apply_shared(
+                _tokens(x, meta), g.lora_a, [m.buffers.lora_b_stacked for m in self.members], g.ranks, g.scales,
+                meta, [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales,
+            )
+        return outs
+
+
+class _PackedSlice(nn.Module):
+    """A group member's base after packing: its columns of the group's packed projection (for
+    callers that run the member alone; the decoder runs the group)."""
+
+    def __init__(self, packed: PackedLinear, start: int, end: int):
+        super().__init__()
+        object.__setattr__(self, "_packed", packed)  # not a submodule: the group owns it
+        self.start, self.end = start, end
+        self.in_features, self.out_features = packed.in_features, end - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._packed(x)[..., self.start : self.end]
+
+
+def groups_of(model: nn.Module) -> list[MoLoRAGroup]:
+    """Every MoLoRAGroup that attach_molora installed on `model`."""
+    found = []
+    for module in model.modules():
+        for attribute in SHARED_INPUTS.values():
+            group = getattr(module, attribute, None)
+            if isinstance(group, MoLoRAGroup):
+                found.append(group)
+    return found
+
+
+def pack_for_cpu(model: nn.Module) -> int:
+    """Pack the base projections of a CPU model for oneDNN (molora_core.model.packed): each
+    MoLoRAGroup's concatenated weight, then every remaining nn.Linear. Returns how many
+    projections now run packed (0 where oneDNN is unavailable)."""
+    groups = sum(group.pack() for group in groups_of(model))
+    return groups + len(pack_linears(model))
+
+
 def attach_molora(model: nn.Module, hotset: HotSet, context: LoRAContext) -> list[str]:
-    """Replace every nn.Linear that `hotset` has buffers for by a MoLoRALinear, in place.
+    """Replace every nn.Linear that `hotset` has buffers for by a MoLoRALinear, in place, and
+    give each parent whose SHARED_INPUTS siblings form one hot-set buffer group a MoLoRAGroup.
 
     Returns the module paths replaced. Raises ValueError if a hot-set module is not an
     nn.Linear of `model`.
@@ -96,4 +196,14 @@ def attach_molora(model: nn.Module, hotset: HotSet, context: LoRAContext) -> lis
             raise ValueError(f"hot-set module {path!r} is not an nn.Linear of the model (found {type(base).__name__})")
         setattr(parent, child, MoLoRALinear(base, buffers, context))
         replaced.append(path)
+    for group in hotset.groups:
+        paths = [path for path, buffers in hotset.buffers.items() if buffers.group is group]
+        parent_path = paths[0].rpartition(".")[0]
+        names = tuple(path.rpartition(".")[2] for path in paths)
+        attribute = SHARED_INPUTS.get(names)
+        if attribute is None or {p.rpartition(".")[0] for p in paths} != {parent_path}:
+            continue  # grouped by the caller for another layout; members still run one by one
+        parent = model.get_submodule(parent_path) if parent_path else model
+        members = [getattr(parent, name) for name in names]
+        setattr(parent, attribute, MoLoRAGroup(members, group, context))
     return replaced

@@ -36,6 +36,10 @@ class EngineConfig(BaseModel):
     )
     backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
     max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
+    pack_weights: bool = Field(
+        True, description="CPU only: reorder the base projections once for oneDNN (about 2x faster decode "
+        "matmuls; the model's dense copies are released)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":

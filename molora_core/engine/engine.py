@@ -36,7 +36,7 @@ from molora_core.engine.sequence import Sequence
 from molora_core.engine.stats import Counters, EngineStats, percentile
 from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
-from molora_core.lora_layer import LoRAContext, attach_molora
+from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
 from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
 from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
@@ -87,12 +87,14 @@ class Engine:
         self.loaded, self.model, self.tokenizer = loaded, loaded.model, loaded.tokenizer
         self.device = self.model.device
         self.vocab_size = self.model.config.vocab_size
+        backend = get_backend(config.backend or self._default_backend())
         self.hotset = HotSet.for_model(
-            self.model, config.target_modules, config.hot_slots, config.max_rank,
-            dtype=self.model.dtype, device=self.device,
+            self.model, config.target_modules, config.hot_slots, config.max_rank, shared_inputs=tuple(SHARED_INPUTS),
+            dtype=self.model.dtype, device=self.device, b_layout=backend.b_layout,
         )
-        self.context = LoRAContext(get_backend(config.backend or self._default_backend()))
+        self.context = LoRAContext(backend)
         attach_molora(self.model, self.hotset, self.context)
+        self.packed_projections = pack_for_cpu(self.model) if self.device.type == "cpu" and config.pack_weights else 0
         self.kv_cache = KVCache.for_model(self.model, config.max_batch, config.max_seq_len)
         self.plan = RoutingPlan(config.step_tokens, config.max_top_k, config.hot_slots, self.device)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader

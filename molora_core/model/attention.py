@@ -4,8 +4,9 @@ Each step's new keys/values are written into the KV cache, then every query atte
 sequence's cached positions (causal, optionally a sliding window) through torch SDPA:
 - a sequence with several new tokens (a prompt, or a later chunk of one) runs its own SDPA call,
   with `is_causal` when nothing is cached and an explicit [n, ctx] mask otherwise;
-- all single-token (decode) sequences run one SDPA call over their slots, padded to the longest
-  context and masked per row.
+- all single-token (decode) sequences run one SDPA call straight over the cache rows of the
+  slot span they occupy (a view, never a copy of the cache), padded to the longest context and
+  masked per row; slots in the span that are not decoding attend to position 0 and are dropped.
 The masks depend only on the step, so `AttentionMeta` builds them once and every layer reuses them.
 
 Legend: T tokens, B sequences, H heads, H_kv key/value heads, D_h head dim, D hidden.
@@ -48,8 +49,9 @@ class AttentionMeta:
     token_slots: torch.Tensor  # int64[T] KV-cache slot of each token's sequence
     prefill: list[int]  # indices b of sequences on the per-sequence path
     decode_rows: torch.Tensor | None  # int64[B_d] flat token index of each decode sequence
-    decode_slots: torch.Tensor | None  # int64[B_d] their slots
-    decode_lens: list[int]  # [B_d] their context lengths
+    decode_index: torch.Tensor | None  # int64[B_d] its KV slot minus decode_span[0]
+    decode_span: tuple[int, int]  # KV slots [lo, hi) that hold every decode sequence
+    decode_lens: dict[int, int]  # KV slot -> context length, for the decode sequences
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -62,14 +64,15 @@ class AttentionMeta:
                 )
             (decode if n == 1 and ctx > 1 else prefill).append(b)
         token_slots = torch.tensor(batch.per_token(batch.slots), dtype=torch.int64).to(device)
-        decode_rows = decode_slots = None
+        decode_rows = decode_index = None
+        span, lens = (0, 0), {}
         if decode:
+            slots = [batch.slots[b] for b in decode]
+            span = (min(slots), max(slots) + 1)
             decode_rows = torch.tensor([batch.starts[b] for b in decode], dtype=torch.int64).to(device)
-            decode_slots = torch.tensor([batch.slots[b] for b in decode], dtype=torch.int64).to(device)
-        return cls(
-            batch, device, has_cache, token_slots, prefill, decode_rows, decode_slots,
-            [batch.context_lens[b] for b in decode],
-        )
+            decode_index = torch.tensor([s - span[0] for s in slots], dtype=torch.int64).to(device)
+            lens = {s: batch.context_lens[b] for s, b in zip(slots, decode)}
+        return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span, lens)
 
     def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask bool[n, ctx] or None, is_causal) for sequence b's queries against its keys."""
@@ -87,9 +90,11 @@ class AttentionMeta:
         return self._masks[key], False
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
-        """bool[B_d, 1, 1, max_ctx]: row b sees its own context (and window) only."""
-        lens = self.decode_lens
-        if min(lens) == max(lens) and (window is None or max(lens) <= window):
+        """bool[span, 1, 1, max_ctx] over the decode span's KV slots: a decoding slot sees its own
+        context (and window); a slot in the span that is not decoding sees position 0 only."""
+        lo, hi = self.decode_span
+        lens = [self.decode_lens.get(slot, 1) for slot in range(lo, hi)]
+        if len(self.decode_lens) == hi - lo and min(lens) == max(lens) and (window is None or max(lens) <= window):
             return None
         key = ("decode", window)
         if key not in self._masks:
@@ -121,6 +126,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # Set by molora_core.lora_layer.attach_molora: runs q/k/v with one matmul and one LoRA call.
+        self.qkv_group = None
 
     def forward(
         self,
@@ -132,9 +139,13 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
     ) -> torch.Tensor:  # [T, D]
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.qkv_group is not None:
+            q, k, v = self.qkv_group(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -154,8 +165,10 @@ class Attention(nn.Module):
             o = _sdpa(qs, ks[None], vs[None], mask, is_causal, self.scaling)
             out[start : start + n] = o[0].transpose(0, 1)
         if meta.decode_rows is not None:
-            kd, vd = kv_cache.gather(self.layer_idx, meta.decode_slots, max(meta.decode_lens))
-            qd = q[meta.decode_rows][:, :, None, :]  # [B_d, H, 1, D_h]
+            lo, hi = meta.decode_span
+            kd, vd = kv_cache.span(self.layer_idx, lo, hi, max(meta.decode_lens.values()))  # views
+            qd = q.new_zeros(hi - lo, self.num_heads, 1, self.head_dim)  # [span, H, 1, D_h]
+            qd[meta.decode_index] = q[meta.decode_rows].unsqueeze(2)
             od = _sdpa(qd, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)
-            out[meta.decode_rows] = od[:, :, 0, :]
+            out[meta.decode_rows] = od[meta.decode_index, :, 0, :]
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))

@@ -59,6 +59,7 @@ class KVCache:
         """Keys and values of one slot's first `length` positions, each [H_kv, length, D_h]."""
         return self.k[layer, slot, :, :length], self.v[layer, slot, :, :length]
 
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of several slots (int64[B]) padded to `length`, each [B, H_kv, length, D_h]."""
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+    def span(self, layer: int, lo: int, hi: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots lo..hi-1 up to `length`, each [hi - lo, H_kv, length, D_h];
+        views of the cache, no copy."""
+        return self.k[layer, lo:hi, :, :length], self.v[layer, lo:hi, :, :length]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.lora_ref import lora_apply_ref, lora_expand_ref, lora_shrink_ref
+from kernels.lora_ref import _auto_path, lora_apply_ref, lora_apply_shared_ref, lora_expand_ref, lora_shrink_ref
 from kernels.meta import build_dispatch
 from tests.kernels.helpers import DISTRIBUTIONS, DTYPES, assert_close, make_problem, naive_expand, naive_shrink
 
@@ -45,9 +45,12 @@ def test_apply_ref_matches_naive(shape, dist, dtype, path):
 
 
 def test_apply_ref_prefill_ignores_padding_contents():
+    # The segment walk never reads past a slot's rank, so even NaN padding stays out. (The dense
+    # path weighs padding by zero: finite padding is ignored, as the test above checks; the
+    # hot-set keeps padding at zero.)
     p = make_problem(150, 1, 6, 32, 48, 16, torch.float32, "uniform", pad_value=float("nan"))
     assert not p.meta.is_decode
-    out = lora_apply_ref(p.x, p.lora_a, p.lora_b, p.ranks, p.scales, p.meta, p.out.clone())
+    out = lora_apply_ref(p.x, p.lora_a, p.lora_b, p.ranks, p.scales, p.meta, p.out.clone(), path="prefill")
     expected = naive_expand(
         naive_shrink(p.x, p.lora_a, p.ranks, p.slots), p.lora_b, p.ranks, p.scales, p.slots, p.weights, p.out
     )
@@ -111,3 +114,49 @@ def test_apply_ref_contiguous_runs_match_naive(blocks, unit_weights):
     out = lora_apply_ref(x, lora_a, lora_b, ranks, scales, meta, out0.clone(), path="prefill")
     expected = naive_expand(naive_shrink(x, lora_a, ranks, slots), lora_b, ranks, scales, slots, weights, out0)
     assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["auto", "decode", "prefill", "dense"])
+@pytest.mark.parametrize("b_layout", ["slot_major", "out_major"])
+@pytest.mark.parametrize("dist", ["one", "uniform", "with_none", "empty_slots"])
+@pytest.mark.parametrize("shape", [(9, 2, 5, 48, 16), (150, 1, 6, 32, 16), (40, 2, 8, 64, 32)],
+                         ids=lambda s: "T{}K{}S{}D{}R{}".format(*s))
+def test_apply_shared_matches_each_module_naive(shape, dist, b_layout, path):
+    """Three modules reading one x (q/k/v), written into column slices of one output, equal each
+    module's naive delta; padding past rank holds finite garbage the dense path must weigh by 0."""
+    num_tokens, top_k, num_slots, d_in, rank = shape
+    d_outs = (40, 24, 24)
+    problems = [
+        make_problem(num_tokens, top_k, num_slots, d_in, d_out, rank, torch.float32, dist, seed=7, pad_value=3.0)
+        for d_out in d_outs
+    ]
+    # Same x, routing and ranks for every module (make_problem is seeded alike); own weights.
+    gen = torch.Generator().manual_seed(3)
+    lora_a_group = torch.stack([p.lora_a + 0.1 * g for g, p in enumerate(problems)])  # [G, S, R, D_in]
+    lora_b_list = []
+    for p in problems:
+        b = p.lora_b + torch.randn(p.lora_b.shape, generator=gen) * 0.01
+        if b_layout == "out_major":
+            b = b.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # [S, D_out, R] view of [D_out, S, R]
+        lora_b_list.append(b)
+    ranks_group = torch.stack([p.ranks for p in problems])
+    scales_group = torch.stack([p.scales * (g + 1) for g, p in enumerate(problems)])
+    p0 = problems[0]
+    out = torch.randn(num_tokens, sum(d_outs), generator=gen)
+    outs = list(out.clone().split(d_outs, dim=1))  # strided column slices of one tensor
+    lora_apply_shared_ref(p0.x, lora_a_group, lora_b_list, ranks_group, scales_group, p0.meta, outs, path=path)
+    for g, (ours, base) in enumerate(zip(outs, out.split(d_outs, dim=1))):
+        h = naive_shrink(p0.x, lora_a_group[g], ranks_group[g], p0.slots)
+        expected = naive_expand(h, lora_b_list[g], ranks_group[g], scales_group[g], p0.slots, p0.weights, base)
+        assert_close(ours, expected, torch.float32, f"module {g} ({path}, {b_layout})")
+
+
+def test_auto_path_on_cpu():
+    one = make_problem(16, 1, 4, 32, 32, 8, torch.float32, "one")  # every token on slot 0
+    scattered = make_problem(16, 2, 4, 32, 32, 8, torch.float32, "uniform")
+    scattered_prefill = make_problem(300, 2, 4, 32, 32, 8, torch.float32, "uniform")
+    grouped_prefill = make_problem(300, 1, 4, 32, 32, 8, torch.float32, "one")
+    assert _auto_path(one.meta, one.x) == "prefill"  # one contiguous run: two matmuls on views
+    assert _auto_path(scattered.meta, scattered.x) == "dense"
+    assert _auto_path(scattered_prefill.meta, scattered_prefill.x) == "dense"
+    assert _auto_path(grouped_prefill.meta, grouped_prefill.x) == "prefill"

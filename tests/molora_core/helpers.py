@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 from kernels import get_backend
 from molora_core.adapter import LoRAAdapter, LoRAModule
 from molora_core.hotset import HotSet
-from molora_core.lora_layer import TARGET_MODULES, LoRAContext, attach_molora
+from molora_core.lora_layer import SHARED_INPUTS, TARGET_MODULES, LoRAContext, attach_molora
 
 VOCAB = 128
 
@@ -57,9 +57,13 @@ def random_adapter(
     return LoRAAdapter(name, modules)
 
 
-def molora_model(model, num_slots=4, max_rank=16, backend="torch", targets=TARGET_MODULES):
-    """(model with MoLoRA layers, hot-set, context)."""
-    hotset = HotSet.for_model(model, targets, num_slots, max_rank)
-    context = LoRAContext(get_backend(backend))
+def molora_model(model, num_slots=4, max_rank=16, backend="torch", targets=TARGET_MODULES, grouped=True):
+    """(model with MoLoRA layers, hot-set, context), laid out as the engine lays it out: q/k/v
+    and gate/up in buffer groups, lora_b as the backend wants it (grouped=False: one module at
+    a time, slot-major)."""
+    backend = get_backend(backend)
+    layout = dict(shared_inputs=tuple(SHARED_INPUTS), b_layout=backend.b_layout) if grouped else {}
+    hotset = HotSet.for_model(model, targets, num_slots, max_rank, **layout)
+    context = LoRAContext(backend)
     attach_molora(model, hotset, context)
     return model, hotset, context

@@ -141,3 +141,26 @@ def test_projections_replaceable_by_name(tmp_path):
         model(ids, batch.positions(), batch, KVCache.for_model(model, 2, 8))
     assert len(seen) == len(targets)
     assert all(len(shape) == 2 and shape[0] == 8 for shape in seen)
+
+
+def test_decode_reads_the_cache_in_place_past_idle_slots(tmp_path):
+    """Decode attention runs over the slot span [lo, hi) of the cache itself: slots in the span
+    that are not decoding (here holding NaN) must not leak into the decoding rows."""
+    _, path = make_checkpoint(tmp_path, "qwen3")
+    model = load_model(path, dtype=torch.float32)
+    cache = KVCache.for_model(model, max_seqs=5, max_seq_len=16)
+    cache.k[:, 1:3] = float("nan")
+    cache.v[:, 1:3] = float("nan")
+    seqs = {"a": ids_for(1, 9, seed=1)[0], "b": ids_for(1, 7, seed=2)[0]}
+    slots = {"a": 3, "b": 0}
+    with torch.no_grad():
+        for name in seqs:  # prefill all but the last token
+            n = len(seqs[name]) - 1
+            batch = StepBatch.build([slots[name]], [n], [n])
+            model(seqs[name][:n], batch.positions(), batch, cache)
+        ids = torch.stack([seqs["a"][-1], seqs["b"][-1]])
+        batch = StepBatch.build([3, 0], [1, 1], [9, 7])  # rows in the opposite order of their slots
+        logits = model(ids, batch.positions(), batch, cache)
+        for row, name in enumerate(["a", "b"]):
+            want = model.forward_dense(seqs[name][None])[0, -1]
+            assert (logits[row] - want).abs().max().item() <= FP32_ATOL

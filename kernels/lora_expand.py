@@ -119,9 +119,10 @@ def lora_expand(
         slot_ranks: int32[S] (ranks above R are clamped to R); slot_scales: float32[S].
         meta: dispatch metadata of the step.
         out: [T, D_out] fp32 / bf16 / fp16, rows contiguous; updated in place and returned.
-        block_m: rows per tile of the grouped kernel (16, 32, 64 or 128). None picks it from the
-            busiest slot's pair count (one host sync per step, cached in meta); a given value
-            means no host sync, so the call can be captured in a CUDA graph.
+        block_m: rows per tile of the grouped kernel (16, 32, 64 or 128); None takes meta.block_m,
+            and if that is None too, picks it from the busiest slot's pair count (one host sync
+            per step, cached in meta). A fixed value means no host sync, so the call can be
+            captured in a CUDA graph.
         path: "auto" (decode kernel when `meta.is_decode`, else grouped), "decode" or "prefill".
     """
     if path not in ("auto", "decode", "prefill"):
@@ -136,7 +137,7 @@ def lora_expand(
     target = out
     if atomic and out.dtype != torch.float32:
         target = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    block_m = pick_block_m(meta, block_m)
+    block_m = pick_block_m(meta, block_m if block_m is not None else meta.block_m)
     block_n = min(128, max(16, next_pow2(d_out)))
     block_k = min(64, max(16, next_pow2(rank)))
     grid = (triton.cdiv(meta.num_pairs, block_m) * triton.cdiv(d_out, block_n), meta.num_slots)

@@ -99,9 +99,10 @@ def lora_shrink(
         lora_a_stacked: [S, R, D_in] contiguous, same dtype as x.
         slot_ranks: int32[S] rank of each slot (0 = empty); ranks above R are clamped to R.
         meta: dispatch metadata of the step.
-        block_m: rows per tile of the grouped kernel (16, 32, 64 or 128). None picks it from the
-            busiest slot's pair count (one host sync per step, cached in meta); a given value
-            means no host sync at all, so the call can be captured in a CUDA graph.
+        block_m: rows per tile of the grouped kernel (16, 32, 64 or 128); None takes meta.block_m,
+            and if that is None too, picks it from the busiest slot's pair count (one host sync
+            per step, cached in meta). A fixed value means no host sync, so the call can be
+            captured in a CUDA graph.
         path: "auto" (decode kernel when `meta.is_decode`, else grouped), "decode" or "prefill"
             to force one kernel (tests, benchmarks).
     Returns:
@@ -118,7 +119,7 @@ def lora_shrink(
     h = torch.zeros(num_pairs, rank, dtype=torch.float32, device=x.device)
     if num_pairs == 0 or rank == 0:
         return h
-    block_m = pick_block_m(meta, block_m)
+    block_m = pick_block_m(meta, block_m if block_m is not None else meta.block_m)
     block_n = min(64, max(16, next_pow2(rank)))
     block_k = min(64, max(16, next_pow2(x.shape[1])))
     grid = (triton.cdiv(num_pairs, block_m) * triton.cdiv(rank, block_n), meta.num_slots)

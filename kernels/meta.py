@@ -32,6 +32,9 @@ class DispatchMeta:
     slot_counts: torch.Tensor  # int32[S]    pairs routed to each slot
     slot_offsets: torch.Tensor  # int32[S+1]  start of each slot's segment in sorted_pairs
     _host_counts: list[int] | None = field(default=None, repr=False)
+    # Rows per tile for the grouped (prefill-path) kernels; None = picked from the busiest slot
+    # (one host sync). Set it for a step captured in a CUDA graph.
+    block_m: int | None = None
     # Per-step values a backend derives once and every layer of the step reuses.
     backend_cache: dict = field(default_factory=dict, repr=False)
 

@@ -36,6 +36,11 @@ class EngineConfig(BaseModel):
     )
     backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
     max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
+    decode_graphs: Literal["auto", "off", "eager"] = Field(
+        "auto",
+        description="fixed-shape decode steps (molora_core.engine.graphs): 'auto' captures CUDA graphs on CUDA with "
+        "the triton backend and is off elsewhere; 'eager' runs the fixed-shape path without capturing (debugging)",
+    )
     pack_weights: bool = Field(
         True, description="CPU only: reorder the base projections once for oneDNN (about 2x faster decode "
         "matmuls; the model's dense copies are released)",

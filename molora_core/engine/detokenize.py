@@ -17,6 +17,10 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        # A fast tokenizer's Rust decoder directly: what its `decode` runs (cleanup is off here),
+        # without the Python wrapper around it (1 us instead of 5 per call, two calls per token).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend_decode = getattr(backend, "decode", None)
         self.stop = stop
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
@@ -28,6 +32,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_id: int) -> None:

@@ -11,7 +11,8 @@ a request waits (bounded by `pin_timeout_s`) and is admitted once a running requ
 a slot; the wait queue itself is bounded by `max_queue`.
 
 The KV cache, the hot-set and the routing plan's dispatch buffers are allocated once at
-start-up (fixed addresses, as CUDA-graph capture of decode steps will need; not built yet).
+start-up, at fixed addresses, so decode steps that need no hidden state to route run as CUDA
+graphs captured per batch and length bucket (`molora_core.engine.graphs`) on CUDA.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from kernels import default_backend_name, get_backend
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
+from molora_core.engine.graphs import DecodeGraphs
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
 from molora_core.engine.sampling import sample
 from molora_core.engine.sequence import Sequence
@@ -95,8 +97,14 @@ class Engine:
         self.context = LoRAContext(backend)
         attach_molora(self.model, self.hotset, self.context)
         self.packed_projections = pack_for_cpu(self.model) if self.device.type == "cpu" and config.pack_weights else 0
-        self.kv_cache = KVCache.for_model(self.model, config.max_batch, config.max_seq_len)
+        graphs = self._graph_mode(backend)
+        # Fixed-shape decode steps pad with rows that write a scratch KV slot past the last one.
+        kv_slots = config.max_batch + (graphs is not None)
+        self.kv_cache = KVCache.for_model(self.model, kv_slots, config.max_seq_len)
         self.plan = RoutingPlan(config.step_tokens, config.max_top_k, config.hot_slots, self.device)
+        self.graphs = None if graphs is None else DecodeGraphs(
+            self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs
+        )
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self.eos_ids = _eos_ids(loaded)
         self.counters = Counters()
@@ -120,6 +128,16 @@ class Engine:
         if background:
             self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
             self._thread.start()
+
+    def _graph_mode(self, backend) -> str | None:
+        """'graphs', 'eager' or None (every step eager) from config.decode_graphs."""
+        mode = self.config.decode_graphs
+        if mode == "eager":
+            return "eager"
+        capturable = self.device.type == "cuda" and backend.name == "triton"
+        if mode == "off" or not capturable or self.model.rotary.rope_type == "dynamic":
+            return None
+        return "graphs"
 
     def _default_backend(self) -> str:
         # TRITON_INTERPRET=1 (set by the test suite for kernel tests) would make
@@ -468,6 +486,20 @@ class Engine:
 
         return on_embeddings
 
+    def _run_graph(self, entries, flat: list[int]) -> torch.Tensor:
+        """A decode step at a fixed shape (molora_core.engine.graphs): logits [B, V]."""
+        rows = self.graphs.rows_for(len(entries))
+        meta = None
+        if any(seq.router is not None for seq, _ in entries):
+            # Always max_top_k choices over the bucket's rows: the shape the graph captured.
+            self.plan.begin(rows, self.config.max_top_k)
+            ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+            for row, (seq, _) in enumerate(entries):
+                self.plan.assign(row, seq.router, ids[row : row + 1])
+            meta = self.plan.finalize()
+        return self.graphs.run(flat, [seq.kv_slot for seq, _ in entries],
+                               [seq.num_computed + 1 for seq, _ in entries], meta)
+
     def _run_batch(self) -> None:
         started = time.perf_counter()
         entries = self._schedule()
@@ -476,13 +508,19 @@ class Engine:
             [seq.num_computed + n for seq, n in entries],
         )
         flat = [t for seq, n in entries for t in seq.pending_ids(n)]
-        ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
         is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
+        fixed_shape = self.graphs is not None and is_decode and not any(
+            seq.router is not None and seq.router.needs_hidden for seq, _ in entries
+        )
         try:
             with torch.inference_mode():
-                hook = self._route(entries, ids, batch)
-                logits = self.model(ids, batch.positions(self.device), batch, self.kv_cache,
-                                    on_embeddings=hook, logits="last")
+                if fixed_shape:
+                    logits = self._run_graph(entries, flat)
+                else:
+                    ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+                    hook = self._route(entries, ids, batch)
+                    logits = self.model(ids, batch.positions(self.device), batch, self.kv_cache,
+                                        on_embeddings=hook, logits="last")
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
             tokens = sample(
                 logits[ready], [entries[b][0].request.sampling for b in ready],

@@ -41,9 +41,14 @@ def _sdpa(q, k, v, mask, is_causal, scale):
 
 @dataclass
 class AttentionMeta:
-    """Per-step attention metadata, built once by `build` and shared by every layer."""
+    """Per-step attention metadata, built once by `build` and shared by every layer.
 
-    batch: StepBatch
+    `static_decode` builds the same metadata from device buffers for a decode step of fixed
+    shape (a CUDA graph's): nothing in it is read on the host, so a forward over it has no
+    host-to-device copies or syncs.
+    """
+
+    batch: StepBatch | None  # None for a static decode step (no per-sequence path)
     device: torch.device
     has_cache: bool
     token_slots: torch.Tensor  # int64[T] KV-cache slot of each token's sequence
@@ -51,7 +56,9 @@ class AttentionMeta:
     decode_rows: torch.Tensor | None  # int64[B_d] flat token index of each decode sequence
     decode_index: torch.Tensor | None  # int64[B_d] its KV slot minus decode_span[0]
     decode_span: tuple[int, int]  # KV slots [lo, hi) that hold every decode sequence
-    decode_lens: dict[int, int]  # KV slot -> context length, for the decode sequences
+    decode_lens: torch.Tensor | None  # int64[hi - lo] context length per slot of the span (1 = not decoding)
+    decode_length: int  # keys read per slot: the longest decode context (a bucket above it when static)
+    decode_uniform: bool  # every slot of the span decodes at decode_length (no mask without a window)
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -64,15 +71,29 @@ class AttentionMeta:
                 )
             (decode if n == 1 and ctx > 1 else prefill).append(b)
         token_slots = torch.tensor(batch.per_token(batch.slots), dtype=torch.int64).to(device)
-        decode_rows = decode_index = None
-        span, lens = (0, 0), {}
+        decode_rows = decode_index = decode_lens = None
+        span, length, uniform = (0, 0), 0, True
         if decode:
             slots = [batch.slots[b] for b in decode]
             span = (min(slots), max(slots) + 1)
             decode_rows = torch.tensor([batch.starts[b] for b in decode], dtype=torch.int64).to(device)
             decode_index = torch.tensor([s - span[0] for s in slots], dtype=torch.int64).to(device)
-            lens = {s: batch.context_lens[b] for s, b in zip(slots, decode)}
-        return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span, lens)
+            by_slot = {s: batch.context_lens[b] for s, b in zip(slots, decode)}
+            lens = [by_slot.get(slot, 1) for slot in range(*span)]
+            length, uniform = max(lens), len(by_slot) == len(lens) and min(lens) == max(lens)
+            decode_lens = torch.tensor(lens, dtype=torch.int64).to(device)
+        return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span,
+                   decode_lens, length, uniform)
+
+    @classmethod
+    def static_decode(cls, kv_slots: torch.Tensor, kv_lens: torch.Tensor, length: int) -> "AttentionMeta":
+        """A decode step over fixed buffers: row t is a sequence in KV slot kv_slots[t] (int64[B]);
+        kv_lens (int64[S_kv], every slot of the cache) holds each slot's context length after
+        the step, 1 for slots that are not decoding; `length` >= the longest of them. Rows may
+        share a slot (padding rows all write one scratch slot): their outputs are garbage."""
+        rows = torch.arange(kv_slots.shape[0], device=kv_slots.device)
+        return cls(None, kv_slots.device, True, kv_slots, [], rows, kv_slots, (0, kv_lens.shape[0]), kv_lens,
+                   length, False)
 
     def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask bool[n, ctx] or None, is_causal) for sequence b's queries against its keys."""
@@ -90,16 +111,14 @@ class AttentionMeta:
         return self._masks[key], False
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
-        """bool[span, 1, 1, max_ctx] over the decode span's KV slots: a decoding slot sees its own
-        context (and window); a slot in the span that is not decoding sees position 0 only."""
-        lo, hi = self.decode_span
-        lens = [self.decode_lens.get(slot, 1) for slot in range(lo, hi)]
-        if len(self.decode_lens) == hi - lo and min(lens) == max(lens) and (window is None or max(lens) <= window):
+        """bool[span, 1, 1, decode_length] over the decode span's KV slots: a decoding slot sees
+        its own context (and window); a slot that is not decoding sees position 0 only."""
+        if self.decode_uniform and (window is None or self.decode_length <= window):
             return None
         key = ("decode", window)
         if key not in self._masks:
-            ctx = torch.tensor(lens, dtype=torch.int64, device=self.device)[:, None]
-            k_pos = torch.arange(max(lens), device=self.device)[None, :]
+            ctx = self.decode_lens[:, None]
+            k_pos = torch.arange(self.decode_length, device=self.device)[None, :]
             mask = k_pos < ctx
             if window is not None:
                 mask &= k_pos > ctx - 1 - window
@@ -166,7 +185,7 @@ class Attention(nn.Module):
             out[start : start + n] = o[0].transpose(0, 1)
         if meta.decode_rows is not None:
             lo, hi = meta.decode_span
-            kd, vd = kv_cache.span(self.layer_idx, lo, hi, max(meta.decode_lens.values()))  # views
+            kd, vd = kv_cache.span(self.layer_idx, lo, hi, meta.decode_length)  # views
             qd = q.new_zeros(hi - lo, self.num_heads, 1, self.head_dim)  # [span, H, 1, D_h]
             qd[meta.decode_index] = q[meta.decode_rows].unsqueeze(2)
             od = _sdpa(qd, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)

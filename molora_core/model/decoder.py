@@ -108,10 +108,7 @@ class DecoderForCausalLM(nn.Module):
         if self.rotary.rope_type == "dynamic":
             seq_lens = torch.tensor(batch.per_token(batch.context_lens), dtype=torch.int64)
             seq_lens = seq_lens.to(input_ids.device)
-        cos, sin = self.rotary.cos_sin(positions, h.dtype, seq_lens)
-        for layer in self.model.layers:
-            h = layer(h, positions, cos, sin, meta, kv_cache)
-        h = self.model.norm(h)
+        h = self._layers(h, positions, meta, kv_cache, seq_lens)
 
         if logits == "none":
             return h
@@ -121,6 +118,26 @@ class DecoderForCausalLM(nn.Module):
         elif logits != "all":
             raise ValueError(f"logits={logits!r}; expected 'all', 'last' or 'none'")
         return self.lm_head(h)
+
+    def forward_static_decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """Logits [B, V] of a decode step whose every input is a fixed device buffer (what a CUDA
+        graph captures): input_ids / positions int64[B], meta from `AttentionMeta.static_decode`.
+        No host reads, no host-to-device copies; not for the "dynamic" rope type (its frequencies
+        depend on per-step lengths)."""
+        if self.rotary.rope_type == "dynamic":
+            raise ValueError("static decode does not support the 'dynamic' rope type")
+        meta._masks.clear()  # built from the buffers' current contents (captured: on every replay)
+        h = self.model.embed_tokens(input_ids)
+        return self.lm_head(self._layers(h, positions, meta, kv_cache))
+
+    def _layers(self, h, positions, meta, kv_cache, seq_lens=None) -> torch.Tensor:
+        """Every decoder layer, then the final norm: [T, D] -> [T, D]."""
+        cos, sin = self.rotary.cos_sin(positions, h.dtype, seq_lens)
+        for layer in self.model.layers:
+            h = layer(h, positions, cos, sin, meta, kv_cache)
+        return self.model.norm(h)
 
     def forward_dense(self, input_ids: torch.Tensor, on_embeddings: EmbeddingHook | None = None) -> torch.Tensor:
         """Logits [B, L, V] for B fresh sequences int64[B, L], no cache (parity tests, scoring)."""

@@ -1,0 +1,186 @@
+"""Decode steps at fixed shapes, captured as CUDA graphs.
+
+A decode step of n sequences runs as a step of B >= n rows, the next batch bucket, reading keys up
+to L, the next length bucket above its longest context. Every input lives in a buffer allocated
+once: token ids, positions, each row's KV slot and each KV slot's length here; the hot-set's LoRA
+weights, the KV cache and the routing plan's dispatch buffers in their owners. A step fills them
+and replays the graph captured for (B, L, with or without LoRA) the first time that shape ran.
+Loading an adapter copies into hot-set slots in place, so the next replay uses it, with no
+recapture.
+
+Padding rows run token 0 at position 0 in a scratch KV slot that no sequence owns (the cache has
+one slot more than the batch), with no adapter; their logits are dropped.
+
+Steps that read the hidden state to route (gate routers), prefill chunks and anything else run
+eagerly. `mode="eager"` runs this same fixed-shape path without capturing (any device), which is
+how CPU tests check it against the ordinary step.
+
+Legend: B batch bucket, L length bucket, S_kv KV-cache slots (max_batch + 1), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import DispatchMeta
+from molora_core.lora_layer import LoRAContext
+from molora_core.model import KVCache
+from molora_core.model.attention import AttentionMeta
+from molora_core.model.decoder import DecoderForCausalLM
+
+# Rows per tile of the grouped LoRA kernels inside a graph (a decode step has few rows per slot).
+GRAPH_BLOCK_M = 16
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to max_batch (which is always the last bucket)."""
+    buckets = [b for b in (1, 2, 4) if b < max_batch]
+    buckets += list(range(8, max_batch, 8))
+    return buckets + [max_batch]
+
+
+def length_buckets(max_seq_len: int, smallest: int = 64) -> list[int]:
+    """Powers of two from `smallest` up to max_seq_len (which is always the last bucket)."""
+    buckets, length = [], smallest
+    while length < max_seq_len:
+        buckets.append(length)
+        length *= 2
+    return buckets + [max_seq_len]
+
+
+def _bucket(value: int, buckets: list[int]) -> int:
+    for bucket in buckets:
+        if value <= bucket:
+            return bucket
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclass
+class _Shape:
+    rows: int  # B
+    length: int  # L
+    meta: AttentionMeta
+    lora: tuple[int, int] | None = None  # (top_k, slots buffer address) of the captured routing plan
+    graph: "torch.cuda.CUDAGraph | None" = None
+    logits: torch.Tensor | None = None  # [B, V], written by every replay
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps of one engine; see the module docstring.
+
+    Args:
+        model: the engine's decoder (MoLoRA layers attached).
+        kv_cache: its cache, with one scratch slot past the last sequence slot.
+        context: the LoRA context whose `meta` the engine sets for a step with adapters.
+        max_batch: the most sequences per step; max_seq_len: the cache row length.
+        mode: "graphs" captures and replays (CUDA only); "eager" runs the same path uncaptured.
+    """
+
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        kv_cache: KVCache,
+        context: LoRAContext,
+        max_batch: int,
+        max_seq_len: int,
+        mode: str = "graphs",
+    ):
+        if mode not in ("graphs", "eager"):
+            raise ValueError(f"mode must be 'graphs' or 'eager'; got {mode!r}")
+        if mode == "graphs" and kv_cache.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and KV cache on a CUDA device")
+        if kv_cache.max_seqs < max_batch + 1:
+            raise ValueError(f"the KV cache needs a scratch slot: {kv_cache.max_seqs} slots for max_batch={max_batch}")
+        self.model, self.kv_cache, self.context, self.mode = model, kv_cache, context, mode
+        self.scratch_slot = kv_cache.max_seqs - 1
+        self.batch_buckets = batch_buckets(max_batch)
+        self.length_buckets = length_buckets(max_seq_len)
+        device, rows = kv_cache.device, self.batch_buckets[-1]
+        self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # int64[B_max]
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # int64[B_max]
+        self.kv_slots = torch.full((rows,), self.scratch_slot, dtype=torch.int64, device=device)  # int64[B_max]
+        self.kv_lens = torch.ones(kv_cache.max_seqs, dtype=torch.int64, device=device)  # int64[S_kv]
+        self._shapes: dict[tuple[int, int, bool], _Shape] = {}
+        self._pool = torch.cuda.graph_pool_handle() if mode == "graphs" else None
+        self.captures = 0  # graphs captured so far (a test reads it to see no recapture happened)
+
+    def rows_for(self, num_seqs: int) -> int:
+        """The batch bucket a step of `num_seqs` decode sequences runs at."""
+        return _bucket(num_seqs, self.batch_buckets)
+
+    def run(
+        self,
+        token_ids: list[int],
+        kv_slots: list[int],
+        context_lens: list[int],
+        lora_meta: DispatchMeta | None,
+    ) -> torch.Tensor:
+        """Logits [n, V] for n decode sequences: sequence i feeds token_ids[i] at position
+        context_lens[i] - 1 of KV slot kv_slots[i]. lora_meta: the step's dispatch metadata over
+        rows_for(n) rows (padding rows routed to no adapter), or None for the base model only."""
+        n = len(token_ids)
+        rows = self.rows_for(n)
+        length = _bucket(max(context_lens), self.length_buckets)
+        if lora_meta is not None and lora_meta.num_tokens != rows:
+            raise ValueError(f"the routing plan covers {lora_meta.num_tokens} rows; the step runs {rows}")
+        pad = rows - n
+        device = self.input_ids.device
+        host = torch.tensor(
+            [list(token_ids) + [0] * pad, [c - 1 for c in context_lens] + [0] * pad,
+             list(kv_slots) + [self.scratch_slot] * pad],
+            dtype=torch.int64,
+        )
+        lens = torch.ones(self.kv_lens.shape[0], dtype=torch.int64)
+        lens[list(kv_slots)] = torch.tensor(context_lens, dtype=torch.int64)
+        self.input_ids[:rows].copy_(host[0].to(device, non_blocking=True))
+        self.positions[:rows].copy_(host[1].to(device, non_blocking=True))
+        self.kv_slots[:rows].copy_(host[2].to(device, non_blocking=True))
+        self.kv_lens.copy_(lens.to(device, non_blocking=True))
+
+        key = (rows, length, lora_meta is not None)
+        shape = self._shapes.get(key)
+        if shape is None:
+            meta = AttentionMeta.static_decode(self.kv_slots[:rows], self.kv_lens, length)
+            shape = self._shapes[key] = _Shape(rows, length, meta)
+        if lora_meta is not None:
+            # A captured graph reads the plan's buffers at fixed addresses and sizes.
+            lora = (lora_meta.top_k, lora_meta.slots.data_ptr())
+            if shape.lora is None:
+                shape.lora = lora
+            elif shape.lora != lora:
+                raise ValueError(f"the routing plan changed shape or address since capture: {lora} != {shape.lora}")
+            lora_meta.block_m = GRAPH_BLOCK_M
+        self.context.meta = lora_meta
+        try:
+            if self.mode == "eager":
+                return self._forward(shape)[:n]
+            if shape.graph is None:
+                self._capture(shape)
+            shape.graph.replay()
+            return shape.logits[:n]
+        finally:
+            self.context.meta = None
+
+    def _forward(self, shape: _Shape) -> torch.Tensor:
+        rows = shape.rows
+        return self.model.forward_static_decode(
+            self.input_ids[:rows], self.positions[:rows], shape.meta, self.kv_cache
+        )
+
+    def _capture(self, shape: _Shape) -> None:
+        # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernels, the
+        # allocator sees the step), as torch.cuda.graph requires. Decode writes are idempotent:
+        # every run stores the same keys and values at the same positions.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(shape)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            shape.logits = self._forward(shape)
+        shape.graph = graph
+        self.captures += 1

@@ -51,7 +51,7 @@ class LoRABackend:
 
 class TorchBackend(LoRABackend):
     name = "torch"
-    b_layout = "out_major"
+    b_layout = "rank_major"
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return lora_shrink_ref(x, lora_a_stacked, slot_ranks, meta)

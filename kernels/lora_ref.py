@@ -151,8 +151,8 @@ def lora_apply_shared_ref(
 
     Args:
         lora_a_group: [G, S, R, D_in]; module g's lora_a_stacked is lora_a_group[g].
-        lora_b_list: G tensors [S, D_out_g, R] (any strides; [D_out, S, R] storage makes the
-            dense expand a single matmul).
+        lora_b_list: G tensors [S, D_out_g, R] (any strides; [S, R, D_out] storage makes the
+            dense expand one plain matmul on a view).
         ranks_group: int32[G, S]; scales_group: float32[G, S].
         outs: G tensors [T, D_out_g], updated in place (column slices of one output are fine).
         rank_scales: optional float32[G, S, R] = scale below each slot's rank, 0 past it (the
@@ -219,9 +219,9 @@ def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, 
     h = torch.bmm(x.expand(groups, -1, -1), a.transpose(1, 2)).view(weight.shape)  # [G, T, span, R]
     h.mul_(weight)
     for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
-        # A view when lora_b's storage is [D_out, S, R]; a copy of the span otherwise.
-        b = lora_b[lo:hi].permute(1, 0, 2).reshape(lora_b.shape[1], span * rank)
-        out.addmm_(h[g].view(-1, span * rank), b.T)
+        # [span * R, D_out]: a view when lora_b's storage is [S, R, D_out], else a copy of the span.
+        b = lora_b[lo:hi].transpose(1, 2).reshape(span * rank, lora_b.shape[1])
+        out.addmm_(h[g].view(-1, span * rank), b)
 
 
 def _dense_coef(meta: DispatchMeta) -> tuple[int, int, torch.Tensor]:

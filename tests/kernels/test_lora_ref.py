@@ -117,7 +117,7 @@ def test_apply_ref_contiguous_runs_match_naive(blocks, unit_weights):
 
 
 @pytest.mark.parametrize("path", ["auto", "decode", "prefill", "dense"])
-@pytest.mark.parametrize("b_layout", ["slot_major", "out_major"])
+@pytest.mark.parametrize("b_layout", ["slot_major", "rank_major"])
 @pytest.mark.parametrize("dist", ["one", "uniform", "with_none", "empty_slots"])
 @pytest.mark.parametrize("shape", [(9, 2, 5, 48, 16), (150, 1, 6, 32, 16), (40, 2, 8, 64, 32)],
                          ids=lambda s: "T{}K{}S{}D{}R{}".format(*s))
@@ -136,8 +136,8 @@ def test_apply_shared_matches_each_module_naive(shape, dist, b_layout, path):
     lora_b_list = []
     for p in problems:
         b = p.lora_b + torch.randn(p.lora_b.shape, generator=gen) * 0.01
-        if b_layout == "out_major":
-            b = b.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # [S, D_out, R] view of [D_out, S, R]
+        if b_layout == "rank_major":
+            b = b.transpose(1, 2).contiguous().transpose(1, 2)  # [S, D_out, R] view of [S, R, D_out]
         lora_b_list.append(b)
     ranks_group = torch.stack([p.ranks for p in problems])
     scales_group = torch.stack([p.scales * (g + 1) for g, p in enumerate(problems)])

@@ -42,13 +42,13 @@ def _logits(model, context, slots, weights, ids):
 def test_hotset_groups_share_lora_a_ranks_and_scales():
     model = tiny_causal_lm("qwen3")
     hotset = HotSet.for_model(model, ["q_proj", "k_proj", "v_proj", "o_proj"], 3, 8,
-                              shared_inputs=tuple(SHARED_INPUTS), b_layout="out_major")
+                              shared_inputs=tuple(SHARED_INPUTS), b_layout="rank_major")
     attn = "model.layers.0.self_attn"
     q, k, o = (hotset.buffers[f"{attn}.{n}"] for n in ("q_proj", "k_proj", "o_proj"))
     assert q.group is k.group and o.group is not q.group and len(o.group.members) == 1
     assert q.lora_a_stacked.data_ptr() == q.group.lora_a.data_ptr()
     assert k.lora_a_stacked.data_ptr() == q.group.lora_a[1].data_ptr() and k.lora_a_stacked.is_contiguous()
-    assert q.lora_b_stacked.shape == (3, q.d_out, 8) and q.lora_b_stacked.permute(1, 0, 2).is_contiguous()
+    assert q.lora_b_stacked.shape == (3, q.d_out, 8) and q.lora_b_stacked.transpose(1, 2).is_contiguous()
     adapter = random_adapter(linear_shapes(model, ["q_proj", "k_proj", "v_proj", "o_proj"]), "x", 4, seed=1)
     slot = hotset.acquire("x", lambda: adapter)
     mod = adapter.modules[f"{attn}.k_proj"]

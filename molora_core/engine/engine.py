@@ -114,6 +114,7 @@ class Engine:
         # while a new request's adapters come from object storage.
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="molora-fetch")
         self._fetches: dict[str, Future] = {}  # hot-set key -> load in flight or finished
+        self._router_fetches: dict[str, Future] = {}  # router name -> load in flight or finished
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._free_kv = list(range(config.max_batch - 1, -1, -1))
@@ -305,29 +306,45 @@ class Engine:
             generator = torch.Generator().manual_seed(seed)
         return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator)
 
-    def _gate(self, name: str) -> GateRouter:
+    def _gate(self, name: str) -> GateRouter | None:
+        """Router `name`, or None while its load runs in the background (started here, so a
+        router read from object storage never stalls the step thread). A failed load raises
+        here, for the request that waited on it; the next request retries."""
         router = self._routers.get(name)
-        if router is None:
-            if self.router_loader is None:
-                raise RouterInvalid(f"router {name!r} requested but the engine has no router_loader")
-            router = self.router_loader(name)
-            hidden = self.model.config.hidden_size
-            if router.hidden_size != hidden:
-                raise RouterInvalid(f"router {name!r} reads hidden size {router.hidden_size}; the model's is {hidden}")
-            if router.top_k > self.config.max_top_k:
-                raise RouterInvalid(f"router {name!r} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
-            router = router.to(self.device).eval()
-            self._routers[name] = router
-            while len(self._routers) > self.config.max_routers:
-                self._routers.popitem(last=False)
-        self._routers.move_to_end(name)
+        if router is not None:
+            self._routers.move_to_end(name)
+            return router
+        if self.router_loader is None:
+            raise RouterInvalid(f"router {name!r} requested but the engine has no router_loader")
+        future = self._router_fetches.get(name)
+        if future is None:
+            self._router_fetches[name] = self._fetcher.submit(self.router_loader, name)
+            return None
+        if not future.done():
+            return None
+        del self._router_fetches[name]
+        router = future.result()
+        hidden = self.model.config.hidden_size
+        if router.hidden_size != hidden:
+            raise RouterInvalid(f"router {name!r} reads hidden size {router.hidden_size}; the model's is {hidden}")
+        if router.top_k > self.config.max_top_k:
+            raise RouterInvalid(f"router {name!r} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
+        router = router.to(self.device).eval()
+        self._routers[name] = router
+        while len(self._routers) > self.config.max_routers:
+            self._routers.popitem(last=False)
         return router
 
     def _pin(self, seq: Sequence) -> bool:
         """Pin every adapter of seq's routing; False (holding nothing) when the hot-set is full."""
         if seq.spec is None:
             spec = seq.request.routing
-            seq.spec = GateSpec(self._gate(spec.router)) if isinstance(spec, RouterSpec) else spec
+            if isinstance(spec, RouterSpec):
+                router = self._gate(spec.router)
+                if router is None:
+                    return False  # loading in the background
+                spec = GateSpec(router)
+            seq.spec = spec
         names = seq.spec.adapter_names()
         if len(names) > self.config.hot_slots:
             raise RequestInvalid(f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots")
@@ -397,11 +414,12 @@ class Engine:
             if not admitted:
                 waited = time.monotonic() - seq.arrival
                 if waited > self.config.pin_timeout_s:
-                    self._fail(seq, CapacityExceeded(
-                        f"request {seq.request_id!r} waited {waited:.1f}s for its adapters "
-                        f"{seq.spec.adapter_names()} to load and find hot-set slots "
-                        f"(all {self.config.hot_slots} stay pinned, or loading is that slow)"
-                    ))
+                    if seq.spec is None:
+                        what = f"router {seq.request.routing.router!r} to load"
+                    else:
+                        what = (f"its adapters {seq.spec.adapter_names()} to load and find hot-set slots "
+                                f"(all {self.config.hot_slots} stay pinned, or loading is that slow)")
+                    self._fail(seq, CapacityExceeded(f"request {seq.request_id!r} waited {waited:.1f}s for {what}"))
                 continue
             with self._lock:
                 self._waiting.remove(seq)

@@ -322,3 +322,38 @@ def test_cold_load_runs_beside_the_batch_not_inside_it(demo):
         reference.close()
     assert cold_out.token_ids == expected.token_ids
     assert engine.hotset.stats.cold_loads == 1 and engine.hotset.stats.load_seconds >= 1.0
+
+
+def test_router_load_runs_beside_the_batch_and_failures_reach_only_their_request(demo):
+    """A slow gate-router load must not stall decoding requests; a failing one fails only the
+    requests that asked for it, and the next request retries it."""
+    events, attempts = {}, []
+
+    def slow_router_loader(name):
+        attempts.append(name)
+        if name == "broken":
+            raise OSError("object storage unreachable")
+        events["load_started"] = time.monotonic()
+        time.sleep(1.0)
+        events["load_done"] = time.monotonic()
+        return GateRouter.load(demo / "routers" / name)
+
+    engine = Engine(demo / "model", EngineConfig(max_batch=4, max_seq_len=96, hot_slots=4, max_rank=8),
+                    adapter_loader=lambda name: load_peft_adapter(demo / "adapters" / name, name=name),
+                    router_loader=slow_router_loader)
+    try:
+        running = engine.submit(Request(PROMPTS[0], greedy(30)))
+        engine.step()
+        gated = engine.submit(Request(PROMPTS[2], greedy(6), RouterSpec("demo-gate")))
+        broken = engine.submit(Request(PROMPTS[1], greedy(6), RouterSpec("broken")))
+        assert running.result().completion_tokens == 30
+        assert "load_started" in events and "load_done" not in events, "decoding waited for the router load"
+        assert gated.result().completion_tokens == 6
+        with pytest.raises(OSError, match="unreachable"):
+            broken.result()
+        again = engine.submit(Request(PROMPTS[1], greedy(2), RouterSpec("broken")))
+        with pytest.raises(OSError):
+            again.result()
+        assert attempts.count("broken") == 2 and attempts.count("demo-gate") == 1
+    finally:
+        engine.close()

@@ -59,7 +59,7 @@ class AttentionMeta:
     decode_lens: torch.Tensor | None  # int64[hi - lo] context length per slot of the span (1 = not decoding)
     decode_length: int  # keys read per slot: the longest decode context (a bucket above it when static)
     decode_uniform: bool  # every slot of the span decodes at decode_length (no mask without a window)
-    _masks: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)  # per-step tensors every layer reuses (masks, KV rows)
 
     @classmethod
     def build(cls, batch: StepBatch, device: torch.device, has_cache: bool) -> "AttentionMeta":
@@ -94,6 +94,13 @@ class AttentionMeta:
         rows = torch.arange(kv_slots.shape[0], device=kv_slots.device)
         return cls(None, kv_slots.device, True, kv_slots, [], rows, kv_slots, (0, kv_lens.shape[0]), kv_lens,
                    length, False)
+
+    def kv_rows(self, kv_cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
+        """Where this step's keys and values go in the cache (`KVCache.rows`), once per step."""
+        rows = self._masks.get("kv_rows")
+        if rows is None:
+            rows = self._masks["kv_rows"] = kv_cache.rows(self.token_slots, positions)
+        return rows
 
     def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask bool[n, ctx] or None, is_causal) for sequence b's queries against its keys."""
@@ -169,7 +176,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            kv_cache.write(self.layer_idx, meta.token_slots, positions, k, v)
+            kv_cache.write(self.layer_idx, meta.kv_rows(kv_cache, positions), k, v)
 
         out = torch.empty_like(q)  # [T, H, D_h]
         batch = meta.batch

@@ -174,6 +174,9 @@ def lora_apply_shared_ref(
 MAX_RUNS = 4
 # The dense path runs tokens through at most this many consecutive slots.
 MAX_DENSE_SPAN = 16
+# Prefill steps whose tokens form contiguous runs go dense up to this many times the LoRA FLOPs
+# of walking each slot's runs (span / top_k).
+DENSE_PREFILL_WASTE = 4
 
 
 def _resolve_path(path: str, meta: DispatchMeta, x: torch.Tensor) -> str:
@@ -190,14 +193,19 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
     segments = _segments(meta)
     if not segments or segments[-1].slot - segments[0].slot + 1 > MAX_DENSE_SPAN:
         return "prefill"
+    # One contiguous run is two matmuls on views: nothing is cheaper.
+    if len(segments) == 1 and segments[0].runs is not None and len(segments[0].runs) == 1:
+        return "prefill"
     if meta.is_decode:
-        # One contiguous run is two matmuls on views; anything more is cheaper dense.
-        single_run = len(segments) == 1 and segments[0].runs is not None and len(segments[0].runs) == 1
-        return "prefill" if single_run else "dense"
-    # Prefill-size steps: contiguous runs (requests grouped by adapter) walk their own slot only;
-    # tokens scattered over slots (per-token routing) are cheaper as a few large dense matmuls
-    # than as a gather, two matmuls and a scatter per slot.
-    return "dense" if any(seg.runs is None for seg in segments) else "prefill"
+        return "dense"
+    # Prefill-size steps: tokens scattered over slots (per-token routing) are cheaper as a few
+    # large dense matmuls than as a gather, two matmuls and a scatter per slot. Contiguous runs
+    # (requests grouped by adapter) go dense too while that multiplies the LoRA FLOPs by at most
+    # DENSE_PREFILL_WASTE: with 4 adapters at rank 16, 512 prompt tokens prefill 25% faster
+    # dense at hidden 256 and 10% at hidden 1024 on the 2-core CPU machine.
+    span = segments[-1].slot - segments[0].slot + 1
+    scattered = any(seg.runs is None for seg in segments)
+    return "dense" if scattered or span <= DENSE_PREFILL_WASTE * meta.top_k else "prefill"
 
 
 def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):

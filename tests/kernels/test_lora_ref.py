@@ -155,8 +155,13 @@ def test_auto_path_on_cpu():
     one = make_problem(16, 1, 4, 32, 32, 8, torch.float32, "one")  # every token on slot 0
     scattered = make_problem(16, 2, 4, 32, 32, 8, torch.float32, "uniform")
     scattered_prefill = make_problem(300, 2, 4, 32, 32, 8, torch.float32, "uniform")
-    grouped_prefill = make_problem(300, 1, 4, 32, 32, 8, torch.float32, "one")
+    one_prefill = make_problem(300, 1, 4, 32, 32, 8, torch.float32, "one")
     assert _auto_path(one.meta, one.x) == "prefill"  # one contiguous run: two matmuls on views
+    assert _auto_path(one_prefill.meta, one_prefill.x) == "prefill"
     assert _auto_path(scattered.meta, scattered.x) == "dense"
     assert _auto_path(scattered_prefill.meta, scattered_prefill.x) == "dense"
-    assert _auto_path(grouped_prefill.meta, grouped_prefill.x) == "prefill"
+    x = torch.randn(300, 32)
+    for span, want in ((4, "dense"), (5, "prefill")):  # requests grouped by adapter, in runs
+        slots = (torch.arange(300) * span // 300).to(torch.int32)[:, None]
+        meta = build_dispatch(slots, torch.ones(300, 1), 8)
+        assert _auto_path(meta, x) == want, span

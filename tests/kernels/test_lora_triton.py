@@ -141,6 +141,31 @@ def test_dispatch_buffers_meta_and_backend_apply():
         assert_close(triton_backend.apply(*args, p.out.clone()), expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_tokens", [5, 90], ids=["decode", "prefill"])
+def test_apply_shared_into_column_slices_with_fixed_block_m(num_tokens, dtype, monkeypatch):
+    """What a MoLoRAGroup runs on CUDA: q/k/v deltas written into column slices of one output,
+    with meta.block_m set as inside a captured graph (so no host read of the slot counts)."""
+    d_outs = (64, 32, 32)
+    problems = [make_problem(num_tokens, 2, 5, 64, d, 16, dtype, "with_none", seed=3, device=DEVICE, pad_value=0.0)
+                for d in d_outs]
+    p0 = problems[0]
+    lora_a_group = torch.stack([p.lora_a for p in problems])
+    lora_b_list = [p.lora_b for p in problems]
+    ranks = torch.stack([p.ranks for p in problems])
+    scales = torch.stack([p.scales for p in problems])
+    out = torch.randn(num_tokens, sum(d_outs), device=DEVICE).to(dtype)
+    expected = [o.clone() for o in out.split(d_outs, dim=1)]
+    get_backend("torch").apply_shared(p0.x, lora_a_group, lora_b_list, ranks, scales, p0.meta, expected)
+    meta = build_dispatch(p0.slots, p0.weights, 5)
+    meta.block_m = 16
+    monkeypatch.setattr(DispatchMeta, "host_counts", lambda self: pytest.fail("host read inside a graph step"))
+    got = list(out.clone().split(d_outs, dim=1))
+    get_backend("triton").apply_shared(p0.x, lora_a_group, lora_b_list, ranks, scales, meta, got)
+    for g, (a, e) in enumerate(zip(got, expected)):
+        assert_close(a, e, dtype, f"module {g}")
+
+
 def test_bad_arguments_raise():
     p = make_problem(8, 2, 3, 64, 32, 16, dtype=torch.float32, dist="uniform", device=DEVICE)
     with pytest.raises(ValueError, match="dtype"):

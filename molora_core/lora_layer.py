@@ -104,6 +104,7 @@ class MoLoRAGroup:
             raise ValueError("a MoLoRAGroup's members must all have a bias or all have none")
         self.members, self.group, self.context = members, group, context
         self.sizes = [m.out_features for m in members]
+        self.packed: PackedLinear | None = None  # set by pack() on CPU
         with torch.no_grad():
             self.weight = torch.cat([m.base.weight for m in members])  # [sum D_out, D_in]
             self.bias = None if biases[0] is None else torch.cat(biases)
@@ -111,8 +112,6 @@ class MoLoRAGroup:
                 m.base.weight = nn.Parameter(w, requires_grad=m.base.weight.requires_grad)
                 if self.bias is not None:
                     m.base.bias = nn.Parameter(self.bias.split(self.sizes)[i], requires_grad=m.base.bias.requires_grad)
-
-        self.packed: PackedLinear | None = None
 
     def pack(self) -> bool:
         """Pack the concatenated weight for oneDNN (CPU); the dense weight is released and each

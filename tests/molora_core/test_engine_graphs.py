@@ -59,41 +59,49 @@ def test_static_decode_forward_matches_the_ordinary_step(tmp_path):
     assert (got[:3] - want).abs().max().item() <= FP32_ATOL
 
 
-def _mixed_requests(tokenizer_vocab):
+def _mixed_requests(tokenizer_vocab, copies=1, gate=True):
     specs = [BaseSpec(), AdapterSpec("code"), MixtureSpec(("math", "chat"), (0.7, 0.3)),
              VocabSpec(((0, 300, "code"), (300, tokenizer_vocab, "multilingual"))), RouterSpec("demo-gate")]
+    if not gate:
+        specs.pop()
     # The gate request (last) stops first: later decode steps need no hidden state to route.
-    return [Request(PROMPTS[i % len(PROMPTS)], greedy(12 - 2 * i), spec) for i, spec in enumerate(specs)]
+    return [Request(PROMPTS[i % len(PROMPTS)], greedy(12 - 2 * i), spec)
+            for _ in range(copies) for i, spec in enumerate(specs)]
 
 
-def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo):
-    eager = make_engine(demo, decode_graphs="off", max_batch=5)
-    fixed = make_engine(demo, decode_graphs="eager", max_batch=5)
+@pytest.mark.parametrize("max_batch,copies", [(5, 1), (24, 5)])
+def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_batch, copies):
+    eager = make_engine(demo, decode_graphs="off", max_batch=max_batch, max_queue=32)
+    fixed = make_engine(demo, decode_graphs="eager", max_batch=max_batch, max_queue=32)
     assert eager.graphs is None and isinstance(fixed.graphs, DecodeGraphs)
-    assert fixed.kv_cache.max_seqs == 6  # one scratch slot
+    assert fixed.kv_cache.max_seqs == max_batch + 1  # one scratch slot
     calls = []
     run = fixed.graphs.run
     fixed.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
     vocab = len(fixed.tokenizer)
-    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab))]
-    got = [o.token_ids for o in fixed.generate(_mixed_requests(vocab))]
+    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies))]
+    got = [o.token_ids for o in fixed.generate(_mixed_requests(vocab, copies))]
     assert got == want
     # Steps with the gate request route from the hidden state and run eagerly; once it has
     # finished, decode steps of the others take the fixed shape, some with padding rows.
     assert len(calls) >= 3 and any(fixed.graphs.rows_for(n) > n for n in calls), calls
+    if max_batch == 24:
+        assert max(calls) > 16, calls  # the 24-row bucket ran
     eager.close()
     fixed.close()
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager_steps(demo):
-    eager = make_engine(demo, decode_graphs="off", max_batch=5)
-    graphs = make_engine(demo, max_batch=5)
+@pytest.mark.parametrize("max_batch,copies", [(5, 1), (24, 5)], ids=["decode-kernels", "grouped-kernels"])
+def test_cuda_graph_replay_matches_eager_steps(demo, max_batch, copies):
+    """Graph replays give the eager engine's tokens. With 24 rows x max_top_k 4 = 96 pairs the
+    captured LoRA launches take the grouped kernels with the fixed tile height."""
+    eager = make_engine(demo, decode_graphs="off", max_batch=max_batch, max_queue=32)
+    graphs = make_engine(demo, max_batch=max_batch, max_queue=32)
     assert graphs.graphs is not None and graphs.graphs.mode == "graphs"
     vocab = len(graphs.tokenizer)
-    requests = [r for r in _mixed_requests(vocab) if not isinstance(r.routing, RouterSpec)]
-    want = [o.token_ids for o in eager.generate(requests)]
-    got = [o.token_ids for o in graphs.generate([Request(r.prompt, r.sampling, r.routing) for r in requests])]
+    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies, gate=False))]
+    got = [o.token_ids for o in graphs.generate(_mixed_requests(vocab, copies, gate=False))]
     assert got == want
     assert graphs.graphs.captures > 0
     eager.close()

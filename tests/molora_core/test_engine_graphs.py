@@ -99,14 +99,16 @@ def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_ba
 def test_cuda_graph_replay_matches_eager_steps(demo, max_batch, copies):
     """Graph replays give the eager engine's tokens. With 24 rows x max_top_k 4 = 96 pairs the
     captured LoRA launches take the grouped kernels with the fixed tile height."""
-    eager = make_engine(demo, decode_graphs="off", max_batch=max_batch, max_queue=32)
-    graphs = make_engine(demo, max_batch=max_batch, max_queue=32)
+    sizes = dict(max_batch=max_batch, max_queue=32, prefill_chunk=64)
+    eager = make_engine(demo, decode_graphs="off", **sizes)
+    graphs = make_engine(demo, **sizes)
     assert graphs.graphs is not None and graphs.graphs.mode == "graphs"
     vocab = len(graphs.tokenizer)
     want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies, gate=False))]
     got = [o.token_ids for o in graphs.generate(_mixed_requests(vocab, copies, gate=False))]
     assert got == want
     assert graphs.graphs.captures > 0
+    assert max(rows for rows, _, _ in graphs.graphs._shapes) == graphs.graphs.rows_for(4 * copies)
     eager.close()
     graphs.close()
 

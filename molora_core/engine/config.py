@@ -41,6 +41,10 @@ class EngineConfig(BaseModel):
         description="fixed-shape decode steps (molora_core.engine.graphs): 'auto' captures CUDA graphs on CUDA with "
         "the triton backend and is off elsewhere; 'eager' runs the fixed-shape path without capturing (debugging)",
     )
+    capture_at_start: bool = Field(
+        True, description="with CUDA graphs, capture every batch and length bucket at start-up instead of on the "
+        "first step of each shape",
+    )
     pack_weights: bool = Field(
         True, description="CPU only: reorder the base projections once for oneDNN (about 2x faster decode "
         "matmuls; the model's dense copies are released)",

@@ -105,6 +105,9 @@ class Engine:
         self.graphs = None if graphs is None else DecodeGraphs(
             self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs
         )
+        if graphs == "graphs" and config.capture_at_start:
+            with torch.inference_mode():
+                self.graphs.capture_all(self._unrouted_plan)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self.eos_ids = _eos_ids(loaded)
         self.counters = Counters()
@@ -503,6 +506,12 @@ class Engine:
             self.context.meta = self.plan.finalize(hidden)
 
         return on_embeddings
+
+    def _unrouted_plan(self, rows: int):
+        """The routing plan's dispatch metadata over `rows` rows with max_top_k choices, every
+        row on no adapter: the shape a fixed-shape decode step with adapters runs at."""
+        self.plan.begin(rows, self.config.max_top_k)
+        return self.plan.finalize()
 
     def _run_graph(self, entries, flat: list[int]) -> torch.Tensor:
         """A decode step at a fixed shape (molora_core.engine.graphs): logits [B, V]."""

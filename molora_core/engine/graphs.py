@@ -11,8 +11,9 @@ recapture.
 Padding rows run token 0 at position 0 in a scratch KV slot that no sequence owns (the cache has
 one slot more than the batch), with no adapter; their logits are dropped.
 
-Steps that read the hidden state to route (gate routers), prefill chunks and anything else run
-eagerly. `mode="eager"` runs this same fixed-shape path without capturing (any device), which is
+`capture_all` captures every shape at start-up (the engine does, `EngineConfig.capture_at_start`),
+so no request waits for a capture. Steps that read the hidden state to route (gate routers),
+prefill chunks and anything else run eagerly. `mode="eager"` runs this same fixed-shape path without capturing (any device), which is
 how CPU tests check it against the ordinary step.
 
 Legend: B batch bucket, L length bucket, S_kv KV-cache slots (max_batch + 1), V vocabulary.
@@ -21,6 +22,7 @@ Legend: B batch bucket, L length bucket, S_kv KV-cache slots (max_batch + 1), V 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -123,9 +125,25 @@ class DecodeGraphs:
         n = len(token_ids)
         rows = self.rows_for(n)
         length = _bucket(max(context_lens), self.length_buckets)
-        if lora_meta is not None and lora_meta.num_tokens != rows:
-            raise ValueError(f"the routing plan covers {lora_meta.num_tokens} rows; the step runs {rows}")
-        pad = rows - n
+        self._fill(rows, token_ids, kv_slots, context_lens)
+        return self._execute(self._shape(rows, length, lora_meta), lora_meta)[:n]
+
+    def capture_all(self, lora_meta_for: Callable[[int], DispatchMeta]) -> int:
+        """Capture every (batch bucket, length bucket) shape, with and without LoRA, now rather
+        than on the first step of each (start-up, off the request path); returns how many.
+        Every row is a padding row: only the scratch KV slot is written. lora_meta_for(rows):
+        the routing plan's dispatch metadata over `rows` rows, all routed to no adapter."""
+        before = self.captures
+        for rows in self.batch_buckets:
+            self._fill(rows, [], [], [])
+            for length in self.length_buckets:
+                for lora_meta in (None, lora_meta_for(rows)):
+                    self._execute(self._shape(rows, length, lora_meta), lora_meta)
+        return self.captures - before
+
+    def _fill(self, rows: int, token_ids: list[int], kv_slots: list[int], context_lens: list[int]) -> None:
+        """Copy one step's inputs into the buffers, padding to `rows` with scratch rows."""
+        pad = rows - len(token_ids)
         device = self.input_ids.device
         host = torch.tensor(
             [list(token_ids) + [0] * pad, [c - 1 for c in context_lens] + [0] * pad,
@@ -133,12 +151,16 @@ class DecodeGraphs:
             dtype=torch.int64,
         )
         lens = torch.ones(self.kv_lens.shape[0], dtype=torch.int64)
-        lens[list(kv_slots)] = torch.tensor(context_lens, dtype=torch.int64)
+        if kv_slots:
+            lens[list(kv_slots)] = torch.tensor(context_lens, dtype=torch.int64)
         self.input_ids[:rows].copy_(host[0].to(device, non_blocking=True))
         self.positions[:rows].copy_(host[1].to(device, non_blocking=True))
         self.kv_slots[:rows].copy_(host[2].to(device, non_blocking=True))
         self.kv_lens.copy_(lens.to(device, non_blocking=True))
 
+    def _shape(self, rows: int, length: int, lora_meta: DispatchMeta | None) -> _Shape:
+        if lora_meta is not None and lora_meta.num_tokens != rows:
+            raise ValueError(f"the routing plan covers {lora_meta.num_tokens} rows; the step runs {rows}")
         key = (rows, length, lora_meta is not None)
         shape = self._shapes.get(key)
         if shape is None:
@@ -152,14 +174,18 @@ class DecodeGraphs:
             elif shape.lora != lora:
                 raise ValueError(f"the routing plan changed shape or address since capture: {lora} != {shape.lora}")
             lora_meta.block_m = GRAPH_BLOCK_M
+        return shape
+
+    def _execute(self, shape: _Shape, lora_meta: DispatchMeta | None) -> torch.Tensor:
+        """Logits [B, V] of the step in the buffers: replayed (captured first if new) or eager."""
         self.context.meta = lora_meta
         try:
             if self.mode == "eager":
-                return self._forward(shape)[:n]
+                return self._forward(shape)
             if shape.graph is None:
                 self._capture(shape)
             shape.graph.replay()
-            return shape.logits[:n]
+            return shape.logits
         finally:
             self.context.meta = None
 

@@ -132,3 +132,25 @@ def test_adapter_loaded_after_capture_is_used_without_recapture(demo):
     assert engine.graphs.captures == captures
     engine.close()
     reference.close()
+
+
+def test_capture_all_runs_every_shape_on_scratch_rows_only(demo):
+    """Start-up capture goes through every (batch, length, LoRA or not) shape with padding rows
+    only: the KV slots of running sequences are not touched."""
+    engine = make_engine(demo, decode_graphs="eager", max_batch=5, max_seq_len=160)
+    handle = engine.submit(Request(PROMPTS[0], greedy(3), AdapterSpec("code")))
+    handle.result()
+    graphs = engine.graphs
+    keys_before, values_before = engine.kv_cache.k.clone(), engine.kv_cache.v.clone()
+    with torch.inference_mode():
+        assert graphs.capture_all(engine._unrouted_plan) == 0  # eager: nothing to capture
+    assert set(graphs._shapes) == {(b, n, lora) for b in graphs.batch_buckets for n in graphs.length_buckets
+                                   for lora in (False, True)}
+    scratch = graphs.scratch_slot
+    assert torch.equal(engine.kv_cache.k[:, :scratch], keys_before[:, :scratch])
+    assert torch.equal(engine.kv_cache.v[:, :scratch], values_before[:, :scratch])
+    assert not torch.equal(engine.kv_cache.k[:, scratch], keys_before[:, scratch])
+    # The engine still serves, with the same output as before.
+    again = engine.submit(Request(PROMPTS[0], greedy(3), AdapterSpec("code"))).result()
+    assert again.token_ids == handle.result().token_ids
+    engine.close()

@@ -193,7 +193,12 @@ class ModelReplica:
                 return
             if key in hot or "@" not in key:
                 continue
+            name, _, version = key.partition("@")
             try:
+                if self.registry.get_adapter(name).version != int(version):
+                    # Superseded since the plan was made: loading it would bring back the key
+                    # that the registry event just took out of its slot.
+                    continue
                 self.engine.load_adapter(key, self._load_adapter(key))
                 free -= 1
             except Exception as exc:  # deleted since the plan, storage down: the next beat retries

@@ -31,7 +31,7 @@ from kernels import default_backend_name, get_backend
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
-from molora_core.engine.graphs import DecodeGraphs
+from molora_core.engine.graphs import DecodeGraphs, graph_mode
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
 from molora_core.engine.sampling import sample
 from molora_core.engine.sequence import Sequence
@@ -97,7 +97,7 @@ class Engine:
         self.context = LoRAContext(backend)
         attach_molora(self.model, self.hotset, self.context)
         self.packed_projections = pack_for_cpu(self.model) if self.device.type == "cpu" and config.pack_weights else 0
-        graphs = self._graph_mode(backend)
+        graphs = graph_mode(config.decode_graphs, self.device, backend.name, self.model.rotary.rope_type)
         # Fixed-shape decode steps pad with rows that write a scratch KV slot past the last one.
         kv_slots = config.max_batch + (graphs is not None)
         self.kv_cache = KVCache.for_model(self.model, kv_slots, config.max_seq_len)
@@ -132,16 +132,6 @@ class Engine:
         if background:
             self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
             self._thread.start()
-
-    def _graph_mode(self, backend) -> str | None:
-        """'graphs', 'eager' or None (every step eager) from config.decode_graphs."""
-        mode = self.config.decode_graphs
-        if mode == "eager":
-            return "eager"
-        capturable = self.device.type == "cuda" and backend.name == "triton"
-        if mode == "off" or not capturable or self.model.rotary.rope_type == "dynamic":
-            return None
-        return "graphs"
 
     def _default_backend(self) -> str:
         # TRITON_INTERPRET=1 (set by the test suite for kernel tests) would make

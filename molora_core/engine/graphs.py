@@ -36,6 +36,16 @@ from molora_core.model.decoder import DecoderForCausalLM
 GRAPH_BLOCK_M = 16
 
 
+def graph_mode(setting: str, device: torch.device, backend: str, rope_type: str) -> str | None:
+    """What `EngineConfig.decode_graphs` means for an engine: 'graphs' (capture; CUDA with the
+    triton backend, any rope type but 'dynamic'), 'eager' (asked for), or None (every step eager)."""
+    if setting == "eager":
+        return "eager"
+    if setting == "off" or device.type != "cuda" or backend != "triton" or rope_type == "dynamic":
+        return None
+    return "graphs"
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then steps of 8 up to max_batch (which is always the last bucket)."""
     buckets = [b for b in (1, 2, 4) if b < max_batch]

@@ -11,13 +11,23 @@ import pytest
 import torch
 
 from molora_core.engine import Request, RouterSpec
-from molora_core.engine.graphs import DecodeGraphs, batch_buckets, length_buckets
+from molora_core.engine.graphs import DecodeGraphs, batch_buckets, graph_mode, length_buckets
 from molora_core.model import KVCache, StepBatch, load_model
 from molora_core.model.attention import AttentionMeta
 from molora_core.peft_io import load_peft_adapter
 from molora_core.routing import AdapterSpec, BaseSpec, MixtureSpec, VocabSpec
 from tests.molora_core.test_decoder import FP32_ATOL, ids_for, make_checkpoint
 from tests.molora_core.test_engine import PROMPTS, demo, greedy, make_engine  # noqa: F401  (fixture)
+
+
+def test_graph_mode():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert graph_mode("auto", cuda, "triton", "default") == "graphs"
+    assert graph_mode("auto", cpu, "torch", "default") is None
+    assert graph_mode("auto", cuda, "torch", "default") is None  # the torch twin syncs with the host
+    assert graph_mode("auto", cuda, "triton", "dynamic") is None  # frequencies depend on the step
+    assert graph_mode("off", cuda, "triton", "default") is None
+    assert graph_mode("eager", cpu, "torch", "default") == "eager"
 
 
 def test_buckets():

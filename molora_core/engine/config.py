@@ -42,8 +42,8 @@ class EngineConfig(BaseModel):
         "the triton backend and is off elsewhere; 'eager' runs the fixed-shape path without capturing (debugging)",
     )
     capture_at_start: bool = Field(
-        True, description="with CUDA graphs, capture every batch and length bucket at start-up instead of on the "
-        "first step of each shape",
+        True, description="run every fixed-shape decode step once at start-up (capturing its CUDA graph) instead "
+        "of on the first step of each shape; if that fails, the engine logs why and runs every step eagerly",
     )
     pack_weights: bool = Field(
         True, description="CPU only: reorder the base projections once for oneDNN (about 2x faster decode "

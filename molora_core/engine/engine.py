@@ -17,6 +17,7 @@ graphs captured per batch and length bucket (`molora_core.engine.graphs`) on CUD
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -41,6 +42,8 @@ from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
 from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
 from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
+
+log = logging.getLogger(__name__)
 
 AdapterLoader = Callable[[str], LoRAAdapter]
 RouterLoader = Callable[[str], GateRouter]
@@ -105,9 +108,14 @@ class Engine:
         self.graphs = None if graphs is None else DecodeGraphs(
             self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs
         )
-        if graphs == "graphs" and config.capture_at_start:
-            with torch.inference_mode():
-                self.graphs.capture_all(self._unrouted_plan)
+        self.graph_error: str | None = None  # why fixed-shape decode was turned off at start-up
+        if self.graphs is not None and config.capture_at_start:
+            try:
+                with torch.inference_mode():
+                    self.graphs.capture_all(self._unrouted_plan)
+            except Exception as exc:  # a capture that fails must not take the engine down
+                log.warning("decode graphs turned off, every step runs eagerly: capture failed: %r", exc)
+                self.graphs, self.graph_error = None, repr(exc)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self.eos_ids = _eos_ids(loaded)
         self.counters = Counters()
@@ -424,6 +432,9 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self._unpin(seq)
         if seq.kv_slot >= 0:
+            # Decode attention reads a slot's rows past its own length (masked, weight 0): zeroed,
+            # an earlier occupant's inf or NaN values can never leak in as 0 * NaN.
+            self.kv_cache.clear(seq.kv_slot, seq.num_computed)
             self._free_kv.append(seq.kv_slot)
             seq.kv_slot = -1
         if seq in self._running:

@@ -65,6 +65,11 @@ class KVCache:
         """Keys and values of one slot's first `length` positions, each [H_kv, length, D_h]."""
         return self.k[layer, slot, :, :length], self.v[layer, slot, :, :length]
 
+    def clear(self, slot: int, length: int) -> None:
+        """Zero the first `length` positions of `slot` in every layer (a sequence leaving it)."""
+        self.k[:, slot, :, :length].zero_()
+        self.v[:, slot, :, :length].zero_()
+
     def span(self, layer: int, lo: int, hi: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots lo..hi-1 up to `length`, each [hi - lo, H_kv, length, D_h];
         views of the cache, no copy."""

@@ -357,3 +357,25 @@ def test_router_load_runs_beside_the_batch_and_failures_reach_only_their_request
         assert attempts.count("broken") == 2 and attempts.count("demo-gate") == 1
     finally:
         engine.close()
+
+
+def test_a_finished_sequence_leaves_its_kv_slot_zeroed(demo):
+    """Decode attention reads rows past a sequence's length with weight 0; what a former
+    occupant left there must be zeros, or an inf / NaN would reach the next request as 0 * NaN."""
+    engine = make_engine(demo)
+    overflowed = engine.submit(Request(PROMPTS[2], greedy(12)))
+    while engine.counters.generated_tokens < 2:
+        engine.step()
+    (seq,) = engine._running
+    slot = seq.kv_slot
+    engine.kv_cache.v[:, slot, :, : seq.num_computed] = float("nan")  # as if it had overflowed
+    overflowed.result()
+    assert not engine.kv_cache.k[:, slot].any() and not engine.kv_cache.v[:, slot].any()
+    # The next short request takes that slot while a longer one decodes beside it, so its
+    # attention reads the former occupant's rows (masked): its tokens must be the clean ones.
+    requests = lambda: [Request(PROMPTS[1], greedy(6)), Request(PROMPTS[2], greedy(6))]  # noqa: E731
+    got = [o.token_ids for o in engine.generate(requests())]
+    reference = make_engine(demo)
+    assert got == [o.token_ids for o in reference.generate(requests())]
+    engine.close()
+    reference.close()

@@ -150,17 +150,32 @@ def test_capture_all_runs_every_shape_on_scratch_rows_only(demo):
     engine = make_engine(demo, decode_graphs="eager", max_batch=5, max_seq_len=160)
     handle = engine.submit(Request(PROMPTS[0], greedy(3), AdapterSpec("code")))
     handle.result()
-    graphs = engine.graphs
+    graphs, scratch = engine.graphs, engine.graphs.scratch_slot
+    assert set(graphs._shapes) == {(b, n, lora) for b in graphs.batch_buckets for n in graphs.length_buckets
+                                   for lora in (False, True)}  # run once at start-up already
+    engine.kv_cache.k[:, scratch] = float("nan")
     keys_before, values_before = engine.kv_cache.k.clone(), engine.kv_cache.v.clone()
     with torch.inference_mode():
         assert graphs.capture_all(engine._unrouted_plan) == 0  # eager: nothing to capture
-    assert set(graphs._shapes) == {(b, n, lora) for b in graphs.batch_buckets for n in graphs.length_buckets
-                                   for lora in (False, True)}
-    scratch = graphs.scratch_slot
     assert torch.equal(engine.kv_cache.k[:, :scratch], keys_before[:, :scratch])
     assert torch.equal(engine.kv_cache.v[:, :scratch], values_before[:, :scratch])
-    assert not torch.equal(engine.kv_cache.k[:, scratch], keys_before[:, scratch])
+    assert torch.isfinite(engine.kv_cache.k[0, scratch, :, 0]).all()  # the padding rows wrote here
     # The engine still serves, with the same output as before.
     again = engine.submit(Request(PROMPTS[0], greedy(3), AdapterSpec("code"))).result()
     assert again.token_ids == handle.result().token_ids
     engine.close()
+
+
+def test_failed_start_up_capture_falls_back_to_eager_steps(demo, monkeypatch, caplog):
+    def broken(self, shape):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", broken)
+    engine = make_engine(demo, decode_graphs="eager", max_batch=2)
+    assert engine.graphs is None and "not permitted" in engine.graph_error
+    assert "decode graphs turned off" in caplog.text
+    reference = make_engine(demo, decode_graphs="off", max_batch=2)
+    request = lambda: Request(PROMPTS[1], greedy(5), AdapterSpec("code"))  # noqa: E731
+    assert engine.generate([request()])[0].token_ids == reference.generate([request()])[0].token_ids
+    engine.close()
+    reference.close()

@@ -147,9 +147,14 @@ def lora_apply_shared_ref(
     path: str = "auto",
     rank_scales: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """`lora_apply_ref` for G modules that read the same x (q/k/v, gate/up): outs[g] += delta_g.
+    """`lora_apply_ref` for G modules that read the same x (q/k/v, gate/up).
+
+    Semantics: outs[g][t] += sum_k w[t,k] * scales_group[g, s] * (x[t] @ lora_a_group[g, s, :r].T)
+    @ lora_b_list[g][s, :, :r].T with s = slots[t*K+k], r = ranks_group[g, s]; pairs with s == -1
+    add nothing.
 
     Args:
+        x: [T, D_in] fp32 / bf16 / fp16.
         lora_a_group: [G, S, R, D_in]; module g's lora_a_stacked is lora_a_group[g].
         lora_b_list: G tensors [S, D_out_g, R] (any strides; [S, R, D_out] storage makes the
             dense expand one plain matmul on a view).

@@ -49,20 +49,6 @@ AdapterLoader = Callable[[str], LoRAAdapter]
 RouterLoader = Callable[[str], GateRouter]
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    ids = set()
-    eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    if eos is not None:
-        ids.add(int(eos))
-    gen = Path(loaded.path) / "generation_config.json" if loaded.path else None
-    if gen is not None and gen.is_file():
-        import json
-
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        ids.update(int(v) for v in (value if isinstance(value, list) else [value] if value is not None else []))
-    return ids
-
-
 class Engine:
     """Continuous batching over a model directory (or an already loaded model).
 
@@ -117,7 +103,7 @@ class Engine:
                 log.warning("decode graphs turned off, every step runs eagerly: capture failed: %r", exc)
                 self.graphs, self.graph_error = None, repr(exc)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = loaded.eos_token_ids()
         self.counters = Counters()
 
         self._routers: OrderedDict[str, GateRouter] = OrderedDict()

@@ -34,6 +34,18 @@ class LoadedModel:
     config: DecoderConfig
     path: Path
 
+    def eos_token_ids(self) -> set[int]:
+        """The tokenizer's EOS id plus generation_config.json's `eos_token_id` (one or a list)."""
+        ids = set()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            ids.add(int(eos))
+        gen = Path(self.path) / "generation_config.json" if self.path else None
+        if gen is not None and gen.is_file():
+            value = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(int(v) for v in (value if isinstance(value, list) else [value] if value is not None else []))
+        return ids
+
 
 def _directory(path) -> Path:
     root = Path(path)

@@ -196,7 +196,8 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
     if meta.weights.requires_grad:
         return "prefill"
     segments = _segments(meta)
-    if not segments or segments[-1].slot - segments[0].slot + 1 > MAX_DENSE_SPAN:
+    span = segments[-1].slot - segments[0].slot + 1 if segments else 0
+    if not segments or span > MAX_DENSE_SPAN:
         return "prefill"
     # One contiguous run is two matmuls on views: nothing is cheaper.
     if len(segments) == 1 and segments[0].runs is not None and len(segments[0].runs) == 1:
@@ -208,7 +209,6 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
     # (requests grouped by adapter) go dense too while that multiplies the LoRA FLOPs by at most
     # DENSE_PREFILL_WASTE: with 4 adapters at rank 16, 512 prompt tokens prefill 25% faster
     # dense at hidden 256 and 10% at hidden 1024 on the 2-core CPU machine.
-    span = segments[-1].slot - segments[0].slot + 1
     scattered = any(seg.runs is None for seg in segments)
     return "dense" if scattered or span <= DENSE_PREFILL_WASTE * meta.top_k else "prefill"
 

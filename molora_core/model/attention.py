@@ -59,7 +59,7 @@ class AttentionMeta:
     decode_lens: torch.Tensor | None  # int64[hi - lo] context length per slot of the span (1 = not decoding)
     decode_length: int  # keys read per slot: the longest decode context (a bucket above it when static)
     decode_uniform: bool  # every slot of the span decodes at decode_length (no mask without a window)
-    _masks: dict = field(default_factory=dict)  # per-step tensors every layer reuses (masks, KV rows)
+    _step_cache: dict = field(default_factory=dict)  # tensors every layer of the step reuses (masks, KV rows)
 
     @classmethod
     def build(cls, batch: StepBatch, device: torch.device, has_cache: bool) -> "AttentionMeta":
@@ -97,9 +97,9 @@ class AttentionMeta:
 
     def kv_rows(self, kv_cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
         """Where this step's keys and values go in the cache (`KVCache.rows`), once per step."""
-        rows = self._masks.get("kv_rows")
+        rows = self._step_cache.get("kv_rows")
         if rows is None:
-            rows = self._masks["kv_rows"] = kv_cache.rows(self.token_slots, positions)
+            rows = self._step_cache["kv_rows"] = kv_cache.rows(self.token_slots, positions)
         return rows
 
     def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
@@ -108,14 +108,14 @@ class AttentionMeta:
         if n == ctx and (window is None or ctx <= window):
             return None, n > 1
         key = ("prefill", b, window)
-        if key not in self._masks:
+        if key not in self._step_cache:
             q_pos = torch.arange(ctx - n, ctx, device=self.device)[:, None]
             k_pos = torch.arange(ctx, device=self.device)[None, :]
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
-            self._masks[key] = mask
-        return self._masks[key], False
+            self._step_cache[key] = mask
+        return self._step_cache[key], False
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
         """bool[span, 1, 1, decode_length] over the decode span's KV slots: a decoding slot sees
@@ -123,14 +123,14 @@ class AttentionMeta:
         if self.decode_uniform and (window is None or self.decode_length <= window):
             return None
         key = ("decode", window)
-        if key not in self._masks:
+        if key not in self._step_cache:
             ctx = self.decode_lens[:, None]
             k_pos = torch.arange(self.decode_length, device=self.device)[None, :]
             mask = k_pos < ctx
             if window is not None:
                 mask &= k_pos > ctx - 1 - window
-            self._masks[key] = mask[:, None, None, :]
-        return self._masks[key]
+            self._step_cache[key] = mask[:, None, None, :]
+        return self._step_cache[key]
 
 
 class Attention(nn.Module):

@@ -128,7 +128,7 @@ class DecoderForCausalLM(nn.Module):
         depend on per-step lengths)."""
         if self.rotary.rope_type == "dynamic":
             raise ValueError("static decode does not support the 'dynamic' rope type")
-        meta._masks.clear()  # built from the buffers' current contents (captured: on every replay)
+        meta._step_cache.clear()  # built from the buffers' current contents (captured: on every replay)
         h = self.model.embed_tokens(input_ids)
         return self.lm_head(self._layers(h, positions, meta, kv_cache))
 

@@ -181,13 +181,18 @@ MAX_RUNS = 4
 MAX_DENSE_SPAN = 16
 # Prefill steps whose tokens form contiguous runs go dense up to this many times the LoRA FLOPs
 # of walking each slot's runs (span / top_k).
-DENSE_PREFILL_WASTE = 4
+DENSE_PREFILL_WASTE = 2
 
 
 def _resolve_path(path: str, meta: DispatchMeta, x: torch.Tensor) -> str:
     if path not in ("auto", "decode", "prefill", "dense"):
         raise ValueError(f"path must be 'auto', 'decode', 'prefill' or 'dense'; got {path!r}")
-    return _auto_path(meta, x) if path == "auto" else path
+    if path != "auto":
+        return path
+    key = ("torch_path", x.device.type)  # the same for every layer of the step
+    if key not in meta.backend_cache:
+        meta.backend_cache[key] = _auto_path(meta, x)
+    return meta.backend_cache[key]
 
 
 def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
@@ -195,20 +200,24 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
         return "decode" if meta.is_decode else "prefill"
     if meta.weights.requires_grad:
         return "prefill"
-    segments = _segments(meta)
-    span = segments[-1].slot - segments[0].slot + 1 if segments else 0
-    if not segments or span > MAX_DENSE_SPAN:
+    used = [slot for slot, count in enumerate(meta.host_counts()) if count]
+    if not used or used[-1] - used[0] + 1 > MAX_DENSE_SPAN:
         return "prefill"
     # One contiguous run is two matmuls on views: nothing is cheaper.
-    if len(segments) == 1 and segments[0].runs is not None and len(segments[0].runs) == 1:
-        return "prefill"
+    if len(used) == 1:
+        runs = _segments(meta)[0].runs
+        if runs is not None and len(runs) == 1:
+            return "prefill"
     if meta.is_decode:
         return "dense"
+    segments = _segments(meta)
+    span = used[-1] - used[0] + 1
     # Prefill-size steps: tokens scattered over slots (per-token routing) are cheaper as a few
     # large dense matmuls than as a gather, two matmuls and a scatter per slot. Contiguous runs
-    # (requests grouped by adapter) go dense too while that multiplies the LoRA FLOPs by at most
-    # DENSE_PREFILL_WASTE: with 4 adapters at rank 16, 512 prompt tokens prefill 25% faster
-    # dense at hidden 256 and 10% at hidden 1024 on the 2-core CPU machine.
+    # (requests grouped by adapter) go dense only while that multiplies the LoRA FLOPs by at most
+    # DENSE_PREFILL_WASTE: 512 prompt tokens over 4 rank-16 adapters, one adapter per request,
+    # prefill 14% faster walking the runs than dense at hidden 256 and alike at hidden 1024 (2-core
+    # CPU machine, 15 interleaved runs).
     scattered = any(seg.runs is None for seg in segments)
     return "dense" if scattered or span <= DENSE_PREFILL_WASTE * meta.top_k else "prefill"
 
@@ -241,14 +250,20 @@ def _dense_coef(meta: DispatchMeta) -> tuple[int, int, torch.Tensor]:
     """(lo, hi, float32[T, hi - lo] summed weight of each token on each slot), once per step."""
     cached = meta.backend_cache.get("torch_dense")
     if cached is None:
-        segments = _segments(meta)
-        lo = segments[0].slot if segments else 0
-        hi = segments[-1].slot + 1 if segments else 0
-        coef = torch.zeros(meta.num_tokens, hi - lo, device=meta.slots.device)
-        valid = meta.slots >= 0
-        pairs = torch.arange(meta.num_pairs, device=meta.slots.device)[valid]
-        tokens = torch.div(pairs, meta.top_k, rounding_mode="floor")
-        coef.index_put_((tokens, meta.slots[valid].long() - lo), meta.weights[valid], accumulate=True)
+        used = [slot for slot, count in enumerate(meta.host_counts()) if count]
+        lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
+        if meta.host_route is not None:  # routes known on the host: one copy, no device ops
+            rows = [[0.0] * (hi - lo) for _ in range(meta.num_tokens)]
+            for pair, (slot, weight) in enumerate(zip(*meta.host_route)):
+                if slot >= 0:
+                    rows[pair // meta.top_k][slot - lo] += weight
+            coef = torch.tensor(rows, dtype=torch.float32).to(meta.slots.device)
+        else:
+            coef = torch.zeros(meta.num_tokens, hi - lo, device=meta.slots.device)
+            valid = meta.slots >= 0
+            pairs = torch.arange(meta.num_pairs, device=meta.slots.device)[valid]
+            tokens = torch.div(pairs, meta.top_k, rounding_mode="floor")
+            coef.index_put_((tokens, meta.slots[valid].long() - lo), meta.weights[valid], accumulate=True)
         cached = meta.backend_cache["torch_dense"] = (lo, hi, coef)
     return cached
 
@@ -268,6 +283,9 @@ def _segments(meta: DispatchMeta) -> list[_Segment]:
     cached = meta.backend_cache.get("torch_segments")
     if cached is not None:
         return cached
+    if meta.host_route is not None and not meta.weights.requires_grad:
+        segments = meta.backend_cache["torch_segments"] = _host_segments(meta)
+        return segments
     segments = []
     grad = meta.weights.requires_grad
     for slot, start, end in meta.host_segments():
@@ -279,6 +297,26 @@ def _segments(meta: DispatchMeta) -> list[_Segment]:
         runs = None if grad or meta.top_k > 1 else _runs(tokens.tolist())
         segments.append(_Segment(slot, rows, tokens, weights, runs))
     meta.backend_cache["torch_segments"] = segments
+    return segments
+
+
+def _host_segments(meta: DispatchMeta) -> list[_Segment]:
+    """`_segments` from the routes the plan built on the host: no device reads."""
+    slots, weights = meta.host_route
+    device, k = meta.slots.device, meta.top_k
+    pairs_of: dict[int, list[int]] = {}
+    for pair, slot in enumerate(slots):
+        if slot >= 0:
+            pairs_of.setdefault(slot, []).append(pair)
+    segments = []
+    for slot in sorted(pairs_of):
+        pairs = pairs_of[slot]
+        tokens = [p // k for p in pairs]
+        seg_weights = [weights[p] for p in pairs]
+        w = None if all(v == 1 for v in seg_weights) else torch.tensor(seg_weights, device=device).unsqueeze(1)
+        rows = torch.tensor(pairs, dtype=torch.int64, device=device)
+        token_rows = rows if k == 1 else torch.tensor(tokens, dtype=torch.int64, device=device)
+        segments.append(_Segment(slot, rows, token_rows, w, _runs(tokens) if k == 1 else None))
     return segments
 
 

@@ -10,6 +10,7 @@ Legend: T tokens, K choices per token, S hot-set slots, N = T * K (token, k) pai
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,9 @@ class DispatchMeta:
     slot_counts: torch.Tensor  # int32[S]    pairs routed to each slot
     slot_offsets: torch.Tensor  # int32[S+1]  start of each slot's segment in sorted_pairs
     _host_counts: list[int] | None = field(default=None, repr=False)
+    # slots[N] and weights[N] as host lists when the routes were known on the host (`build_host`):
+    # backends derive their per-step values from these without reading the device.
+    host_route: tuple[list[int], list[float]] | None = field(default=None, repr=False)
     # Rows per tile for the grouped (prefill-path) kernels; None = picked from the busiest slot
     # (one host sync). Set it for a step captured in a CUDA graph.
     block_m: int | None = None
@@ -148,3 +152,30 @@ class DispatchBuffers:
 
     def build(self, slots: torch.Tensor, weights: torch.Tensor) -> DispatchMeta:
         return build_dispatch(slots, weights, self.num_slots, out=self)
+
+    def build_host(self, slots: list[int], weights: list[float], num_tokens: int, top_k: int) -> DispatchMeta:
+        """`build` for routes known on the host (flat lists of N = T * K pairs, pair t * K + k):
+        the same sort and histogram in Python, one copy into each buffer, and a DispatchMeta
+        that never reads the device back (`host_counts` and `host_route` are filled)."""
+        n = num_tokens * top_k
+        if len(slots) != n or len(weights) != n:
+            raise ValueError(f"expected {n} slots and weights for T={num_tokens}, K={top_k}; got {len(slots)} and {len(weights)}")
+        self.check_fits(num_tokens, top_k, self.num_slots)
+        counts = [0] * self.num_slots
+        for slot in slots:
+            if slot >= self.num_slots or slot < -1:
+                raise ValueError(f"slot {slot} is outside [-1, {self.num_slots})")
+            if slot >= 0:
+                counts[slot] += 1
+        last = self.num_slots  # slot -1 sorts after every real slot, as in build_dispatch
+        order = sorted(range(n), key=lambda p: last if slots[p] < 0 else slots[p])
+        self.slots[:n].copy_(torch.tensor(slots, dtype=torch.int32))
+        self.weights[:n].copy_(torch.tensor(weights, dtype=torch.float32))
+        self.sorted_pairs[:n].copy_(torch.tensor(order, dtype=torch.int32))
+        self.slot_counts.copy_(torch.tensor(counts, dtype=torch.int32))
+        self.slot_offsets.copy_(torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32))
+        return DispatchMeta(
+            num_tokens=num_tokens, top_k=top_k, num_slots=self.num_slots, slots=self.slots[:n], weights=self.weights[:n],
+            sorted_pairs=self.sorted_pairs[:n], slot_counts=self.slot_counts, slot_offsets=self.slot_offsets,
+            _host_counts=counts, host_route=(list(slots), list(weights)),
+        )

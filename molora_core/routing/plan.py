@@ -6,7 +6,9 @@ once, into buffers allocated at start-up, and every MoLoRA layer of the step sha
 
 Routing costs a few operations per step, not per request: constant routes (one adapter, a
 mixture) are written from the host in one copy, and requests whose routers share a batch key
-(all requests on one gate router) are routed in one call over all their tokens.
+(all requests on one gate router) are routed in one call over all their tokens. A step whose
+every route is constant is also sorted and counted on the host (`DispatchBuffers.build_host`), so
+no layer reads the device to learn the per-slot counts.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class RoutingPlan:
         """Resolve routers that read `hidden` [T, D] (the step's embeddings), then build dispatch metadata."""
         if self.needs_hidden and hidden is None:
             raise ValueError("the plan has gate-routed tokens; finalize needs the step's hidden state")
+        if self._constant and not self._pending and self.dispatch_buffers is not None:
+            # Every route is known on the host: sort and count there too (no device sort, no sync).
+            slots, weights = self._constant_lists()
+            meta = self.dispatch_buffers.build_host(slots, weights, self.num_tokens, self.top_k)
+            self.slots.copy_(meta.slots.view(self.num_tokens, self.top_k))
+            self.weights.copy_(meta.weights.view(self.num_tokens, self.top_k))
+            return meta
         if self._constant:
             self._write_constant()
         batches: dict[object, list[tuple[int, int, Router, torch.Tensor]]] = {}
@@ -97,8 +106,15 @@ class RoutingPlan:
                 h = hidden[start:end] if router.needs_hidden else None
                 self._write(start, end, *router.route(token_ids.to(self.device), h))
                 continue
-            rows = torch.cat([torch.arange(start, end, device=self.device) for start, end, _, _ in entries])
             token_ids = torch.cat([ids.to(self.device) for _, _, _, ids in entries])
+            spans = [(start, end) for start, end, _, _ in entries]
+            if all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:])):
+                # Adjacent rows (the engine schedules a router's requests together): views.
+                start, end = spans[0][0], spans[-1][1]
+                h = hidden[start:end] if router.needs_hidden else None
+                self._write(start, end, *router.route(token_ids, h))
+                continue
+            rows = torch.tensor([r for start, end in spans for r in range(start, end)], device=self.device)
             h = hidden.index_select(0, rows) if router.needs_hidden else None
             self._write_rows(rows, *router.route(token_ids, h))
         self._pending.clear()
@@ -106,8 +122,8 @@ class RoutingPlan:
             return build_dispatch(self.slots, self.weights, self.num_slots)
         return self.dispatch_buffers.build(self.slots, self.weights)
 
-    def _write_constant(self) -> None:
-        """Every constant route of the step, built on the host and copied in once."""
+    def _constant_lists(self) -> tuple[list[int], list[float]]:
+        """Flat slots and weights of every pair, constant routes filled in, the rest base."""
         t, k = self.num_tokens, self.top_k
         slots, weights = [-1] * (t * k), [0.0] * (t * k)
         for start, end, route_slots, route_weights in self._constant:
@@ -115,6 +131,12 @@ class RoutingPlan:
                 slots[start * k + j : end * k : k] = [slot] * (end - start)
                 weights[start * k + j : end * k : k] = [weight] * (end - start)
         self._constant.clear()
+        return slots, weights
+
+    def _write_constant(self) -> None:
+        """Every constant route of the step, built on the host and copied in once."""
+        t, k = self.num_tokens, self.top_k
+        slots, weights = self._constant_lists()
         self.slots.copy_(torch.tensor(slots, dtype=torch.int32).view(t, k))
         weights = torch.tensor(weights, dtype=torch.float32).view(t, k)
         if self.dispatch_buffers is None:

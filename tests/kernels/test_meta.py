@@ -103,3 +103,29 @@ def test_decode_threshold():
     assert build_dispatch(torch.zeros(DECODE_MAX_PAIRS, 1), torch.ones(DECODE_MAX_PAIRS, 1), 1).is_decode
     over = DECODE_MAX_PAIRS // 2 + 1
     assert not build_dispatch(torch.zeros(over, 2), torch.ones(over, 2), 1).is_decode
+
+
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("num_tokens,top_k,num_slots", [(1, 1, 1), (5, 2, 4), (37, 4, 7), (300, 2, 16)])
+def test_build_host_matches_build(dist, num_tokens, top_k, num_slots):
+    """Routes known on the host sort and count on the host into the same buffers, and the meta
+    answers host_counts without reading the device."""
+    gen = torch.Generator().manual_seed(num_tokens * 17 + top_k)
+    slots = routing(dist, num_tokens, top_k, num_slots, gen)
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    buffers = DispatchBuffers(512, 4, num_slots)
+    buffers.sorted_pairs.fill_(-7)  # stale contents from an earlier step
+    meta = buffers.build_host(slots.reshape(-1).tolist(), weights.reshape(-1).tolist(), num_tokens, top_k)
+    assert meta._host_counts is not None and meta.host_route == (slots.reshape(-1).tolist(), weights.reshape(-1).tolist())
+    check_meta(meta, slots, weights, num_slots)
+    assert meta.slots.data_ptr() == buffers.slots.data_ptr()  # the buffers a graph would read
+
+
+def test_build_host_rejects_bad_input():
+    buffers = DispatchBuffers(8, 2, 4)
+    with pytest.raises(ValueError, match="outside"):
+        buffers.build_host([0, 4], [1.0, 1.0], 2, 1)
+    with pytest.raises(ValueError, match="expected 4 slots"):
+        buffers.build_host([0, 1], [1.0, 1.0], 2, 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        buffers.build_host([0] * 9, [1.0] * 9, 9, 1)

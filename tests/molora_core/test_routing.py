@@ -31,6 +31,9 @@ def test_sequence_and_mixture_routers_fill_only_their_rows():
     assert plan.slots.tolist() == [[2, -1]] * 3 + [[-1, -1]] * 2 + [[0, 2]] * 2
     assert plan.weights.tolist() == [[1, 0]] * 3 + [[0, 0]] * 2 + [[0.25, 0.75]] * 2
     assert meta.slot_counts.tolist() == [2, 0, 5, 0]
+    # Every route constant: sorted and counted on the host, nothing left to read back.
+    assert meta.host_route == (plan.slots.reshape(-1).tolist(), plan.weights.reshape(-1).tolist())
+    assert meta.host_counts() == [2, 0, 5, 0] and meta.sorted_pairs.tolist()[:2] == [10, 12]
 
 
 def test_vocab_router_maps_id_ranges_and_default():
@@ -150,7 +153,8 @@ def test_requests_sharing_a_router_are_routed_in_one_call(monkeypatch):
     plan.begin(14, 2)
     for start, end, spec in spans:
         plan.assign(start, spec.bind(SLOT_OF), ids[start:end])
-    plan.finalize(hidden)
+    meta = plan.finalize(hidden)
+    assert meta.host_route is None  # gate routes live on the device
     batched = plan.slots.clone(), plan.weights.clone()
     assert sorted(calls) == [2, 7]  # one call per gate, over all of its tokens
 
@@ -163,3 +167,26 @@ def test_requests_sharing_a_router_are_routed_in_one_call(monkeypatch):
         alone_slots[start:end], alone_weights[start:end] = one.slots, one.weights
     assert torch.equal(batched[0], alone_slots)
     torch.testing.assert_close(batched[1], alone_weights)
+
+
+def test_adjacent_requests_on_one_gate_route_over_a_view():
+    """Requests on one gate scheduled next to each other are routed in one call over the rows'
+    slice, to the same slots and weights as routing each alone."""
+    torch.manual_seed(2)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code", "image"], top_k=2)
+    hidden, ids = torch.randn(9, 8), torch.randint(0, 100, (9,))
+    spans = [(0, 2, AdapterSpec("code")), (2, 5, GateSpec(gate)), (5, 6, GateSpec(gate)), (6, 9, GateSpec(gate))]
+    seen = []
+    real_forward = GateRouter.forward
+    plan = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
+    plan.begin(9, 2)
+    for start, end, spec in spans:
+        plan.assign(start, spec.bind(SLOT_OF), ids[start:end])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GateRouter, "forward", lambda self, h: seen.append(h) or real_forward(self, h))
+        plan.finalize(hidden)
+    assert len(seen) == 1 and seen[0].data_ptr() == hidden[2:].data_ptr() and seen[0].shape[0] == 7
+    index, weights = real_forward(gate, hidden[2:])
+    assert plan.slots[2:].tolist() == [[SLOT_OF[gate.adapters[i]] for i in row] for row in index.tolist()]
+    torch.testing.assert_close(plan.weights[2:], weights)
+    assert plan.slots[:2].tolist() == [[2, -1]] * 2

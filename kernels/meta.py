@@ -112,7 +112,11 @@ def build_dispatch(
     # Slot -1 sorts after every real slot and falls outside the histogram.
     key = flat_slots.long().masked_fill(flat_slots < 0, num_slots)
     sorted_pairs.copy_(torch.argsort(key, stable=True))
-    counts.copy_(torch.bincount(key, minlength=num_slots + 1)[:num_slots])
+    # A scatter-add histogram, not bincount: CUDA's bincount reads the maximum back to the host,
+    # which a CUDA graph cannot capture (the gate's decode step builds this inside one).
+    histogram = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
+    histogram.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    counts.copy_(histogram[:num_slots])
     offsets[0] = 0
     torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
     return DispatchMeta(

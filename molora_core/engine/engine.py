@@ -32,7 +32,7 @@ from kernels import default_backend_name, get_backend
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
-from molora_core.engine.graphs import DecodeGraphs, graph_mode
+from molora_core.engine.graphs import DecodeGraphs, GateRouting, graph_mode
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
 from molora_core.engine.sampling import sample
 from molora_core.engine.sequence import Sequence
@@ -41,7 +41,7 @@ from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
 from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
-from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
+from molora_core.routing import GateRouter, GateSlotRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class Engine:
         self.kv_cache = KVCache.for_model(self.model, kv_slots, config.max_seq_len)
         self.plan = RoutingPlan(config.step_tokens, config.max_top_k, config.hot_slots, self.device)
         self.graphs = None if graphs is None else DecodeGraphs(
-            self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs
+            self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs,
+            max_gates=config.max_routers,
         )
         self.graph_error: str | None = None  # why fixed-shape decode was turned off at start-up
         if self.graphs is not None and config.capture_at_start:
@@ -501,18 +502,28 @@ class Engine:
         return self.plan.finalize()
 
     def _run_graph(self, entries, flat: list[int]) -> torch.Tensor:
-        """A decode step at a fixed shape (molora_core.engine.graphs): logits [B, V]."""
+        """A decode step at a fixed shape (molora_core.engine.graphs): logits [B, V]. Rows on a
+        gate router are routed inside the step; the plan holds every other row's route."""
         rows = self.graphs.rows_for(len(entries))
-        meta = None
+        meta = gate = None
         if any(seq.router is not None for seq, _ in entries):
             # Always max_top_k choices over the bucket's rows: the shape the graph captured.
             self.plan.begin(rows, self.config.max_top_k)
             ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+            gate_rows = []
             for row, (seq, _) in enumerate(entries):
-                self.plan.assign(row, seq.router, ids[row : row + 1])
-            meta = self.plan.finalize()
+                if seq.router is not None and seq.router.needs_hidden:
+                    gate_rows.append(row)
+                else:
+                    self.plan.assign(row, seq.router, ids[row : row + 1])
+            if gate_rows:
+                router = entries[gate_rows[0]][0].router
+                self.plan.resolve()
+                gate = GateRouting(router.gate, router.lookup.tolist(), gate_rows, self.plan)
+            else:
+                meta = self.plan.finalize()
         return self.graphs.run(flat, [seq.kv_slot for seq, _ in entries],
-                               [seq.num_computed + 1 for seq, _ in entries], meta)
+                               [seq.num_computed + 1 for seq, _ in entries], meta, gate)
 
     def _run_batch(self) -> None:
         started = time.perf_counter()
@@ -523,9 +534,10 @@ class Engine:
         )
         flat = [t for seq, n in entries for t in seq.pending_ids(n)]
         is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
-        fixed_shape = self.graphs is not None and is_decode and not any(
-            seq.router is not None and seq.router.needs_hidden for seq, _ in entries
-        )
+        # Fixed shapes route at most one gate router inside the step (see graphs.GateRouting).
+        hidden_routers = [seq.router for seq, _ in entries if seq.router is not None and seq.router.needs_hidden]
+        fixed_shape = (self.graphs is not None and is_decode and all(isinstance(r, GateSlotRouter) for r in hidden_routers)
+                       and len({r.batch_key() for r in hidden_routers}) <= 1)
         try:
             with torch.inference_mode():
                 if fixed_shape:

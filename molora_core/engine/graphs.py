@@ -11,16 +11,25 @@ recapture.
 Padding rows run token 0 at position 0 in a scratch KV slot that no sequence owns (the cache has
 one slot more than the batch), with no adapter; their logits are dropped.
 
-`capture_all` captures every shape at start-up (the engine does, `EngineConfig.capture_at_start`),
-so no request waits for a capture. Steps that read the hidden state to route (gate routers),
-prefill chunks and anything else run eagerly. `mode="eager"` runs this same fixed-shape path without capturing (any device), which is
-how CPU tests check it against the ordinary step.
+A step with gate-routed rows routes inside the step: after the embeddings, the gate picks each
+flagged row's adapters, and the dispatch metadata is sorted and counted on the device, so the
+graph captures the routing too. Such shapes are keyed by the gate router as well and captured the
+first time that router's step runs at them (routers load at run time); its adapter-to-slot table
+and the flagged rows live in buffers that each step refreshes, so adapters may move between slots.
+Steps with rows on two different gate routers run eagerly, as do prefill chunks.
+
+`capture_all` captures every shape without a gate at start-up (the engine does,
+`EngineConfig.capture_at_start`), so no request waits for a capture. `mode="eager"` runs this
+same fixed-shape path without capturing (any device), which is how CPU tests check it against the
+ordinary step.
 
 Legend: B batch bucket, L length bucket, S_kv KV-cache slots (max_batch + 1), V vocabulary.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +40,9 @@ from molora_core.lora_layer import LoRAContext
 from molora_core.model import KVCache
 from molora_core.model.attention import AttentionMeta
 from molora_core.model.decoder import DecoderForCausalLM
+from molora_core.routing import GateRouter, RoutingPlan
+
+log = logging.getLogger(__name__)
 
 # Rows per tile of the grouped LoRA kernels inside a graph (a decode step has few rows per slot).
 GRAPH_BLOCK_M = 16
@@ -70,11 +82,23 @@ def _bucket(value: int, buckets: list[int]) -> int:
 
 
 @dataclass
+class GateRouting:
+    """The gate-routed rows of a fixed-shape decode step, routed inside the step."""
+
+    gate: GateRouter
+    lookup: list[int]  # hot-set slot of each of the gate's adapters, in its order
+    rows: list[int]  # the rows the gate routes (the plan holds every other row's route)
+    plan: RoutingPlan  # begun over the step's rows with the other rows resolved
+
+
+@dataclass
 class _Shape:
     rows: int  # B
     length: int  # L
     meta: AttentionMeta
     lora: tuple[int, int] | None = None  # (top_k, slots buffer address) of the captured routing plan
+    gate: GateRouter | None = None  # routes the flagged rows inside the step
+    capture_error: str | None = None  # why capturing this (gate) shape failed: it runs uncaptured
     graph: "torch.cuda.CUDAGraph | None" = None
     logits: torch.Tensor | None = None  # [B, V], written by every replay
 
@@ -88,6 +112,8 @@ class DecodeGraphs:
         context: the LoRA context whose `meta` the engine sets for a step with adapters.
         max_batch: the most sequences per step; max_seq_len: the cache row length.
         mode: "graphs" captures and replays (CUDA only); "eager" runs the same path uncaptured.
+        max_gates: gate routers whose shapes are kept; the least recently used one's shapes (and
+            graphs, which hold its weights) are dropped for a new one.
     """
 
     def __init__(
@@ -98,6 +124,7 @@ class DecodeGraphs:
         max_batch: int,
         max_seq_len: int,
         mode: str = "graphs",
+        max_gates: int = 16,
     ):
         if mode not in ("graphs", "eager"):
             raise ValueError(f"mode must be 'graphs' or 'eager'; got {mode!r}")
@@ -114,7 +141,11 @@ class DecodeGraphs:
         self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # int64[B_max]
         self.kv_slots = torch.full((rows,), self.scratch_slot, dtype=torch.int64, device=device)  # int64[B_max]
         self.kv_lens = torch.ones(kv_cache.max_seqs, dtype=torch.int64, device=device)  # int64[S_kv]
-        self._shapes: dict[tuple[int, int, bool], _Shape] = {}
+        self.gate_rows = torch.zeros(rows, dtype=torch.bool, device=device)  # bool[B_max]: routed by the gate
+        self.max_gates = max_gates
+        # id(gate) -> (gate, int32[A] its adapters' slots), least recently used first
+        self._gates: OrderedDict[int, tuple[GateRouter, torch.Tensor]] = OrderedDict()
+        self._shapes: dict[tuple, _Shape] = {}
         self._pool = torch.cuda.graph_pool_handle() if mode == "graphs" else None
         self.captures = 0  # graphs captured so far (a test reads it to see no recapture happened)
 
@@ -128,15 +159,49 @@ class DecodeGraphs:
         kv_slots: list[int],
         context_lens: list[int],
         lora_meta: DispatchMeta | None,
+        gate: GateRouting | None = None,
     ) -> torch.Tensor:
         """Logits [n, V] for n decode sequences: sequence i feeds token_ids[i] at position
         context_lens[i] - 1 of KV slot kv_slots[i]. lora_meta: the step's dispatch metadata over
-        rows_for(n) rows (padding rows routed to no adapter), or None for the base model only."""
+        rows_for(n) rows (padding rows routed to no adapter), or None for the base model only.
+        gate: the step's gate-routed rows instead (lora_meta None): the dispatch metadata is
+        built inside the step, after the gate has routed them."""
         n = len(token_ids)
         rows = self.rows_for(n)
         length = _bucket(max(context_lens), self.length_buckets)
         self._fill(rows, token_ids, kv_slots, context_lens)
-        return self._execute(self._shape(rows, length, lora_meta), lora_meta)[:n]
+        if gate is None:
+            return self._execute(self._shape(rows, length, _plan_key(lora_meta)), lora_meta)[:n]
+        if lora_meta is not None or gate.plan.dispatch_buffers is None:
+            raise ValueError("a gate step builds its dispatch metadata in the plan's buffers; pass lora_meta=None")
+        plan = gate.plan
+        lookup = self._gate_lookup(gate.gate)  # first: may drop the least recently used gate's shapes
+        shape = self._shape(rows, length, (plan.num_tokens, plan.top_k, plan.slots.data_ptr()), gate.gate)
+        flagged = torch.zeros(self.gate_rows.shape[0], dtype=torch.bool)
+        flagged[gate.rows] = True
+        self.gate_rows.copy_(flagged.to(self.gate_rows.device, non_blocking=True))
+        lookup.copy_(torch.tensor(gate.lookup, dtype=torch.int32).to(lookup.device, non_blocking=True))
+        return self._execute(shape, None, _GateStep(self, gate.gate, lookup, plan))[:n]
+
+    def _gate_lookup(self, gate: GateRouter) -> torch.Tensor:
+        """The gate's adapter-to-slot buffer (made on first use), marking it most recently used."""
+        key = id(gate)
+        if key in self._gates:
+            self._gates.move_to_end(key)
+            return self._gates[key][1]
+        lookup = torch.zeros(len(gate.adapters), dtype=torch.int32, device=self.gate_rows.device)
+        self._gates[key] = (gate, lookup)
+        while len(self._gates) > self.max_gates:
+            self.drop_gate(next(iter(self._gates.values()))[0])
+        return lookup
+
+    def drop_gate(self, gate: GateRouter) -> int:
+        """Forget a gate router's shapes (and graphs); returns how many were dropped."""
+        keys = [key for key, shape in self._shapes.items() if shape.gate is gate]
+        for key in keys:
+            del self._shapes[key]
+        self._gates.pop(id(gate), None)
+        return len(keys)
 
     def capture_all(self, lora_meta_for: Callable[[int], DispatchMeta]) -> int:
         """Capture every (batch bucket, length bucket) shape, with and without LoRA, now rather
@@ -148,7 +213,7 @@ class DecodeGraphs:
             self._fill(rows, [], [], [])
             for length in self.length_buckets:
                 for lora_meta in (None, lora_meta_for(rows)):
-                    self._execute(self._shape(rows, length, lora_meta), lora_meta)
+                    self._execute(self._shape(rows, length, _plan_key(lora_meta)), lora_meta)
         return self.captures - before
 
     def _fill(self, rows: int, token_ids: list[int], kv_slots: list[int], context_lens: list[int]) -> None:
@@ -168,55 +233,88 @@ class DecodeGraphs:
         self.kv_slots[:rows].copy_(host[2].to(device, non_blocking=True))
         self.kv_lens.copy_(lens.to(device, non_blocking=True))
 
-    def _shape(self, rows: int, length: int, lora_meta: DispatchMeta | None) -> _Shape:
-        if lora_meta is not None and lora_meta.num_tokens != rows:
-            raise ValueError(f"the routing plan covers {lora_meta.num_tokens} rows; the step runs {rows}")
-        key = (rows, length, lora_meta is not None)
+    def _shape(self, rows: int, length: int, lora: tuple[int, int, int] | None,
+               gate: GateRouter | None = None) -> _Shape:
+        """The shape of a step; lora: (rows, top_k, slots buffer address) of its routing plan."""
+        if lora is not None and lora[0] != rows:
+            raise ValueError(f"the routing plan covers {lora[0]} rows; the step runs {rows}")
+        key = (rows, length, lora is not None) if gate is None else (rows, length, "gate", id(gate))
         shape = self._shapes.get(key)
         if shape is None:
             meta = AttentionMeta.static_decode(self.kv_slots[:rows], self.kv_lens, length)
-            shape = self._shapes[key] = _Shape(rows, length, meta)
-        if lora_meta is not None:
+            shape = self._shapes[key] = _Shape(rows, length, meta, gate=gate)
+        if lora is not None:
             # A captured graph reads the plan's buffers at fixed addresses and sizes.
-            lora = (lora_meta.top_k, lora_meta.slots.data_ptr())
             if shape.lora is None:
-                shape.lora = lora
-            elif shape.lora != lora:
-                raise ValueError(f"the routing plan changed shape or address since capture: {lora} != {shape.lora}")
-            lora_meta.block_m = GRAPH_BLOCK_M
+                shape.lora = lora[1:]
+            elif shape.lora != lora[1:]:
+                raise ValueError(f"the routing plan changed shape or address since capture: {lora[1:]} != {shape.lora}")
         return shape
 
-    def _execute(self, shape: _Shape, lora_meta: DispatchMeta | None) -> torch.Tensor:
+    def _execute(self, shape: _Shape, lora_meta: DispatchMeta | None, gate: "_GateStep | None" = None) -> torch.Tensor:
         """Logits [B, V] of the step in the buffers: replayed (captured first if new) or eager."""
         self.context.meta = lora_meta
         try:
-            if self.mode == "eager":
-                return self._forward(shape)
+            if self.mode == "eager" or shape.capture_error is not None:
+                return self._forward(shape, gate)
             if shape.graph is None:
-                self._capture(shape)
+                try:
+                    self._capture(shape, gate)
+                except Exception as exc:
+                    if shape.gate is None:
+                        raise  # start-up shapes: the engine turns graphs off (EngineConfig.capture_at_start)
+                    # A gate's shape is captured on a serving step: run it uncaptured from now on.
+                    log.warning("decode graph capture failed for gate router %s; its steps run uncaptured: %r",
+                                shape.gate.adapters, exc)
+                    shape.capture_error = repr(exc)
+                    return self._forward(shape, gate)
             shape.graph.replay()
             return shape.logits
         finally:
             self.context.meta = None
 
-    def _forward(self, shape: _Shape) -> torch.Tensor:
+    def _forward(self, shape: _Shape, gate: "_GateStep | None" = None) -> torch.Tensor:
         rows = shape.rows
         return self.model.forward_static_decode(
-            self.input_ids[:rows], self.positions[:rows], shape.meta, self.kv_cache
+            self.input_ids[:rows], self.positions[:rows], shape.meta, self.kv_cache, on_embeddings=gate
         )
 
-    def _capture(self, shape: _Shape) -> None:
+    def _capture(self, shape: _Shape, gate: "_GateStep | None" = None) -> None:
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernels, the
         # allocator sees the step), as torch.cuda.graph requires. Decode writes are idempotent:
-        # every run stores the same keys and values at the same positions.
+        # every run stores the same keys and values at the same positions, and routing a gate
+        # step again writes the same routes.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(shape)
+                self._forward(shape, gate)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            shape.logits = self._forward(shape)
+            shape.logits = self._forward(shape, gate)
         shape.graph = graph
         self.captures += 1
+
+
+def _plan_key(lora_meta: DispatchMeta | None) -> tuple[int, int, int] | None:
+    """(rows, top_k, slots buffer address) of a step's dispatch metadata, which gets the graphs'
+    fixed tile height (no host read of the busiest slot's count)."""
+    if lora_meta is None:
+        return None
+    lora_meta.block_m = GRAPH_BLOCK_M
+    return lora_meta.num_tokens, lora_meta.top_k, lora_meta.slots.data_ptr()
+
+
+class _GateStep:
+    """The on_embeddings hook of a gate step: route the flagged rows, build the dispatch
+    metadata in the plan's buffers and hand it to the LoRA layers (device ops only)."""
+
+    def __init__(self, graphs: DecodeGraphs, gate: GateRouter, lookup: torch.Tensor, plan: RoutingPlan):
+        self.graphs, self.gate, self.lookup, self.plan = graphs, gate, lookup, plan
+
+    def __call__(self, hidden: torch.Tensor) -> None:
+        rows = hidden.shape[0]
+        meta = self.plan.route_static(hidden, self.gate, self.lookup, self.graphs.gate_rows[:rows])
+        meta.block_m = GRAPH_BLOCK_M
+        self.graphs.context.meta = meta

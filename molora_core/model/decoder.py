@@ -120,16 +120,20 @@ class DecoderForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def forward_static_decode(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache,
+        on_embeddings: EmbeddingHook | None = None,
     ) -> torch.Tensor:
         """Logits [B, V] of a decode step whose every input is a fixed device buffer (what a CUDA
         graph captures): input_ids / positions int64[B], meta from `AttentionMeta.static_decode`.
-        No host reads, no host-to-device copies; not for the "dynamic" rope type (its frequencies
+        No host reads, no host-to-device copies (`on_embeddings`, called with h [B, D] as in
+        `forward`, must keep to that too); not for the "dynamic" rope type (its frequencies
         depend on per-step lengths)."""
         if self.rotary.rope_type == "dynamic":
             raise ValueError("static decode does not support the 'dynamic' rope type")
         meta._step_cache.clear()  # built from the buffers' current contents (captured: on every replay)
         h = self.model.embed_tokens(input_ids)
+        if on_embeddings is not None:
+            on_embeddings(h)
         return self.lm_head(self._layers(h, positions, meta, kv_cache))
 
     def _layers(self, h, positions, meta, kv_cache, seq_lens=None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kernels import DispatchBuffers, DispatchMeta, build_dispatch
+from molora_core.routing.gate import GateRouter
 from molora_core.routing.routers import Router
 
 
@@ -93,6 +94,31 @@ class RoutingPlan:
             self.slots.copy_(meta.slots.view(self.num_tokens, self.top_k))
             self.weights.copy_(meta.weights.view(self.num_tokens, self.top_k))
             return meta
+        self.resolve(hidden)
+        if self.dispatch_buffers is None:
+            return build_dispatch(self.slots, self.weights, self.num_slots)
+        return self.dispatch_buffers.build(self.slots, self.weights)
+
+    def route_static(self, hidden: torch.Tensor, gate: GateRouter, lookup: torch.Tensor,
+                     rows: torch.Tensor) -> DispatchMeta:
+        """Route the rows flagged in `rows` (bool[T]) through `gate` over the step's embeddings
+        `hidden` [T, D] (adapter index -> slot through `lookup`, int32[A] on the device), keep
+        every other row as `resolve` left it, and build the dispatch metadata, with device ops
+        only: no host reads and no host-to-device copies, so a CUDA graph can capture it (the
+        fixed-shape decode step of a gate router)."""
+        if self.dispatch_buffers is None:
+            raise ValueError("route_static writes the preallocated dispatch buffers; this plan has none")
+        index, weights = gate(hidden)  # [T, k]
+        k, flagged = index.shape[1], rows[:, None]
+        slots = self.slots[:, :k]
+        slots.copy_(torch.where(flagged, lookup[index], slots))
+        self.weights[:, :k].copy_(torch.where(flagged, weights, self.weights[:, :k]))
+        return self.dispatch_buffers.build(self.slots, self.weights)
+
+    def resolve(self, hidden: torch.Tensor | None = None) -> None:
+        """Write every assigned row's slots and weights (`finalize` without the dispatch build)."""
+        if self.needs_hidden and hidden is None:
+            raise ValueError("the plan has gate-routed tokens; resolving them needs the step's hidden state")
         if self._constant:
             self._write_constant()
         batches: dict[object, list[tuple[int, int, Router, torch.Tensor]]] = {}
@@ -118,9 +144,6 @@ class RoutingPlan:
             h = hidden.index_select(0, rows) if router.needs_hidden else None
             self._write_rows(rows, *router.route(token_ids, h))
         self._pending.clear()
-        if self.dispatch_buffers is None:
-            return build_dispatch(self.slots, self.weights, self.num_slots)
-        return self.dispatch_buffers.build(self.slots, self.weights)
 
     def _constant_lists(self) -> tuple[list[int], list[float]]:
         """Flat slots and weights of every pair, constant routes filled in, the rest base."""

@@ -7,6 +7,9 @@ the capture itself; the `gpu` tests capture and replay.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,7 +18,7 @@ from molora_core.engine.graphs import DecodeGraphs, batch_buckets, graph_mode, l
 from molora_core.model import KVCache, StepBatch, load_model
 from molora_core.model.attention import AttentionMeta
 from molora_core.peft_io import load_peft_adapter
-from molora_core.routing import AdapterSpec, BaseSpec, MixtureSpec, VocabSpec
+from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, MixtureSpec, VocabSpec
 from tests.molora_core.test_decoder import FP32_ATOL, ids_for, make_checkpoint
 from tests.molora_core.test_engine import PROMPTS, demo, greedy, make_engine  # noqa: F401  (fixture)
 
@@ -69,19 +72,18 @@ def test_static_decode_forward_matches_the_ordinary_step(tmp_path):
     assert (got[:3] - want).abs().max().item() <= FP32_ATOL
 
 
-def _mixed_requests(tokenizer_vocab, copies=1, gate=True):
+def _mixed_requests(tokenizer_vocab, copies=1):
     specs = [BaseSpec(), AdapterSpec("code"), MixtureSpec(("math", "chat"), (0.7, 0.3)),
              VocabSpec(((0, 300, "code"), (300, tokenizer_vocab, "multilingual"))), RouterSpec("demo-gate")]
-    if not gate:
-        specs.pop()
-    # The gate request (last) stops first: later decode steps need no hidden state to route.
+    # The gate request (last) stops first: later decode steps run the plan's routes only.
     return [Request(PROMPTS[i % len(PROMPTS)], greedy(12 - 2 * i), spec)
             for _ in range(copies) for i, spec in enumerate(specs)]
 
 
 @pytest.mark.parametrize("max_batch,copies", [(5, 1), (24, 5)])
 def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_batch, copies):
-    """Mixed routing, padding rows, and (24-row case) decode steps past 16 sequences."""
+    """Mixed routing (the gate routed inside the step), padding rows, and (24-row case) decode
+    steps past 16 sequences."""
     sizes = dict(max_batch=max_batch, max_queue=32, prefill_chunk=5 if max_batch == 5 else 64)
     eager = make_engine(demo, decode_graphs="off", **sizes)
     fixed = make_engine(demo, decode_graphs="eager", **sizes)
@@ -89,17 +91,57 @@ def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_ba
     assert fixed.kv_cache.max_seqs == max_batch + 1  # one scratch slot
     calls = []
     run = fixed.graphs.run
-    fixed.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    fixed.graphs.run = lambda *a: calls.append((len(a[0]), a[4] is not None)) or run(*a)
     vocab = len(fixed.tokenizer)
-    gate = max_batch == 5  # the big batch leaves the gate out so whole decode steps take the fixed shape
-    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies, gate))]
-    got = [o.token_ids for o in fixed.generate(_mixed_requests(vocab, copies, gate))]
+    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies))]
+    got = [o.token_ids for o in fixed.generate(_mixed_requests(vocab, copies))]
     assert got == want
-    # Steps with a gate request route from the hidden state and run eagerly; once it has
-    # finished, decode steps of the others take the fixed shape, some with padding rows.
-    assert len(calls) >= 3 and any(fixed.graphs.rows_for(n) > n for n in calls), calls
+    # Every decode step takes the fixed shape: those with the gate request route it inside the
+    # step, the later ones run the plan's routes; some steps have padding rows.
+    assert any(gated for _, gated in calls) and not all(gated for _, gated in calls), calls
+    assert any(fixed.graphs.rows_for(n) > n for n, _ in calls), calls
+    assert any(key[2] == "gate" for key in fixed.graphs._shapes)
     if max_batch == 24:
-        assert max(calls) > 16, calls  # the 24-row bucket ran
+        assert max(n for n, _ in calls) > 16, calls  # the 24-row bucket ran
+    eager.close()
+    fixed.close()
+
+
+def _second_gate(demo, tmp_path) -> Path:
+    """The demo's routers plus `other-gate`, a top-1 gate over three adapters in another order."""
+    routers = tmp_path / "routers"
+    shutil.copytree(demo / "routers", routers)
+    torch.manual_seed(11)
+    other = GateRouter(GateRouter.load(demo / "routers" / "demo-gate").hidden_size, ["math", "multilingual", "code"], top_k=1)
+    other.gate.weight.data.normal_(std=1.0)  # spread its choices over the three adapters
+    other.save(routers / "other-gate")
+    return routers
+
+
+def test_steps_on_two_gates_run_eagerly_and_old_gates_shapes_are_dropped(demo, tmp_path):
+    """Rows on two different gates in one step leave the fixed shape (one gate per step routes
+    inside it); a third gate's shapes replace the least recently used one's (max_routers)."""
+    routers = _second_gate(demo, tmp_path)
+    sizes = dict(max_batch=4, max_queue=32, prefill_chunk=64, max_routers=1)
+    engines = [make_engine(demo, decode_graphs=mode, **sizes) for mode in ("off", "eager")]
+    for engine in engines:
+        engine.router_loader = lambda name: GateRouter.load(routers / name)
+    eager, fixed = engines
+    calls = []
+    run = fixed.graphs.run
+    fixed.graphs.run = lambda *a: calls.append(a[4] is not None) or run(*a)
+    both = lambda: [Request(PROMPTS[0], greedy(6), RouterSpec("demo-gate")),  # noqa: E731
+                    Request(PROMPTS[1], greedy(9), RouterSpec("other-gate"))]
+    assert [o.token_ids for o in fixed.generate(both())] == [o.token_ids for o in eager.generate(both())]
+    # While both run (decode tokens 2-6), steps are eager; after demo-gate's request ends,
+    # other-gate's last 3 decode steps take the fixed shape, routed inside it.
+    assert calls == [True] * 3, calls
+    gates = {shape.gate for shape in fixed.graphs._shapes.values() if shape.gate is not None}
+    assert [g.adapters for g in gates] == [["math", "multilingual", "code"]]
+    one = lambda: [Request(PROMPTS[2], greedy(5), RouterSpec("demo-gate"))]  # noqa: E731
+    assert fixed.generate(one())[0].token_ids == eager.generate(one())[0].token_ids
+    gates = {shape.gate for shape in fixed.graphs._shapes.values() if shape.gate is not None}
+    assert [g.adapters for g in gates] == [["code", "math", "chat", "multilingual"]]  # other-gate's dropped
     eager.close()
     fixed.close()
 
@@ -107,17 +149,19 @@ def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_ba
 @pytest.mark.gpu
 @pytest.mark.parametrize("max_batch,copies", [(5, 1), (24, 5)], ids=["decode-kernels", "grouped-kernels"])
 def test_cuda_graph_replay_matches_eager_steps(demo, max_batch, copies):
-    """Graph replays give the eager engine's tokens. With 24 rows x max_top_k 4 = 96 pairs the
-    captured LoRA launches take the grouped kernels with the fixed tile height."""
+    """Graph replays give the eager engine's tokens, the gate's steps (routed inside the graph)
+    too. With 24 rows x max_top_k 4 = 96 pairs the captured LoRA launches take the grouped
+    kernels with the fixed tile height."""
     sizes = dict(max_batch=max_batch, max_queue=32, prefill_chunk=64)
     eager = make_engine(demo, decode_graphs="off", **sizes)
     graphs = make_engine(demo, **sizes)
     assert graphs.graphs is not None and graphs.graphs.mode == "graphs"
     vocab = len(graphs.tokenizer)
-    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies, gate=False))]
-    got = [o.token_ids for o in graphs.generate(_mixed_requests(vocab, copies, gate=False))]
+    want = [o.token_ids for o in eager.generate(_mixed_requests(vocab, copies))]
+    got = [o.token_ids for o in graphs.generate(_mixed_requests(vocab, copies))]
     assert got == want
     assert graphs.graphs.captures > 0
+    assert any(key[2] == "gate" and shape.graph is not None for key, shape in graphs.graphs._shapes.items())
     assert max(rows for rows, _, _ in graphs.graphs._shapes) == graphs.graphs.rows_for(4 * copies)
     eager.close()
     graphs.close()
@@ -167,7 +211,7 @@ def test_capture_all_runs_every_shape_on_scratch_rows_only(demo):
 
 
 def test_failed_start_up_capture_falls_back_to_eager_steps(demo, monkeypatch, caplog):
-    def broken(self, shape):
+    def broken(self, shape, gate=None):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(DecodeGraphs, "_forward", broken)
@@ -177,5 +221,28 @@ def test_failed_start_up_capture_falls_back_to_eager_steps(demo, monkeypatch, ca
     reference = make_engine(demo, decode_graphs="off", max_batch=2)
     request = lambda: Request(PROMPTS[1], greedy(5), AdapterSpec("code"))  # noqa: E731
     assert engine.generate([request()])[0].token_ids == reference.generate([request()])[0].token_ids
+    engine.close()
+    reference.close()
+
+
+def test_failed_gate_capture_runs_that_shape_uncaptured(demo, monkeypatch, caplog):
+    """A gate's shapes are captured on a serving step; if that capture fails, the step (and the
+    later ones at that shape) run the same fixed-shape path uncaptured instead of failing."""
+    engine = make_engine(demo, decode_graphs="eager", max_batch=2)
+    reference = make_engine(demo, decode_graphs="off", max_batch=2)
+    engine.graphs.mode = "graphs"  # as on CUDA, minus the capture, which fails here:
+    captured = []
+
+    def broken(self, shape, gate=None):
+        captured.append(shape.gate is not None)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "_capture", broken)
+    request = lambda: Request(PROMPTS[1], greedy(6), RouterSpec("demo-gate"))  # noqa: E731
+    assert engine.generate([request()])[0].token_ids == reference.generate([request()])[0].token_ids
+    assert captured == [True]  # tried once; the shape then stays uncaptured
+    assert "capture failed for gate router" in caplog.text
+    errors = [shape.capture_error for shape in engine.graphs._shapes.values() if shape.gate is not None]
+    assert errors and all("not permitted" in e for e in errors)
     engine.close()
     reference.close()

@@ -190,3 +190,37 @@ def test_adjacent_requests_on_one_gate_route_over_a_view():
     assert plan.slots[2:].tolist() == [[SLOT_OF[gate.adapters[i]] for i in row] for row in index.tolist()]
     torch.testing.assert_close(plan.weights[2:], weights)
     assert plan.slots[:2].tolist() == [[2, -1]] * 2
+
+
+def test_route_static_matches_finalize():
+    """The fixed-shape decode step's routing (device ops only, over buffers): gate rows routed
+    from the hidden state, the other rows as resolved from the host, padding rows on no adapter;
+    the dispatch metadata equals finalize's."""
+    torch.manual_seed(4)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code", "image"], top_k=2)
+    hidden, ids = torch.randn(8, 8), torch.randint(0, 100, (8,))
+    bound = GateSpec(gate).bind(SLOT_OF)
+    rows = [(0, AdapterSpec("code")), (1, bound), (2, VocabSpec(((0, 50, "code"),), default="math")),
+            (3, bound), (4, MixtureSpec(("math", "image"), (0.5, 0.5))), (5, bound)]  # rows 6, 7: padding
+
+    want_plan = RoutingPlan(max_tokens=8, max_k=4, num_slots=4)
+    want_plan.begin(8, 4)
+    for row, spec in rows:
+        want_plan.assign(row, spec.bind(SLOT_OF) if spec is not bound else bound, ids[row : row + 1])
+    want = want_plan.finalize(hidden)
+
+    plan = RoutingPlan(max_tokens=8, max_k=4, num_slots=4)
+    plan.begin(8, 4)
+    flagged = torch.zeros(8, dtype=torch.bool)
+    for row, spec in rows:
+        if spec is bound:
+            flagged[row] = True
+        else:
+            plan.assign(row, spec.bind(SLOT_OF), ids[row : row + 1])
+    plan.resolve()
+    got = plan.route_static(hidden, gate, bound.lookup, flagged)
+    assert torch.equal(plan.slots, want_plan.slots)
+    torch.testing.assert_close(plan.weights, want_plan.weights)
+    for field in ("slots", "sorted_pairs", "slot_counts", "slot_offsets"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert got.host_counts() == want.host_counts() and got.host_route is None

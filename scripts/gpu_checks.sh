@@ -16,7 +16,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 status=0
 python3 -m pytest -q -m gpu tests/kernels tests/molora_core 2>&1 | tee "$out/gpu_tests.log" || status=1
-# The engine suite on CUDA: every decode step without a gate router replays a captured graph.
+# The engine suite on CUDA: every decode step with at most one gate router replays a captured graph.
 python3 -m pytest -q tests/molora_core/test_engine.py tests/molora_core/test_engine_streaming.py \
     tests/molora_core/test_engine_graphs.py 2>&1 | tee "$out/engine_tests_cuda.log" || status=1
 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee "$out/lora_layer.log" || status=1

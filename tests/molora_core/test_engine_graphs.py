@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels.meta
+from kernels import DispatchMeta
 from molora_core.engine import Request, RouterSpec
 from molora_core.engine.graphs import DecodeGraphs, batch_buckets, graph_mode, length_buckets
 from molora_core.model import KVCache, StepBatch, load_model
@@ -244,5 +246,42 @@ def test_failed_gate_capture_runs_that_shape_uncaptured(demo, monkeypatch, caplo
     assert "capture failed for gate router" in caplog.text
     errors = [shape.capture_error for shape in engine.graphs._shapes.values() if shape.gate is not None]
     assert errors and all("not permitted" in e for e in errors)
+    engine.close()
+    reference.close()
+
+
+def test_triton_fixed_shape_steps_read_nothing_back_and_match_the_torch_engine(demo, monkeypatch):
+    """What a CUDA graph captures, run on CPU through the Triton interpreter: fixed-shape decode
+    steps with the Triton kernels, a gate request routed inside the step, and no host read of the
+    dispatch counts inside those steps (a capture would fail on one). Tokens equal the torch
+    engine's. The step's 8 (token, k) pairs are sent to the grouped kernels, the ones whose tile
+    height would otherwise come from the busiest slot's count."""
+    monkeypatch.setattr(kernels.meta, "DECODE_MAX_PAIRS", 4)
+    requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
+                        Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
+    reference = make_engine(demo, decode_graphs="off", max_batch=2, prefill_chunk=64)
+    want = [o.token_ids for o in reference.generate(requests())]
+    engine = make_engine(demo, backend="triton", decode_graphs="eager", max_batch=2, prefill_chunk=64)
+    inside, steps = [False], []
+    host_counts = DispatchMeta.host_counts
+
+    def guarded(meta):
+        assert not inside[0], "a fixed-shape step read the dispatch counts back from the device"
+        return host_counts(meta)
+
+    monkeypatch.setattr(DispatchMeta, "host_counts", guarded)
+    run = engine.graphs.run
+
+    def run_guarded(*args):
+        inside[0] = True
+        try:
+            steps.append(args[4] is not None)
+            return run(*args)
+        finally:
+            inside[0] = False
+
+    engine.graphs.run = run_guarded
+    assert [o.token_ids for o in engine.generate(requests())] == want
+    assert steps and all(steps), steps  # every decode step fixed, the gate routed inside each
     engine.close()
     reference.close()

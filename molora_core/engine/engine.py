@@ -509,7 +509,7 @@ class Engine:
         if any(seq.router is not None for seq, _ in entries):
             # Always max_top_k choices over the bucket's rows: the shape the graph captured.
             self.plan.begin(rows, self.config.max_top_k)
-            ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
+            ids = torch.tensor(flat, dtype=torch.int64)  # host: the plan moves them for routers that read them
             gate_rows = []
             for row, (seq, _) in enumerate(entries):
                 if seq.router is not None and seq.router.needs_hidden:
@@ -528,10 +528,6 @@ class Engine:
     def _run_batch(self) -> None:
         started = time.perf_counter()
         entries = self._schedule()
-        batch = StepBatch.build(
-            [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
-            [seq.num_computed + n for seq, n in entries],
-        )
         flat = [t for seq, n in entries for t in seq.pending_ids(n)]
         is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
         # Fixed shapes route at most one gate router inside the step (see graphs.GateRouting).
@@ -543,13 +539,18 @@ class Engine:
                 if fixed_shape:
                     logits = self._run_graph(entries, flat)
                 else:
+                    batch = StepBatch.build(
+                        [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
+                        [seq.num_computed + n for seq, n in entries],
+                    )
                     ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
                     hook = self._route(entries, ids, batch)
                     logits = self.model(ids, batch.positions(self.device), batch, self.kv_cache,
                                         on_embeddings=hook, logits="last")
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
             tokens = sample(
-                logits[ready], [entries[b][0].request.sampling for b in ready],
+                logits if len(ready) == logits.shape[0] else logits[ready],
+                [entries[b][0].request.sampling for b in ready],
                 [entries[b][0].generator for b in ready],
             ) if ready else []
         except Exception as exc:

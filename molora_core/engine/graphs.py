@@ -137,10 +137,14 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_batch)
         self.length_buckets = length_buckets(max_seq_len)
         device, rows = kv_cache.device, self.batch_buckets[-1]
-        self.input_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # int64[B_max]
-        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)  # int64[B_max]
-        self.kv_slots = torch.full((rows,), self.scratch_slot, dtype=torch.int64, device=device)  # int64[B_max]
-        self.kv_lens = torch.ones(kv_cache.max_seqs, dtype=torch.int64, device=device)  # int64[S_kv]
+        # The step's inputs, one buffer so a step fills them with one host-to-device copy.
+        self._inputs = torch.zeros(3 * rows + kv_cache.max_seqs, dtype=torch.int64, device=device)
+        self.input_ids = self._inputs[:rows]  # int64[B_max]
+        self.positions = self._inputs[rows : 2 * rows]  # int64[B_max]
+        self.kv_slots = self._inputs[2 * rows : 3 * rows]  # int64[B_max]
+        self.kv_lens = self._inputs[3 * rows :]  # int64[S_kv]
+        self.kv_slots.fill_(self.scratch_slot)
+        self.kv_lens.fill_(1)
         self.gate_rows = torch.zeros(rows, dtype=torch.bool, device=device)  # bool[B_max]: routed by the gate
         self.max_gates = max_gates
         # id(gate) -> (gate, int32[A] its adapters' slots), least recently used first
@@ -169,7 +173,7 @@ class DecodeGraphs:
         n = len(token_ids)
         rows = self.rows_for(n)
         length = _bucket(max(context_lens), self.length_buckets)
-        self._fill(rows, token_ids, kv_slots, context_lens)
+        self._fill(token_ids, kv_slots, context_lens)
         if gate is None:
             return self._execute(self._shape(rows, length, _plan_key(lora_meta)), lora_meta)[:n]
         if lora_meta is not None or gate.plan.dispatch_buffers is None:
@@ -209,29 +213,26 @@ class DecodeGraphs:
         Every row is a padding row: only the scratch KV slot is written. lora_meta_for(rows):
         the routing plan's dispatch metadata over `rows` rows, all routed to no adapter."""
         before = self.captures
+        self._fill([], [], [])
         for rows in self.batch_buckets:
-            self._fill(rows, [], [], [])
             for length in self.length_buckets:
                 for lora_meta in (None, lora_meta_for(rows)):
                     self._execute(self._shape(rows, length, _plan_key(lora_meta)), lora_meta)
         return self.captures - before
 
-    def _fill(self, rows: int, token_ids: list[int], kv_slots: list[int], context_lens: list[int]) -> None:
-        """Copy one step's inputs into the buffers, padding to `rows` with scratch rows."""
-        pad = rows - len(token_ids)
-        device = self.input_ids.device
+    def _fill(self, token_ids: list[int], kv_slots: list[int], context_lens: list[int]) -> None:
+        """Copy one step's inputs into the buffers in one copy; every row past the sequences'
+        is a padding row (scratch KV slot, token 0 at position 0)."""
+        pad = self.input_ids.shape[0] - len(token_ids)
+        lens = [1] * self.kv_lens.shape[0]
+        for slot, length in zip(kv_slots, context_lens):
+            lens[slot] = length
         host = torch.tensor(
-            [list(token_ids) + [0] * pad, [c - 1 for c in context_lens] + [0] * pad,
-             list(kv_slots) + [self.scratch_slot] * pad],
+            list(token_ids) + [0] * pad + [c - 1 for c in context_lens] + [0] * pad
+            + list(kv_slots) + [self.scratch_slot] * pad + lens,
             dtype=torch.int64,
         )
-        lens = torch.ones(self.kv_lens.shape[0], dtype=torch.int64)
-        if kv_slots:
-            lens[list(kv_slots)] = torch.tensor(context_lens, dtype=torch.int64)
-        self.input_ids[:rows].copy_(host[0].to(device, non_blocking=True))
-        self.positions[:rows].copy_(host[1].to(device, non_blocking=True))
-        self.kv_slots[:rows].copy_(host[2].to(device, non_blocking=True))
-        self.kv_lens.copy_(lens.to(device, non_blocking=True))
+        self._inputs.copy_(host.to(self._inputs.device, non_blocking=True))
 
     def _shape(self, rows: int, length: int, lora: tuple[int, int, int] | None,
                gate: GateRouter | None = None) -> _Shape:

@@ -11,8 +11,9 @@ a request waits (bounded by `pin_timeout_s`) and is admitted once a running requ
 a slot; the wait queue itself is bounded by `max_queue`.
 
 The KV cache, the hot-set and the routing plan's dispatch buffers are allocated once at
-start-up, at fixed addresses, so decode steps that need no hidden state to route run as CUDA
-graphs captured per batch and length bucket (`molora_core.engine.graphs`) on CUDA.
+start-up, at fixed addresses, so decode steps run as CUDA graphs captured per batch and length
+bucket (`molora_core.engine.graphs`) on CUDA. The engine schedules; `StepRunner`
+(`molora_core.engine.step`) routes and runs each step's forward.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from kernels import default_backend_name, get_backend
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
-from molora_core.engine.graphs import DecodeGraphs, GateRouting, graph_mode
+from molora_core.engine.graphs import DecodeGraphs, graph_mode
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
 from molora_core.engine.sampling import sample
 from molora_core.engine.sequence import Sequence
+from molora_core.engine.step import StepRunner
 from molora_core.engine.stats import Counters, EngineStats, percentile
 from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
-from molora_core.model import KVCache, LoadedModel, StepBatch, load_pretrained
-from molora_core.routing import GateRouter, GateSlotRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
+from molora_core.model import KVCache, LoadedModel, load_pretrained
+from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
 
@@ -86,23 +88,24 @@ class Engine:
         self.context = LoRAContext(backend)
         attach_molora(self.model, self.hotset, self.context)
         self.packed_projections = pack_for_cpu(self.model) if self.device.type == "cpu" and config.pack_weights else 0
-        graphs = graph_mode(config.decode_graphs, self.device, backend.name, self.model.rotary.rope_type)
+        mode = graph_mode(config.decode_graphs, self.device, backend.name, self.model.rotary.rope_type)
         # Fixed-shape decode steps pad with rows that write a scratch KV slot past the last one.
-        kv_slots = config.max_batch + (graphs is not None)
+        kv_slots = config.max_batch + (mode is not None)
         self.kv_cache = KVCache.for_model(self.model, kv_slots, config.max_seq_len)
         self.plan = RoutingPlan(config.step_tokens, config.max_top_k, config.hot_slots, self.device)
-        self.graphs = None if graphs is None else DecodeGraphs(
-            self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, graphs,
+        graphs = None if mode is None else DecodeGraphs(
+            self.model, self.kv_cache, self.context, config.max_batch, config.max_seq_len, mode,
             max_gates=config.max_routers,
         )
+        self.runner = StepRunner(self.model, self.kv_cache, self.plan, self.context, graphs, config.max_top_k)
         self.graph_error: str | None = None  # why fixed-shape decode was turned off at start-up
         if self.graphs is not None and config.capture_at_start:
             try:
                 with torch.inference_mode():
-                    self.graphs.capture_all(self._unrouted_plan)
+                    self.graphs.capture_all(self.runner.unrouted_plan)
             except Exception as exc:  # a capture that fails must not take the engine down
                 log.warning("decode graphs turned off, every step runs eagerly: capture failed: %r", exc)
-                self.graphs, self.graph_error = None, repr(exc)
+                self.runner.graphs, self.graph_error = None, repr(exc)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self.eos_ids = loaded.eos_token_ids()
         self.counters = Counters()
@@ -127,6 +130,11 @@ class Engine:
         if background:
             self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
             self._thread.start()
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """The fixed-shape decode runner (CUDA graphs), or None when every step runs eagerly."""
+        return self.runner.graphs
 
     def _default_backend(self) -> str:
         # TRITON_INTERPRET=1 (set by the test suite for kernel tests) would make
@@ -477,76 +485,13 @@ class Engine:
                 budget -= n
         return entries
 
-    def _route(self, entries, ids: torch.Tensor, batch: StepBatch):
-        """Fill the step's routing plan; returns the on_embeddings hook (None if not needed)."""
-        routers = [seq.router for seq, _ in entries]
-        if all(r is None for r in routers):
-            self.context.meta = None
-            return None
-        self.plan.begin(ids.shape[0], max(r.top_k for r in routers if r is not None))
-        for (seq, n), start in zip(entries, batch.starts):
-            self.plan.assign(start, seq.router, ids[start : start + n])
-        if not self.plan.needs_hidden:
-            self.context.meta = self.plan.finalize()
-            return None
-
-        def on_embeddings(hidden: torch.Tensor) -> None:
-            self.context.meta = self.plan.finalize(hidden)
-
-        return on_embeddings
-
-    def _unrouted_plan(self, rows: int):
-        """The routing plan's dispatch metadata over `rows` rows with max_top_k choices, every
-        row on no adapter: the shape a fixed-shape decode step with adapters runs at."""
-        self.plan.begin(rows, self.config.max_top_k)
-        return self.plan.finalize()
-
-    def _run_graph(self, entries, flat: list[int]) -> torch.Tensor:
-        """A decode step at a fixed shape (molora_core.engine.graphs): logits [B, V]. Rows on a
-        gate router are routed inside the step; the plan holds every other row's route."""
-        rows = self.graphs.rows_for(len(entries))
-        meta = gate = None
-        if any(seq.router is not None for seq, _ in entries):
-            # Always max_top_k choices over the bucket's rows: the shape the graph captured.
-            self.plan.begin(rows, self.config.max_top_k)
-            ids = torch.tensor(flat, dtype=torch.int64)  # host: the plan moves them for routers that read them
-            gate_rows = []
-            for row, (seq, _) in enumerate(entries):
-                if seq.router is not None and seq.router.needs_hidden:
-                    gate_rows.append(row)
-                else:
-                    self.plan.assign(row, seq.router, ids[row : row + 1])
-            if gate_rows:
-                router = entries[gate_rows[0]][0].router
-                self.plan.resolve()
-                gate = GateRouting(router.gate, router.lookup.tolist(), gate_rows, self.plan)
-            else:
-                meta = self.plan.finalize()
-        return self.graphs.run(flat, [seq.kv_slot for seq, _ in entries],
-                               [seq.num_computed + 1 for seq, _ in entries], meta, gate)
-
     def _run_batch(self) -> None:
         started = time.perf_counter()
         entries = self._schedule()
         flat = [t for seq, n in entries for t in seq.pending_ids(n)]
         is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
-        # Fixed shapes route at most one gate router inside the step (see graphs.GateRouting).
-        hidden_routers = [seq.router for seq, _ in entries if seq.router is not None and seq.router.needs_hidden]
-        fixed_shape = (self.graphs is not None and is_decode and all(isinstance(r, GateSlotRouter) for r in hidden_routers)
-                       and len({r.batch_key() for r in hidden_routers}) <= 1)
         try:
-            with torch.inference_mode():
-                if fixed_shape:
-                    logits = self._run_graph(entries, flat)
-                else:
-                    batch = StepBatch.build(
-                        [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
-                        [seq.num_computed + n for seq, n in entries],
-                    )
-                    ids = torch.tensor(flat, dtype=torch.int64, device=self.device)
-                    hook = self._route(entries, ids, batch)
-                    logits = self.model(ids, batch.positions(self.device), batch, self.kv_cache,
-                                        on_embeddings=hook, logits="last")
+            logits = self.runner.logits(entries, flat, is_decode)
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
             tokens = sample(
                 logits if len(ready) == logits.shape[0] else logits[ready],
@@ -557,8 +502,6 @@ class Engine:
             for seq, _ in entries:
                 self._fail(seq, exc)
             return
-        finally:
-            self.context.meta = None
         c = self.counters
         c.steps += 1
         c.decode_steps += is_decode

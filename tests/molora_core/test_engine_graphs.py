@@ -202,7 +202,7 @@ def test_capture_all_runs_every_shape_on_scratch_rows_only(demo):
     engine.kv_cache.k[:, scratch] = float("nan")
     keys_before, values_before = engine.kv_cache.k.clone(), engine.kv_cache.v.clone()
     with torch.inference_mode():
-        assert graphs.capture_all(engine._unrouted_plan) == 0  # eager: nothing to capture
+        assert graphs.capture_all(engine.runner.unrouted_plan) == 0  # eager: nothing to capture
     assert torch.equal(engine.kv_cache.k[:, :scratch], keys_before[:, :scratch])
     assert torch.equal(engine.kv_cache.v[:, :scratch], values_before[:, :scratch])
     assert torch.isfinite(engine.kv_cache.k[0, scratch, :, 0]).all()  # the padding rows wrote here

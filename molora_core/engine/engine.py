@@ -205,6 +205,7 @@ class Engine:
             waiting=waiting, running=len(self._running), submitted=c.submitted, finished=c.finished,
             aborted=c.aborted, failed=c.failed, rejected=c.rejected, prompt_tokens=c.prompt_tokens,
             generated_tokens=c.generated_tokens, steps=c.steps, decode_steps=c.decode_steps,
+            graph_steps=self.runner.fixed_steps, graph_captures=0 if self.graphs is None else self.graphs.captures,
             tokens_by_adapter=dict(c.tokens_by_adapter), hotset_hits=h.stats.hits,
             hotset_host_hits=h.stats.host_hits, hotset_cold_loads=h.stats.cold_loads,
             hotset_evictions=h.stats.evictions, resident_adapters=resident,

@@ -48,6 +48,8 @@ class EngineStats:
     generated_tokens: int
     steps: int
     decode_steps: int
+    graph_steps: int  # decode steps at a fixed shape (CUDA-graph replays on CUDA)
+    graph_captures: int  # CUDA graphs captured so far (start-up shapes, then gate routers' shapes)
     tokens_by_adapter: dict[str, int]
     hotset_hits: int
     hotset_host_hits: int

@@ -31,13 +31,16 @@ class StepRunner:
                  graphs: DecodeGraphs | None, max_top_k: int):
         self.model, self.kv_cache, self.plan, self.context = model, kv_cache, plan, context
         self.graphs, self.max_top_k = graphs, max_top_k
+        self.fixed_steps = 0  # steps run at a fixed shape (the engine's stats report them)
 
     def logits(self, entries: Entries, flat: list[int], is_decode: bool) -> torch.Tensor:
         """Logits [B, V] of each entry's last new token; flat: every entry's new token ids, in order."""
         try:
             with torch.inference_mode():
                 if self.graphs is not None and is_decode and _fits_fixed_shape(entries):
-                    return self._fixed_shape(entries, flat)
+                    logits = self._fixed_shape(entries, flat)
+                    self.fixed_steps += 1
+                    return logits
                 batch = StepBatch.build(
                     [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
                     [seq.num_computed + n for seq, n in entries],

@@ -150,7 +150,8 @@ def test_metrics_exposes_serving_figures(served):
         text = c.get("/metrics").text
     for name in ("molora_time_to_first_token_seconds_bucket", "molora_tokens_per_second", "molora_queue_depth",
                  "molora_hotset_hits_total", "molora_hotset_misses_total", "molora_hotset_evictions_total",
-                 "molora_adapter_load_seconds_sum", "molora_adapter_tokens_total"):
+                 "molora_adapter_load_seconds_sum", "molora_adapter_tokens_total", "molora_engine_decode_steps_total",
+                 "molora_engine_graph_steps_total", "molora_engine_graph_captures_total"):
         assert name in text, name
     assert 'adapter="code@1"' in text
     json.dumps(text)

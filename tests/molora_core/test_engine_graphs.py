@@ -105,6 +105,9 @@ def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_ba
     assert any(key[2] == "gate" for key in fixed.graphs._shapes)
     if max_batch == 24:
         assert max(n for n, _ in calls) > 16, calls  # the 24-row bucket ran
+    stats = fixed.stats()
+    assert stats.graph_steps == len(calls) and stats.graph_captures == 0  # uncaptured mode
+    assert stats.decode_steps >= len(calls) and eager.stats().graph_steps == 0
     eager.close()
     fixed.close()
 

@@ -127,22 +127,17 @@ class RoutingPlan:
             batches.setdefault(("single", i) if key is None else key, []).append(entry)
         for entries in batches.values():
             router = entries[0][2]
-            if len(entries) == 1:
-                start, end, _, token_ids = entries[0]
-                h = hidden[start:end] if router.needs_hidden else None
-                self._write(start, end, *router.route(token_ids.to(self.device), h))
-                continue
-            token_ids = torch.cat([ids.to(self.device) for _, _, _, ids in entries])
+            ids = [token_ids.to(self.device) for _, _, _, token_ids in entries]
+            token_ids = ids[0] if len(ids) == 1 else torch.cat(ids)
             spans = [(start, end) for start, end, _, _ in entries]
             if all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:])):
-                # Adjacent rows (the engine schedules a router's requests together): views.
-                start, end = spans[0][0], spans[-1][1]
-                h = hidden[start:end] if router.needs_hidden else None
-                self._write(start, end, *router.route(token_ids, h))
-                continue
-            rows = torch.tensor([r for start, end in spans for r in range(start, end)], device=self.device)
-            h = hidden.index_select(0, rows) if router.needs_hidden else None
-            self._write_rows(rows, *router.route(token_ids, h))
+                # One request, or adjacent ones (the engine schedules a router's requests together): views.
+                rows = slice(spans[0][0], spans[-1][1])
+                h = hidden[rows] if router.needs_hidden else None
+            else:
+                rows = torch.tensor([r for start, end in spans for r in range(start, end)], device=self.device)
+                h = hidden.index_select(0, rows) if router.needs_hidden else None
+            self._write(rows, *router.route(token_ids, h))
         self._pending.clear()
 
     def _constant_lists(self) -> tuple[list[int], list[float]]:
@@ -167,23 +162,14 @@ class RoutingPlan:
         else:
             self.weights.copy_(weights)
 
-    def _write_rows(self, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+    def _write(self, rows: slice | torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> None:
+        """Routes of `rows` (a slice or long row indices) of the step."""
         k = slots.shape[1]
         if self.dispatch_buffers is None and weights.requires_grad:
+            # Out of place, so gradients reach the router through the plan's weights.
             full = self.weights.clone()
             full[rows, :k] = weights
             self._weights_flat = full.reshape(-1)
         else:
             self.weights[rows, :k] = weights
         self.slots[rows, :k] = slots.to(self.device)
-
-    def _write(self, start: int, end: int, slots: torch.Tensor, weights: torch.Tensor) -> None:
-        k = slots.shape[1]
-        if self.dispatch_buffers is None and weights.requires_grad:
-            # Out of place, so gradients reach the router through the plan's weights.
-            full = self.weights.clone()
-            full[start:end, :k] = weights
-            self._weights_flat = full.reshape(-1)
-        else:
-            self.weights[start:end, :k] = weights
-        self.slots[start:end, :k] = slots.to(self.device)

@@ -7,8 +7,8 @@
 
 Besides serving, a replica
 - cold-loads adapters and gate routers from the registry (object storage -> disk cache -> host
-  memory -> a hot-set slot). Adapter loads run on the engine's background pool while running
-  requests keep decoding; a gate router's (small) load still runs on the step thread.
+  memory -> a hot-set slot). Adapter and router loads run on the engine's background pool
+  while running requests keep decoding.
 - heartbeats its hot-set, load and per-adapter demand to the registry, and publishes its engine
   counters for the ingress's /metrics;
 - follows registry events: a key of an updated or deleted adapter leaves its slot;

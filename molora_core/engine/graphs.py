@@ -196,16 +196,14 @@ class DecodeGraphs:
         lookup = torch.zeros(len(gate.adapters), dtype=torch.int32, device=self.gate_rows.device)
         self._gates[key] = (gate, lookup)
         while len(self._gates) > self.max_gates:
-            self.drop_gate(next(iter(self._gates.values()))[0])
+            self._drop_gate(next(iter(self._gates.values()))[0])
         return lookup
 
-    def drop_gate(self, gate: GateRouter) -> int:
-        """Forget a gate router's shapes (and graphs); returns how many were dropped."""
-        keys = [key for key, shape in self._shapes.items() if shape.gate is gate]
-        for key in keys:
+    def _drop_gate(self, gate: GateRouter) -> None:
+        """Forget a gate router's shapes (and graphs), the least recently used one past max_gates."""
+        for key in [key for key, shape in self._shapes.items() if shape.gate is gate]:
             del self._shapes[key]
         self._gates.pop(id(gate), None)
-        return len(keys)
 
     def capture_all(self, lora_meta_for: Callable[[int], DispatchMeta]) -> int:
         """Capture every (batch bucket, length bucket) shape, with and without LoRA, now rather

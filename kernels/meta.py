@@ -117,7 +117,9 @@ def build_dispatch(
     histogram = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
     histogram.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     counts.copy_(histogram[:num_slots])
-    offsets[0] = 0
+    # A fill, not `offsets[0] = 0`: on CUDA that assignment copies a CPU scalar, which a CUDA
+    # graph capture refuses.
+    offsets[:1].zero_()
     torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
     return DispatchMeta(
         num_tokens=num_tokens,

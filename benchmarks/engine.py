@@ -173,7 +173,7 @@ def main() -> None:
                               max_step_tokens=s["batch"] * (s["prompt"] + 1), max_queue=4 * s["batch"])
         engine = Engine(loaded, config, adapter_loader=lambda name: load_peft_adapter(root / name, name=name))
         torch.manual_seed(7)
-        gate = GateRouter(s["hidden"], [f"a{i}" for i in range(NUM_ADAPTERS)], top_k=2)
+        gate = GateRouter(s["hidden"], [f"a{i}" for i in range(NUM_ADAPTERS)], top_k=2).to(device)
         scenarios = {
             "a_base": lambda i: BaseSpec(),
             "b_adapter_per_request": lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}"),

@@ -296,12 +296,27 @@ class Engine:
                 )
             if isinstance(spec, MixtureSpec) and len(names) > self.config.max_top_k:
                 raise RequestInvalid(f"a mixture of {len(names)} adapters exceeds max_top_k={self.config.max_top_k}")
+            if isinstance(spec, GateSpec):
+                self._check_router(spec.router, "the request's gate router")
+                device = spec.router.gate.weight.device
+                if device != self.device:
+                    raise RouterInvalid(
+                        f"the request's gate router is on {device}; this engine runs on {self.device} "
+                        "(move it with router.to(device) first)"
+                    )
         p = request.sampling
         generator = None
         if not p.greedy:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
         return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator)
+
+    def _check_router(self, router: GateRouter, what: str) -> None:
+        hidden = self.model.config.hidden_size
+        if router.hidden_size != hidden:
+            raise RouterInvalid(f"{what} reads hidden size {router.hidden_size}; the model's is {hidden}")
+        if router.top_k > self.config.max_top_k:
+            raise RouterInvalid(f"{what} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
 
     def _gate(self, name: str) -> GateRouter | None:
         """Router `name`, or None while its load runs in the background (started here, so a
@@ -321,11 +336,7 @@ class Engine:
             return None
         del self._router_fetches[name]
         router = future.result()
-        hidden = self.model.config.hidden_size
-        if router.hidden_size != hidden:
-            raise RouterInvalid(f"router {name!r} reads hidden size {router.hidden_size}; the model's is {hidden}")
-        if router.top_k > self.config.max_top_k:
-            raise RouterInvalid(f"router {name!r} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
+        self._check_router(router, f"router {name!r}")
         router = router.to(self.device).eval()
         self._routers[name] = router
         while len(self._routers) > self.config.max_routers:

@@ -15,9 +15,9 @@ import torch
 
 from molora_core.demo import ensure_demo_assets
 from molora_core.engine import Engine, EngineConfig, Request, RouterSpec, SamplingParams
-from molora_core.errors import AdapterNotFound, CapacityExceeded, RequestInvalid
+from molora_core.errors import AdapterNotFound, CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.peft_io import load_peft_adapter
-from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, MixtureSpec, VocabSpec
+from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, GateSpec, MixtureSpec, VocabSpec
 
 PROMPTS = ["Q: What is 12 + 7? A:", "def add_3(x):", "User: Hello! How are you today?\nAssistant:", "Bonjour"]
 
@@ -166,6 +166,21 @@ def test_bad_requests_are_refused(engine):
         engine.submit(Request([5, 99999], greedy(2)))
     with pytest.raises(RequestInvalid, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_bad_in_memory_gate_routers_are_refused_at_submit(demo):
+    engine = make_engine(demo, max_top_k=2)
+    hidden = engine.model.config.hidden_size
+    bad_gates = {
+        "reads hidden size 8": GateRouter(8, ["code", "math"]),
+        "top_k=3 > max_top_k=2": GateRouter(hidden, ["code", "math", "chat"], top_k=3),
+        "is on meta; this engine runs on": GateRouter(hidden, ["code", "math"]).to("meta"),
+    }
+    for message, gate in bad_gates.items():
+        with pytest.raises(RouterInvalid, match=message):
+            engine.submit(Request([5, 6], greedy(2), GateSpec(gate)))
+    assert engine.stats().rejected == len(bad_gates) and engine.stats().submitted == 0
+    engine.close()
 
 
 def test_unknown_adapter_fails_only_that_request(demo):

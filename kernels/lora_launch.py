@@ -101,14 +101,15 @@ def check_shrink_args(
 
 def check_expand_args(
     op: str,
-    h: torch.Tensor,
+    h: torch.Tensor | None,
     lora_b_stacked: torch.Tensor,
     slot_ranks: torch.Tensor,
     slot_scales: torch.Tensor,
     meta: DispatchMeta,
     out: torch.Tensor,
 ) -> None:
-    """h float32[N, R] contiguous; lora_b_stacked [S, D_out, R] contiguous; out [T, D_out] same dtype."""
+    """h float32[N, R] contiguous (None: computed inside the kernel); lora_b_stacked [S, D_out, R]
+    contiguous; out [T, D_out] same dtype."""
     if out.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{op}: out dtype {out.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
     if lora_b_stacked.dtype != out.dtype:
@@ -118,7 +119,7 @@ def check_expand_args(
             f"{op}: lora_b_stacked must be [S={meta.num_slots}, D_out, R]; got {list(lora_b_stacked.shape)}"
         )
     _, d_out, rank = lora_b_stacked.shape
-    if h.dtype != torch.float32 or tuple(h.shape) != (meta.num_pairs, rank) or not h.is_contiguous():
+    if h is not None and (h.dtype != torch.float32 or tuple(h.shape) != (meta.num_pairs, rank) or not h.is_contiguous()):
         raise ValueError(
             f"{op}: h must be contiguous float32[N={meta.num_pairs}, R={rank}]; got {h.dtype}{list(h.shape)}"
         )
@@ -136,6 +137,8 @@ def check_expand_args(
         )
     others = {"h": h, "lora_b_stacked": lora_b_stacked, "slot_scales": slot_scales, "meta.weights": meta.weights}
     for name, t in others.items():
+        if t is None:
+            continue
         if t.device != out.device:
             raise ValueError(f"{op}: {name} is on {t.device}, out on {out.device}")
     if meta.weights.dtype != torch.float32 or not meta.weights.is_contiguous():

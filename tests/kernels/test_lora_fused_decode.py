@@ -1,0 +1,191 @@
+"""The fused decode kernel (shrink and expand in one launch, up to 3 modules sharing x) against a
+float64 pair-by-pair oracle (interpreter on CPU, real shapes on GPU), and the Triton backend's
+use of it against its separate shrink and expand kernels.
+
+As in test_lora_triton: lora padding past each slot's rank is NaN and outputs start random, so a
+kernel that reads padding, skips a pair or writes a row it does not own fails loudly.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.backends import TritonBackend  # noqa: E402
+from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
+from kernels.meta import DispatchBuffers, DispatchMeta  # noqa: E402
+from tests.kernels.helpers import DTYPES, assert_close, make_problem, naive_expand, naive_shrink  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Group:
+    """G modules reading one x: shared routing (module 0's), per-module ranks, scales and weights."""
+
+    def __init__(self, num_tokens, top_k, num_slots, d_in, d_outs, rank, dist, dtype, device=DEVICE, seed=0):
+        self.problems = [make_problem(num_tokens, top_k, num_slots, d_in, d, rank, dtype, dist, seed=seed + g,
+                                      device=device) for g, d in enumerate(d_outs)]
+        p0 = self.problems[0]
+        self.x, self.slots, self.weights, self.meta = p0.x, p0.slots, p0.weights, p0.meta
+        self.lora_a = torch.stack([p.lora_a for p in self.problems])
+        self.lora_b = [p.lora_b for p in self.problems]
+        self.ranks = torch.stack([p.ranks for p in self.problems])
+        self.scales = torch.stack([p.scales for p in self.problems])
+        self.d_outs = list(d_outs)
+        # The outs are column slices of one output, as a MoLoRAGroup passes them.
+        self.out = torch.cat([p.out for p in self.problems], dim=1)
+
+    def outs(self):
+        out = self.out.clone()
+        return out, list(out.split(self.d_outs, dim=1))
+
+    def expected(self, x=None, slots=None, weights=None):
+        """float64 oracle of out after the step; x, slots, weights: another step's, same adapters."""
+        x, slots = (self.x if x is None else x).cpu(), (self.slots if slots is None else slots).cpu()
+        weights = (self.weights if weights is None else weights).cpu()
+        parts = []
+        for g, p in enumerate(self.problems):
+            ranks, scales = self.ranks[g].cpu(), self.scales[g].cpu()
+            h = naive_shrink(x, self.lora_a[g].cpu(), ranks, slots)
+            parts.append(naive_expand(h, p.lora_b.cpu(), ranks, scales, slots, weights, p.out.cpu()))
+        return torch.cat(parts, dim=1)
+
+
+# (T, K, S, D_in, D_outs, R, routing)
+CASES = [
+    (1, 1, 4, 256, (256,), 16, "uniform"),
+    (5, 2, 5, 64, (64, 32, 32), 16, "with_none"),  # q/k/v
+    (16, 2, 8, 128, (384, 384), 8, "zipf"),  # gate/up; max rank below the 16-wide rank tile
+    (7, 4, 6, 96, (40, 24, 72), 48, "empty_slots"),  # no dimension a power of two
+    (32, 2, 4, 512, (128,), 64, "skewed"),
+    (3, 3, 3, 48, (17,), 12, "one"),  # every choice on one slot
+]
+
+
+def case_id(c):
+    return "T{}K{}S{}D{}x{}R{}-{}".format(c[0], c[1], c[2], c[3], "+".join(map(str, c[4])), c[5], c[6])
+
+
+def check_fused(group: Group, dtype):
+    out, outs = group.outs()
+    assert lora_fused_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs) == outs
+    assert_close(out, group.expected(), dtype, "lora_fused_decode")
+    untouched = (group.slots < 0).all(dim=1)
+    assert torch.equal(out[untouched], group.out[untouched]), "rows without an adapter changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_decode_matches_pair_by_pair_oracle(case, dtype):
+    check_fused(Group(*case, dtype), dtype)
+
+
+@pytest.mark.parametrize("num_modules", [1, 2, 3, 5])
+def test_backend_decode_uses_one_launch_per_three_modules_and_equals_separate_kernels(num_modules, monkeypatch):
+    group = Group(6, 2, 5, 64, [48, 32, 16, 40, 24][:num_modules], 16, "with_none", torch.float32)
+    split_out, split_outs = group.outs()
+    TritonBackend(fused_decode=False).apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
+                                                   group.meta, split_outs)
+    import kernels.lora_fused_decode as fused_module
+
+    launches = []
+    real = fused_module.lora_fused_decode
+    monkeypatch.setattr(fused_module, "lora_fused_decode", lambda *a: launches.append(len(a[2])) or real(*a))
+    backend = TritonBackend()
+    monkeypatch.setattr(DispatchMeta, "host_counts", lambda self: pytest.fail("the decode path read counts back"))
+    out, outs = group.outs()
+    backend.apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+    assert launches == [3] * (num_modules // 3) + ([num_modules % 3] if num_modules % 3 else [])
+    assert_close(out, split_out, torch.float32, "fused vs separate shrink and expand")
+    assert_close(out, group.expected(), torch.float32, "fused vs oracle")
+    # One module through `apply` takes the same kernel.
+    p = group.problems[0]
+    single = p.out.clone()
+    backend.apply(group.x, p.lora_a, p.lora_b, p.ranks, p.scales, group.meta, single)
+    assert_close(single, out[:, : group.d_outs[0]], torch.float32, "apply vs apply_shared")
+
+
+def test_prefill_steps_keep_the_grouped_kernels(monkeypatch):
+    import kernels.lora_fused_decode as fused_module
+
+    monkeypatch.setattr(fused_module, "lora_fused_decode", lambda *a: pytest.fail("fused kernel on a prefill step"))
+    group = Group(40, 2, 5, 64, (32, 16), 16, "uniform", torch.float32)
+    assert not group.meta.is_decode
+    out, outs = group.outs()
+    TritonBackend().apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+    assert_close(out, group.expected(), torch.float32)
+
+
+def test_bad_arguments_raise():
+    group = Group(4, 2, 3, 32, (16, 16, 16, 16), 8, "uniform", torch.float32)
+    _, outs = group.outs()
+    args = (group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta)
+    with pytest.raises(ValueError, match="1 to 3 modules"):
+        lora_fused_decode(*args, outs)
+    three = (group.x, group.lora_a[:3], group.lora_b[:3], group.ranks[:3], group.scales[:3], group.meta)
+    with pytest.raises(ValueError, match="as many outs"):
+        lora_fused_decode(*three, outs[:2])
+    with pytest.raises(ValueError, match="ranks_group must be"):
+        lora_fused_decode(group.x, group.lora_a[:3], group.lora_b[:3], group.ranks[:2], group.scales[:3],
+                          group.meta, outs[:3])
+    with pytest.raises(ValueError, match="lora_a_group must be"):
+        lora_fused_decode(group.x, group.lora_a[:2], group.lora_b[:3], group.ranks[:3], group.scales[:3],
+                          group.meta, outs[:3])
+    with pytest.raises(ValueError, match="out must be"):
+        lora_fused_decode(*three, [outs[0], outs[1], outs[2][:2]])
+
+
+# Real shapes on a GPU (skipped without CUDA by tests/conftest.py).
+GPU_CASES = [
+    (16, 2, 8, 4096, (4096, 1024, 1024), 16, "with_none"),
+    (64, 1, 16, 4096, (14336, 14336), 64, "zipf"),
+    (8, 4, 4, 1024, (1024, 512, 512), 128, "uniform"),
+    (32, 2, 4, 3072, (1024,), 16, "skewed"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_fused_decode_matches_oracle_gpu(case, dtype):
+    check_fused(Group(*case, dtype, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_fused_decode_cuda_graph_replays_new_routing_gpu():
+    """Captured once, replayed after the routing (and x) changed: the kernel reads the dispatch
+    buffers at their fixed addresses and syncs with nothing."""
+    num_tokens, top_k, num_slots, d_outs = 16, 2, 8, (1024, 512, 512)
+    first = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "uniform", torch.bfloat16, device="cuda", seed=1)
+    second = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "with_none", torch.bfloat16, device="cuda", seed=1)
+    second.x = torch.randn_like(first.x)  # same adapters (seed), new tokens and routing
+    buffers = DispatchBuffers(num_tokens, top_k, num_slots, device="cuda")
+    meta = buffers.build(first.slots, first.weights)
+    x = first.x.clone()
+    out, outs = first.outs()
+    backend = TritonBackend()
+
+    def step():
+        backend.apply_shared(x, first.lora_a, first.lora_b, first.ranks, first.scales, meta, outs)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for step_inputs, name in ((first, "first"), (second, "new")):
+        buffers.build(step_inputs.slots, step_inputs.weights)
+        x.copy_(step_inputs.x)
+        out.copy_(first.out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = first.expected(step_inputs.x, step_inputs.slots, step_inputs.weights)
+        assert_close(out, expected, torch.bfloat16, f"replay with the {name} routing")

@@ -104,6 +104,18 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
             "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps)}
 
 
+def split_decode_engine(loaded, config: EngineConfig, loader) -> Engine:
+    """An engine whose decode steps launch LoRA shrink and expand separately (the Triton backend
+    before its fused decode kernel), captured the same way, for an A/B in one run."""
+    engine = Engine(loaded, config.model_copy(update={"capture_at_start": False}), adapter_loader=loader)
+    if not hasattr(engine.context.backend, "fused_decode"):
+        raise SystemExit(f"--compare-split needs the triton backend; this engine runs {engine.context.backend.name}")
+    engine.context.backend.fused_decode = False
+    if engine.graphs is not None and config.capture_at_start:
+        engine.graphs.capture_all(engine.runner.unrouted_plan)
+    return engine
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput, plus every run's throughput."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
@@ -154,6 +166,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per scenario (median kept)")
+    parser.add_argument("--compare-split", action="store_true",
+                        help="also run (b) and (c) on a second engine whose Triton backend launches shrink and "
+                             "expand separately in decode steps instead of the fused decode kernel")
+    parser.add_argument("--skip-peft", action="store_true",
+                        help="leave out the transformers + PEFT baseline (slow at full size); no vs_peft_throughput")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "full")
@@ -171,20 +188,26 @@ def main() -> None:
         config = EngineConfig(max_batch=s["batch"], max_seq_len=s["prompt"] + s["new"] + 8, hot_slots=NUM_ADAPTERS,
                               max_rank=RANK, max_top_k=2, prefill_chunk=max(256, s["prompt"]),
                               max_step_tokens=s["batch"] * (s["prompt"] + 1), max_queue=4 * s["batch"])
-        engine = Engine(loaded, config, adapter_loader=lambda name: load_peft_adapter(root / name, name=name))
+        loader = lambda name: load_peft_adapter(root / name, name=name)  # noqa: E731
+        engine = Engine(loaded, config, adapter_loader=loader)
         torch.manual_seed(7)
         gate = GateRouter(s["hidden"], [f"a{i}" for i in range(NUM_ADAPTERS)], top_k=2).to(device)
         scenarios = {
-            "a_base": lambda i: BaseSpec(),
-            "b_adapter_per_request": lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}"),
-            "c_gate_per_token": lambda i: GateSpec(gate),
+            "a_base": (engine, lambda i: BaseSpec()),
+            "b_adapter_per_request": (engine, lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}")),
+            "c_gate_per_token": (engine, lambda i: GateSpec(gate)),
         }
-        peft = peft_runner(root, s, device, dtype)
-        runs = {name: [] for name in [*scenarios, "peft_mixed_adapter_names"]}
+        if args.compare_split:
+            split = split_decode_engine(load_pretrained(root / "model", dtype_name, device), config, loader)
+            scenarios["b_adapter_per_request_split"] = (split, scenarios["b_adapter_per_request"][1])
+            scenarios["c_gate_per_token_split"] = (split, scenarios["c_gate_per_token"][1])
+        peft = None if args.skip_peft else peft_runner(root, s, device, dtype)
+        runs = {name: [] for name in [*scenarios, *(["peft_mixed_adapter_names"] if peft else [])]}
         for _ in range(args.repeats):
-            for name, routing in scenarios.items():
-                runs[name].append(run_ours(engine, requests(s, routing)))
-            runs["peft_mixed_adapter_names"].append(peft())
+            for name, (ours, routing) in scenarios.items():
+                runs[name].append(run_ours(ours, requests(s, routing)))
+            if peft:
+                runs["peft_mixed_adapter_names"].append(peft())
         results = {name: median_run(r) for name, r in runs.items()}
 
     print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
@@ -195,7 +218,8 @@ def main() -> None:
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
         p99 = r.get("step_p99_ms")
         print(f"{name:<28}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{(f'{p99:.2f}' if p99 else 'n/a'):>14}")
-    vs_peft = results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"]
+    vs_peft = None if peft is None else (
+        results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]
     report = {
         "benchmark": "engine",
@@ -204,9 +228,14 @@ def main() -> None:
         "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
+    if args.compare_split:
+        report["molora_vs_base_throughput_split_decode"] = (
+            results["c_gate_per_token_split"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
     write_json(args.out, report)
     print(f"wrote {args.out}")
-    print(f"vs_peft_throughput: {vs_peft:.2f}")
+    print("vs_peft_throughput: " + ("n/a (--skip-peft)" if vs_peft is None else f"{vs_peft:.2f}"))
+    if args.compare_split:
+        print(f"molora_vs_base_throughput_split_decode: {report['molora_vs_base_throughput_split_decode']:.2f}")
     print(f"molora_vs_base_throughput: {vs_base:.2f}")
 
 

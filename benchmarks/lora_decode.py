@@ -1,0 +1,217 @@
+"""Decode-step LoRA cost of a whole decoder stack, as CUDA graphs replay it: split vs fused kernels.
+
+One decode step's LoRA work is a rank-16 product per (token, choice), so on a GPU it costs what
+its launches cost. This times, per decode step over `--layers` layers of a Qwen3-0.6B-shaped
+decoder (q/k/v, o, gate/up, down), captured in one CUDA graph each and replayed:
+  base   the base projections alone (one matmul per group: q/k/v fused, o, gate/up fused, down),
+  split  the Triton backend with separate shrink and expand launches (14 per layer),
+  fused  the Triton backend's fused decode kernel (one launch per group of up to 3 modules: 4).
+Every layer has its own weights and adapters (as in a model), for two routings of 16 tokens:
+adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
+
+    python benchmarks/lora_decode.py                 # CUDA
+    TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
+
+Prints a table, writes JSON and ends with ``fused_vs_split_decode: <split / fused LoRA time>`` and
+``fused_lora_vs_base: <fused LoRA time / base time>`` (gate-like routing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, print_table, write_json  # noqa: E402
+from kernels.backends import TritonBackend  # noqa: E402
+from kernels.meta import DispatchBuffers  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (name, D_in, D_out of each member): Qwen3-0.6B's projections at head_dim 64 (the engine benchmark's).
+GROUPS = [("qkv", 1024, (1024, 512, 512)), ("o", 1024, (1024,)), ("gate_up", 1024, (3072, 3072)), ("down", 3072, (1024,))]
+# A 7B-class layer (Llama / Mistral / Qwen2 7B shapes), for where the fused kernel's recomputed
+# shrink (once per output tile) starts to cost more than the launch it saves.
+GROUPS_7B = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4096, (14336, 14336)),
+             ("down", 14336, (4096,))]
+
+
+def make_layers(num_layers, num_adapters, rank, dtype, device, groups=GROUPS, base=True):
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).mul_(scale).to(dtype)
+
+    layers = []
+    for _ in range(num_layers):
+        layer = []
+        for _, d_in, d_outs in groups:
+            layer.append({
+                "weight": rand(sum(d_outs), d_in, scale=d_in**-0.5) if base else None,
+                "lora_a": rand(len(d_outs), num_adapters, rank, d_in, scale=d_in**-0.5),
+                "lora_b": [rand(num_adapters, d, rank, scale=rank**-0.5) for d in d_outs],
+                "ranks": torch.full((len(d_outs), num_adapters), rank, dtype=torch.int32, device=device),
+                "scales": torch.full((len(d_outs), num_adapters), 2.0, dtype=torch.float32, device=device),
+            })
+        layers.append(layer)
+    return layers
+
+
+def routings(num_tokens, num_adapters, device):
+    gen = torch.Generator().manual_seed(1)
+    per_request = torch.stack([torch.arange(num_tokens) % num_adapters, torch.full((num_tokens,), -1)], dim=1)
+    top2 = torch.stack([torch.randperm(num_adapters, generator=gen)[:2] for _ in range(num_tokens)])
+    weights = torch.softmax(torch.randn(num_tokens, 2, generator=gen), dim=-1)
+    return {
+        "adapter_per_request": (per_request.int().to(device), torch.tensor([[1.0, 0.0]] * num_tokens, device=device)),
+        "gate_top2": (top2.int().to(device), weights.to(device)),
+    }
+
+
+def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
+    """One decode step's projections over every layer (the inputs are the same for every layer:
+    what is timed is the work, not the values)."""
+    backend = None if variant == "base" else TritonBackend(fused_decode=variant == "fused")
+
+    def step():
+        for layer in layers:
+            for (_, _, d_outs), group, x, out in zip(groups, layer, xs, outs):
+                if backend is None:
+                    torch.matmul(x, group["weight"].T, out=out)
+                else:
+                    backend.apply_shared(x, group["lora_a"], group["lora_b"], group["ranks"], group["scales"], meta,
+                                         list(out.split(d_outs, dim=1)))
+
+    return step
+
+
+def time_graph(step, repeats, device):
+    """Median ms of one step: a CUDA graph replay on CUDA, an eager call elsewhere."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--skip-per-group", action="store_true", help="only the whole-layer table")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_decode.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+
+    layers = make_layers(args.layers, args.adapters, args.rank, dtype, device)
+    xs = [torch.randn(args.tokens, d_in, device=device).to(dtype) for _, d_in, _ in GROUPS]
+    outs = [torch.zeros(args.tokens, sum(d_outs), device=device, dtype=dtype) for _, _, d_outs in GROUPS]
+    buffers = DispatchBuffers(args.tokens, 2, args.adapters, device=device)
+    rows = []
+    with torch.no_grad():
+        base_ms = time_graph(step_fn("base", layers, xs, outs, None), args.repeats, device)
+        for name, (slots, weights) in routings(args.tokens, args.adapters, device).items():
+            meta = buffers.build(slots, weights)
+            meta.block_m = 16  # as in a captured step: no host read
+            assert meta.is_decode
+            # Both variants must agree before their times mean anything.
+            results = []
+            for variant in ("split", "fused"):
+                for out in outs:
+                    out.zero_()
+                step_fn(variant, layers[:1], xs, outs, meta)()
+                results.append([out.float().clone() for out in outs])
+            for a, b in zip(*results):
+                torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+            split_ms = time_graph(step_fn("split", layers, xs, outs, meta), args.repeats, device)
+            fused_ms = time_graph(step_fn("fused", layers, xs, outs, meta), args.repeats, device)
+            rows.append({"routing": name, "base_ms": base_ms, "split_ms": split_ms, "fused_ms": fused_ms,
+                         "fused_vs_split": split_ms / fused_ms, "split_vs_base": split_ms / base_ms,
+                         "fused_vs_base": fused_ms / base_ms})
+
+    # Per group, across shapes and step sizes: where fusing stops paying.
+    per_group = []
+    if not args.skip_per_group:
+        with torch.no_grad():
+            for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
+                layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
+                for tokens, top_k in ((16, 2), (64, 1)):
+                    gen = torch.Generator().manual_seed(2)
+                    slots = torch.stack([torch.randperm(args.adapters, generator=gen)[:top_k] for _ in range(tokens)])
+                    weights = torch.full((tokens, top_k), 1.0 / top_k)
+                    meta = DispatchBuffers(tokens, top_k, args.adapters, device=device).build(
+                        slots.int().to(device), weights.to(device))
+                    meta.block_m = 16
+                    for i, (name, d_in, d_outs) in enumerate(groups):
+                        x = [torch.randn(tokens, d_in, device=device).to(dtype)]
+                        out = [torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)]
+                        only = [[layer[i]] for layer in layers_g]
+                        times = {variant: time_graph(step_fn(variant, only, x, out, meta, [groups[i]]), args.repeats,
+                                                     device) for variant in ("split", "fused")}
+                        per_group.append({"shapes": shapes_name, "group": name, "tokens": tokens, "top_k": top_k,
+                                          "split_ms": times["split"], "fused_ms": times["fused"],
+                                          "fused_vs_split": times["split"] / times["fused"]})
+                del layers_g
+
+    print(f"LoRA per decode step: {args.layers} layers, {args.tokens} tokens, {args.adapters} adapters, "
+          f"rank {args.rank}, {str(dtype).removeprefix('torch.')}, device={device}"
+          + (" (CUDA graph replays)" if device.type == "cuda" else " (eager; not a GPU timing)"))
+    print_table(rows, [("routing", ""), ("base_ms", ".3f"), ("split_ms", ".3f"), ("fused_ms", ".3f"),
+                       ("fused_vs_split", ".2f"), ("split_vs_base", ".2f"), ("fused_vs_base", ".2f")])
+    if per_group:
+        print(f"Per group ({args.layers} layers of that projection group only):")
+        print_table(per_group, [("shapes", ""), ("group", ""), ("tokens", ""), ("top_k", ""), ("split_ms", ".3f"),
+                                ("fused_ms", ".3f"), ("fused_vs_split", ".2f")])
+    headline = rows[-1]
+    result = {
+        "benchmark": "lora_decode",
+        "shape": {"groups": GROUPS, "tokens": args.tokens, "layers": args.layers, "adapters": args.adapters,
+                  "rank": args.rank, "dtype": str(dtype)},
+        "environment": environment(str(device)),
+        "rows": rows,
+        "per_group": per_group,
+        "fused_vs_split_decode": headline["fused_vs_split"],
+        "fused_lora_vs_base": headline["fused_vs_base"],
+    }
+    out = write_json(args.out, result)
+    print(f"wrote {out}")
+    print(f"fused_vs_split_decode: {result['fused_vs_split_decode']:.2f}")
+    print(f"fused_lora_vs_base: {result['fused_lora_vs_base']:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

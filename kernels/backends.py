@@ -69,19 +69,21 @@ class TorchBackend(LoRABackend):
 
 
 class TritonBackend(LoRABackend):
-    """The Triton kernels. Decode steps (`meta.is_decode`) run shrink and expand in one launch for
-    up to 3 modules that read the same x (`kernels.lora_fused_decode`); `fused_decode=False`
-    keeps the separate shrink and expand launches (benchmarks compare the two)."""
+    """The Triton kernels. In decode steps (`meta.is_decode`), a group of 2 or 3 modules that read
+    the same x (q/k/v, gate/up) runs shrink and expand in one launch (`kernels.lora_fused_decode`)
+    where that measured faster (`use_fused`); `fused_decode=False` keeps separate shrink and
+    expand launches everywhere (benchmarks compare the two)."""
 
     name = "triton"
 
     def __init__(self, fused_decode: bool = True) -> None:
         from kernels.lora_expand import lora_expand
-        from kernels.lora_fused_decode import MAX_MODULES, lora_fused_decode
+        from kernels.lora_fused_decode import MAX_MODULES, lora_fused_decode, use_fused
         from kernels.lora_shrink import lora_shrink
 
-        self._shrink, self._expand, self._fused = lora_shrink, lora_expand, lora_fused_decode
-        self._max_fused, self.fused_decode = MAX_MODULES, fused_decode
+        self._shrink, self._expand = lora_shrink, lora_expand
+        self._fused, self._use_fused, self._max_fused = lora_fused_decode, use_fused, MAX_MODULES
+        self.fused_decode = fused_decode
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return self._shrink(x, lora_a_stacked, slot_ranks, meta)
@@ -89,19 +91,17 @@ class TritonBackend(LoRABackend):
     def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta, out):
         return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
-    def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
-        if self.fused_decode and meta.is_decode:
-            self._fused(x, lora_a_stacked[None], [lora_b_stacked], slot_ranks[None], slot_scales[None], meta, [out])
-            return out
-        return super().apply(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
-
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
         if not (self.fused_decode and meta.is_decode):
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
         for start in range(0, len(lora_b_list), self._max_fused):
-            end = start + self._max_fused
-            self._fused(x, lora_a_group[start:end], lora_b_list[start:end], ranks_group[start:end],
-                        scales_group[start:end], meta, outs[start:end])
+            chunk = slice(start, start + self._max_fused)
+            if self._use_fused(meta, lora_a_group[chunk], lora_b_list[chunk]):
+                self._fused(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk],
+                            meta, outs[chunk])
+            else:
+                super().apply_shared(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk],
+                                     scales_group[chunk], meta, outs[chunk])
         return outs
 
 

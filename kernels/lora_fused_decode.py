@@ -22,6 +22,36 @@ from kernels.lora_launch import check_expand_args, check_shrink_args, next_pow2
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
+# The fused kernel recomputes each pair's h once per output tile, reading the slot's lora_a from L2
+# each time. Measured on an H200 (benchmarks/lora_decode.py, 28 layers replayed as CUDA graphs,
+# benchmarks/results/lora_decode-h200.json): for q/k/v and gate/up at Qwen3-0.6B shapes and q/k/v
+# at 7B shapes (8 to 201 MB of such reads per step) it is 1.4-3.1x faster than separate shrink and
+# expand launches; gate/up at 7B shapes (470 and 940 MB) is 0.5-0.7x, and a lone module (o, down)
+# is 0.64-1.2x, slower at 16 tokens x top-2 in every shape measured. So the backend fuses groups of
+# 2 or 3 modules up to this many bytes of recomputed reads per step.
+MAX_RECOMPUTE_BYTES = 256 << 20
+
+
+def _blocks(rank: int, d_in: int, d_outs: list[int]) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, BLOCK_N): register tiles lora_a [BLOCK_R, BLOCK_K] and lora_b [BLOCK_N, BLOCK_R] in fp32."""
+    block_r = max(16, next_pow2(rank))
+    block_k = min(max(16, 2048 // block_r), max(16, next_pow2(d_in)))
+    block_n = min(max(16, 4096 // block_r), max(16, next_pow2(max(d_outs))))
+    return block_r, block_k, block_n
+
+
+def recompute_bytes(num_pairs: int, lora_a_group: torch.Tensor, lora_b_list: list[torch.Tensor]) -> int:
+    """lora_a bytes the fused kernel reads for one launch: every pair's slot rows, once per output tile."""
+    _, _, rank, d_in = lora_a_group.shape
+    _, _, block_n = _blocks(rank, d_in, [b.shape[1] for b in lora_b_list])
+    tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b_list)
+    return num_pairs * tiles * rank * d_in * lora_a_group.element_size()
+
+
+def use_fused(meta: DispatchMeta, lora_a_group: torch.Tensor, lora_b_list: list[torch.Tensor]) -> bool:
+    """Whether a decode step's group of modules runs faster fused (see MAX_RECOMPUTE_BYTES)."""
+    return (meta.is_decode and 2 <= len(lora_b_list) <= MAX_MODULES
+            and recompute_bytes(meta.num_pairs, lora_a_group, lora_b_list) <= MAX_RECOMPUTE_BYTES)
 
 
 @triton.jit
@@ -149,10 +179,7 @@ def lora_fused_decode(
         check_expand_args("lora_fused_decode", None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
     if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
-    block_r = max(16, next_pow2(rank))
-    # Register tiles: lora_a [BLOCK_R, BLOCK_K] and lora_b [BLOCK_N, BLOCK_R] in fp32.
-    block_k = min(max(16, 2048 // block_r), max(16, next_pow2(x.shape[1])))
-    block_n = min(max(16, 4096 // block_r), max(16, next_pow2(max(b.shape[1] for b in lora_b_list))))
+    block_r, block_k, block_n = _blocks(rank, x.shape[1], [b.shape[1] for b in lora_b_list])
     args = []
     for g in range(MAX_MODULES):
         b, out = (lora_b_list[g], outs[g]) if g < num_modules else (lora_b_list[0], outs[0])

@@ -80,8 +80,10 @@ def test_fused_decode_matches_pair_by_pair_oracle(case, dtype):
     check_fused(Group(*case, dtype), dtype)
 
 
-@pytest.mark.parametrize("num_modules", [1, 2, 3, 5])
-def test_backend_decode_uses_one_launch_per_three_modules_and_equals_separate_kernels(num_modules, monkeypatch):
+@pytest.mark.parametrize("num_modules", [1, 2, 3, 4, 5])
+def test_backend_fuses_groups_of_two_or_three_and_equals_separate_kernels(num_modules, monkeypatch):
+    """Chunks of 3 modules; a chunk of 2 or 3 takes one fused launch, a lone module the separate
+    kernels (measured faster); either way the result is the separate kernels' and the oracle's."""
     group = Group(6, 2, 5, 64, [48, 32, 16, 40, 24][:num_modules], 16, "with_none", torch.float32)
     split_out, split_outs = group.outs()
     TritonBackend(fused_decode=False).apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
@@ -91,18 +93,36 @@ def test_backend_decode_uses_one_launch_per_three_modules_and_equals_separate_ke
     launches = []
     real = fused_module.lora_fused_decode
     monkeypatch.setattr(fused_module, "lora_fused_decode", lambda *a: launches.append(len(a[2])) or real(*a))
-    backend = TritonBackend()
     monkeypatch.setattr(DispatchMeta, "host_counts", lambda self: pytest.fail("the decode path read counts back"))
     out, outs = group.outs()
-    backend.apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
-    assert launches == [3] * (num_modules // 3) + ([num_modules % 3] if num_modules % 3 else [])
+    TritonBackend().apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+    assert launches == {1: [], 2: [2], 3: [3], 4: [3], 5: [3, 2]}[num_modules]
     assert_close(out, split_out, torch.float32, "fused vs separate shrink and expand")
     assert_close(out, group.expected(), torch.float32, "fused vs oracle")
-    # One module through `apply` takes the same kernel.
-    p = group.problems[0]
-    single = p.out.clone()
-    backend.apply(group.x, p.lora_a, p.lora_b, p.ranks, p.scales, group.meta, single)
-    assert_close(single, out[:, : group.d_outs[0]], torch.float32, "apply vs apply_shared")
+
+
+def test_groups_whose_recomputed_reads_exceed_the_budget_run_split(monkeypatch):
+    import kernels.lora_fused_decode as fused_module
+
+    meta = DispatchBuffers(16, 2, 4).build(torch.zeros(16, 2, dtype=torch.int32), torch.ones(16, 2))
+    a = lambda g, d_in: torch.empty(g, 4, 16, d_in, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    b = lambda d_out: torch.empty(4, d_out, 16, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    # Qwen3-0.6B q/k/v: 32 pairs x (4 + 2 + 2 tiles of 256 columns) x 16 x 1024 bf16 values.
+    qkv = a(3, 1024), [b(1024), b(512), b(512)]
+    assert fused_module.recompute_bytes(meta.num_pairs, *qkv) == 32 * 8 * 16 * 1024 * 2
+    assert fused_module.use_fused(meta, *qkv)
+    # 7B gate/up: 32 pairs x 112 tiles x 16 x 4096 values = 470 MB, measured slower fused.
+    assert not fused_module.use_fused(meta, a(2, 4096), [b(14336), b(14336)])
+    assert not fused_module.use_fused(meta, a(1, 1024), [b(1024)])  # a lone module
+    monkeypatch.setattr(fused_module, "MAX_RECOMPUTE_BYTES", 32 * 8 * 16 * 1024 * 2 - 1)
+    assert not fused_module.use_fused(meta, *qkv)
+    # And the backend follows the budget on real tensors.
+    group = Group(6, 2, 5, 64, (48, 32), 16, "with_none", torch.float32)
+    monkeypatch.setattr(fused_module, "lora_fused_decode", lambda *a: pytest.fail("fused over the budget"))
+    monkeypatch.setattr(fused_module, "MAX_RECOMPUTE_BYTES", 0)
+    out, outs = group.outs()
+    TritonBackend().apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+    assert_close(out, group.expected(), torch.float32)
 
 
 def test_prefill_steps_keep_the_grouped_kernels(monkeypatch):

@@ -137,6 +137,25 @@ def make_problem(
     )
 
 
+def capture_cuda_graph(step) -> "torch.cuda.CUDAGraph":
+    """Run `step` once on a side stream (Triton compiles outside the capture), then capture it
+    with CUDA's sync debug mode on "error", so a host sync inside the step fails the capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return graph
+
+
 def naive_shrink(x, lora_a, ranks, slots) -> torch.Tensor:
     """float64[N, R], one (token, k) pair at a time."""
     num_tokens, top_k = slots.shape

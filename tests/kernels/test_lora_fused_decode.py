@@ -14,7 +14,9 @@ pytest.importorskip("triton")
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers, DispatchMeta  # noqa: E402
-from tests.kernels.helpers import DTYPES, assert_close, make_problem, naive_expand, naive_shrink  # noqa: E402
+from tests.kernels.helpers import (  # noqa: E402
+    DTYPES, assert_close, capture_cuda_graph, make_problem, naive_expand, naive_shrink,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -188,19 +190,7 @@ def test_fused_decode_cuda_graph_replays_new_routing_gpu():
     def step():
         backend.apply_shared(x, first.lora_a, first.lora_b, first.ranks, first.scales, meta, outs)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph = capture_cuda_graph(step)
     for step_inputs, name in ((first, "first"), (second, "new")):
         buffers.build(step_inputs.slots, step_inputs.weights)
         x.copy_(step_inputs.x)

@@ -15,7 +15,7 @@ from kernels.lora_expand import lora_expand  # noqa: E402
 from kernels.lora_ref import lora_expand_ref, lora_shrink_ref  # noqa: E402
 from kernels.lora_shrink import lora_shrink  # noqa: E402
 from kernels.meta import DispatchBuffers, DispatchMeta, build_dispatch  # noqa: E402
-from tests.kernels.helpers import DISTRIBUTIONS, DTYPES, Problem, assert_close, make_problem  # noqa: E402
+from tests.kernels.helpers import DISTRIBUTIONS, DTYPES, Problem, assert_close, capture_cuda_graph, make_problem  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -231,19 +231,7 @@ def test_cuda_graph_replay_matches_eager_gpu(num_tokens):
         h = lora_shrink(x, first.lora_a, first.ranks, meta, block_m=64)
         return lora_expand(h, first.lora_b, first.ranks, first.scales, meta, out, block_m=64)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    graph = capture_cuda_graph(step)
 
     for p in (first, second):
         eager_meta = build_dispatch(p.slots, p.weights, num_slots)

@@ -36,7 +36,8 @@ from kernels.meta import DispatchBuffers  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (name, D_in, D_out of each member): Qwen3-0.6B's projections at head_dim 64 (the engine benchmark's).
-GROUPS = [("qkv", 1024, (1024, 512, 512)), ("o", 1024, (1024,)), ("gate_up", 1024, (3072, 3072)), ("down", 3072, (1024,))]
+GROUPS = [("qkv", 1024, (1024, 512, 512)), ("o", 1024, (1024,)), ("gate_up", 1024, (3072, 3072)),
+          ("down", 3072, (1024,))]
 # A 7B-class layer (Llama / Mistral / Qwen2 7B shapes), for where the fused kernel's recomputed
 # shrink (once per output tile) starts to cost more than the launch it saves.
 GROUPS_7B = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4096, (14336, 14336)),

@@ -170,7 +170,9 @@ def lora_fused_decode(
     shape = (num_modules, meta.num_slots)
     for name, t, dtype in (("ranks_group", ranks_group, torch.int32), ("scales_group", scales_group, torch.float32)):
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"lora_fused_decode: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}")
+            raise ValueError(
+                f"lora_fused_decode: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}"
+            )
     rank = lora_a_group.shape[2]
     for g in range(num_modules):
         check_shrink_args("lora_fused_decode", x, lora_a_group[g], ranks_group[g], meta)

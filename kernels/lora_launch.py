@@ -119,7 +119,8 @@ def check_expand_args(
             f"{op}: lora_b_stacked must be [S={meta.num_slots}, D_out, R]; got {list(lora_b_stacked.shape)}"
         )
     _, d_out, rank = lora_b_stacked.shape
-    if h is not None and (h.dtype != torch.float32 or tuple(h.shape) != (meta.num_pairs, rank) or not h.is_contiguous()):
+    h_ok = h is None or (h.dtype == torch.float32 and tuple(h.shape) == (meta.num_pairs, rank) and h.is_contiguous())
+    if not h_ok:
         raise ValueError(
             f"{op}: h must be contiguous float32[N={meta.num_pairs}, R={rank}]; got {h.dtype}{list(h.shape)}"
         )

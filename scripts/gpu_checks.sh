@@ -39,7 +39,7 @@ if [[ $stages == *tests* ]]; then
     tail -n 25 "$out/gpu_tests.log" "$out/engine_tests_cuda.log"
 fi
 if [[ $stages == *bench* ]]; then
-    timeout 90 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee "$out/lora_layer.log" || status=1
+    timeout 60 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee "$out/lora_layer.log" || status=1
     timeout 60 python3 benchmarks/lora_decode.py --out "$out/lora_decode-gpu.json" 2>&1 | tee "$out/lora_decode.log" || status=1
     timeout 260 python3 benchmarks/engine.py --compare-split --out "$out/engine-gpu.json" 2>&1 | tee "$out/engine.log" || status=1
 fi

@@ -11,6 +11,7 @@ Every layer has its own weights and adapters (as in a model), for two routings o
 adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 
     python benchmarks/lora_decode.py                 # CUDA
+    python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused kernel's tile sweep
     TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
 
 Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>`` and
@@ -97,6 +98,39 @@ def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
     return step
 
 
+# Tile sizes and warps the sweep tries for the fused kernel (rank 16: lora_a tiles up to 16 x 512).
+SWEEP = [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]
+
+
+def sweep_fused(layers_g, groups, tokens, top_k, num_adapters, dtype, device, repeats):
+    """Per group at `tokens` x `top_k`: the fused kernel's time with its default tiles and with
+    each SWEEP setting, and the best of them."""
+    gen = torch.Generator().manual_seed(3)
+    slots = torch.stack([torch.randperm(num_adapters, generator=gen)[:top_k] for _ in range(tokens)])
+    meta = DispatchBuffers(tokens, top_k, num_adapters, device=device).build(
+        slots.int().to(device), torch.full((tokens, top_k), 1.0 / top_k, device=device))
+    rows = []
+    for i, (name, d_in, d_outs) in enumerate(groups):
+        x = torch.randn(tokens, d_in, device=device).to(dtype)
+        out = torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)
+        outs = list(out.split(d_outs, dim=1))
+
+        def step_with(blocks, i=i, x=x, outs=outs):
+            def step():
+                for layer in layers_g:
+                    g = layer[i]
+                    lora_fused_decode(x, g["lora_a"], g["lora_b"], g["ranks"], g["scales"], meta, outs, **blocks)
+            return step
+
+        default_ms = time_graph(step_with({}), repeats, device)
+        timed = [(time_graph(step_with(blocks), repeats, device), blocks) for blocks in SWEEP]
+        best_ms, best = min(timed, key=lambda t: t[0])
+        rows.append({"group": name, "d_in": d_in, "d_outs": list(d_outs), "default_ms": default_ms,
+                     "best_ms": best_ms, "best": best, "speedup": default_ms / best_ms,
+                     "all": [{"ms": ms, **blocks} for ms, blocks in timed]})
+    return rows
+
+
 def time_graph(step, repeats, device):
     """Median ms of one step: a CUDA graph replay on CUDA, an eager call elsewhere."""
     if device.type != "cuda":
@@ -138,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-per-group", action="store_true", help="only the whole-layer table")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the fused kernel per group over tile sizes and warps (SWEEP)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_decode.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -194,6 +230,15 @@ def main(argv=None):
                                           "fused_vs_split": times["split"] / times["fused"]})
                 del layers_g
 
+    sweep = []
+    if args.sweep:
+        with torch.no_grad():
+            for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
+                layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
+                for row in sweep_fused(layers_g, groups, 16, 2, args.adapters, dtype, device, args.repeats):
+                    sweep.append({"shapes": shapes_name, **row})
+                del layers_g
+
     print(f"LoRA per decode step: {args.layers} layers, {args.tokens} tokens, {args.adapters} adapters, "
           f"rank {args.rank}, {str(dtype).removeprefix('torch.')}, device={device}"
           + (" (CUDA graph replays)" if device.type == "cuda" else " (eager; not a GPU timing)"))
@@ -203,6 +248,11 @@ def main(argv=None):
         print(f"Per group ({args.layers} layers of that projection group only):")
         print_table(per_group, [("shapes", ""), ("group", ""), ("tokens", ""), ("top_k", ""), ("split_ms", ".3f"),
                                 ("fused_ms", ".3f"), ("fused_vs_split", ".2f")])
+    if sweep:
+        print("Fused kernel tiles, 16 tokens x top-2 (best of the sweep against the default tiles):")
+        print_table([{**r, "best": " ".join(f"{k}={v}" for k, v in r["best"].items())} for r in sweep],
+                    [("shapes", ""), ("group", ""), ("default_ms", ".3f"), ("best_ms", ".3f"), ("speedup", ".2f"),
+                     ("best", "")])
     headline = rows[-1]
     result = {
         "benchmark": "lora_decode",
@@ -211,6 +261,7 @@ def main(argv=None):
         "environment": environment(str(device)),
         "rows": rows,
         "per_group": per_group,
+        "sweep": sweep,
         "auto_vs_split_decode": headline["auto_vs_split"],
         "auto_lora_vs_base": headline["auto_vs_base"],
     }

@@ -137,6 +137,10 @@ def lora_fused_decode(
     scales_group: torch.Tensor,
     meta: DispatchMeta,
     outs: list[torch.Tensor],
+    *,
+    block_k: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> list[torch.Tensor]:
     """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, in one launch.
 
@@ -152,6 +156,8 @@ def lora_fused_decode(
         meta: dispatch metadata of the step; its slots must lie in [-1, S).
         outs: G tensors [T, D_out_g], rows contiguous (column slices of one output are fine);
             updated in place and returned.
+        block_k, block_n, num_warps: tile sizes (powers of two, at least 16) and warps per
+            program instead of the defaults (`benchmarks/lora_decode.py --sweep` times them).
 
     Each module's K contributions are summed in fp32 and its out is rounded once. Meant for
     decode steps (a few pairs per token): every output tile recomputes its pairs' h. No host sync.
@@ -181,7 +187,14 @@ def lora_fused_decode(
         check_expand_args("lora_fused_decode", None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
     if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
-    block_r, block_k, block_n = _blocks(rank, x.shape[1], [b.shape[1] for b in lora_b_list])
+    block_r, default_k, default_n = _blocks(rank, x.shape[1], [b.shape[1] for b in lora_b_list])
+    for name, value in (("block_k", block_k), ("block_n", block_n)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"lora_fused_decode: {name} must be a power of two >= 16; got {value}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"lora_fused_decode: num_warps must be 1, 2, 4, 8 or 16; got {num_warps}")
+    block_k, block_n = block_k or default_k, block_n or default_n
+    launch = {} if num_warps is None else {"num_warps": num_warps}
     args = []
     for g in range(MAX_MODULES):
         b, out = (lora_b_list[g], outs[g]) if g < num_modules else (lora_b_list[0], outs[0])
@@ -191,6 +204,6 @@ def lora_fused_decode(
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, *args,
         x.shape[1], rank, meta.num_slots, x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1),
         lora_a_group.stride(2),
-        G=num_modules, TOP_K=meta.top_k, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k,
+        G=num_modules, TOP_K=meta.top_k, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
     )
     return outs

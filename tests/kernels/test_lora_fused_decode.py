@@ -138,6 +138,15 @@ def test_prefill_steps_keep_the_grouped_kernels(monkeypatch):
     assert_close(out, group.expected(), torch.float32)
 
 
+@pytest.mark.parametrize("blocks", [dict(block_k=16, block_n=16), dict(block_k=256, block_n=32, num_warps=8)],
+                         ids=["small-tiles", "wide-k"])
+def test_given_tile_sizes_give_the_same_result(blocks):
+    group = Group(5, 2, 5, 96, (40, 24, 72), 16, "with_none", torch.float32)
+    out, outs = group.outs()
+    lora_fused_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs, **blocks)
+    assert_close(out, group.expected(), torch.float32)
+
+
 def test_bad_arguments_raise():
     group = Group(4, 2, 3, 32, (16, 16, 16, 16), 8, "uniform", torch.float32)
     _, outs = group.outs()
@@ -155,6 +164,10 @@ def test_bad_arguments_raise():
                           group.meta, outs[:3])
     with pytest.raises(ValueError, match="out must be"):
         lora_fused_decode(*three, [outs[0], outs[1], outs[2][:2]])
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        lora_fused_decode(*three, outs[:3], block_k=48)
+    with pytest.raises(ValueError, match="num_warps must be"):
+        lora_fused_decode(*three, outs[:3], num_warps=3)
 
 
 # Real shapes on a GPU (skipped without CUDA by tests/conftest.py).

@@ -77,6 +77,17 @@ def routings(num_tokens, num_adapters, device):
     }
 
 
+def top_k_meta(tokens, top_k, num_adapters, device, seed):
+    """Dispatch metadata of a decode step: each token on `top_k` distinct random adapters, equal
+    weights, tile height fixed as in a captured step (no host read)."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.stack([torch.randperm(num_adapters, generator=gen)[:top_k] for _ in range(tokens)])
+    meta = DispatchBuffers(tokens, top_k, num_adapters, device=device).build(
+        slots.int().to(device), torch.full((tokens, top_k), 1.0 / top_k, device=device))
+    meta.block_m = 16
+    return meta
+
+
 def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
     """One decode step's projections over every layer (the inputs are the same for every layer:
     what is timed is the work, not the values)."""
@@ -105,10 +116,7 @@ SWEEP = [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n 
 def sweep_fused(layers_g, groups, tokens, top_k, num_adapters, dtype, device, repeats):
     """Per group at `tokens` x `top_k`: the fused kernel's time with its default tiles and with
     each SWEEP setting, and the best of them."""
-    gen = torch.Generator().manual_seed(3)
-    slots = torch.stack([torch.randperm(num_adapters, generator=gen)[:top_k] for _ in range(tokens)])
-    meta = DispatchBuffers(tokens, top_k, num_adapters, device=device).build(
-        slots.int().to(device), torch.full((tokens, top_k), 1.0 / top_k, device=device))
+    meta = top_k_meta(tokens, top_k, num_adapters, device, seed=3)
     rows = []
     for i, (name, d_in, d_outs) in enumerate(groups):
         x = torch.randn(tokens, d_in, device=device).to(dtype)
@@ -213,12 +221,7 @@ def main(argv=None):
             for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
                 layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
                 for tokens, top_k in ((16, 2), (64, 1)):
-                    gen = torch.Generator().manual_seed(2)
-                    slots = torch.stack([torch.randperm(args.adapters, generator=gen)[:top_k] for _ in range(tokens)])
-                    weights = torch.full((tokens, top_k), 1.0 / top_k)
-                    meta = DispatchBuffers(tokens, top_k, args.adapters, device=device).build(
-                        slots.int().to(device), weights.to(device))
-                    meta.block_m = 16
+                    meta = top_k_meta(tokens, top_k, args.adapters, device, seed=2)
                     for i, (name, d_in, d_outs) in enumerate(groups):
                         x = [torch.randn(tokens, d_in, device=device).to(dtype)]
                         out = [torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)]

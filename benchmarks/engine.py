@@ -106,13 +106,14 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
             "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps)}
 
 
-def split_decode_engine(loaded, config: EngineConfig, loader) -> Engine:
-    """An engine whose decode steps launch LoRA shrink and expand separately (the Triton backend
-    before its fused decode kernel), captured the same way, for an A/B in one run."""
+def decode_kernel_engine(loaded, config: EngineConfig, loader, kernel: str) -> Engine:
+    """An engine whose Triton backend runs decode steps' LoRA with `kernel` ("split": separate
+    shrink and expand launches, "fused", "dense"; see kernels.backends.TritonBackend), captured
+    the same way, for an A/B against the default in one run."""
     engine = Engine(loaded, config.model_copy(update={"capture_at_start": False}), adapter_loader=loader)
-    if not hasattr(engine.context.backend, "fused_decode"):
-        raise SystemExit(f"--compare-split needs the triton backend; this engine runs {engine.context.backend.name}")
-    engine.context.backend.fused_decode = False
+    if not hasattr(engine.context.backend, "decode_kernel"):
+        raise SystemExit(f"--compare-decode needs the triton backend; this engine runs {engine.context.backend.name}")
+    engine.context.backend.decode_kernel = kernel
     if engine.graphs is not None and config.capture_at_start:
         engine.graphs.capture_all(engine.runner.unrouted_plan)
     return engine
@@ -169,9 +170,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per scenario (median kept)")
-    parser.add_argument("--compare-split", action="store_true",
-                        help="also run (b) and (c) on a second engine whose Triton backend launches shrink and "
-                             "expand separately in decode steps instead of the fused decode kernel")
+    parser.add_argument("--compare-decode", default="", metavar="KERNELS",
+                        help="comma-separated decode kernels (split, fused, dense) to also run (b) and (c) with, "
+                             "each on a second engine whose Triton backend uses that kernel in decode steps")
     parser.add_argument("--skip-peft", action="store_true",
                         help="leave out the transformers + PEFT baseline (slow at full size); no vs_peft_throughput")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
@@ -180,6 +181,10 @@ def main() -> None:
     s = dict(SIZES[size])
     if args.batch:
         s["batch"] = args.batch
+    compare = [k for k in args.compare_decode.split(",") if k]
+    unknown = sorted(set(compare) - {"split", "fused", "dense"})
+    if unknown:
+        parser.error(f"--compare-decode: unknown kernels {unknown}; choose from split, fused, dense")
     device = torch.device(args.device)
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
@@ -200,10 +205,10 @@ def main() -> None:
             "b_adapter_per_request": (engine, lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}")),
             "c_gate_per_token": (engine, lambda i: GateSpec(gate)),
         }
-        if args.compare_split:
-            split = split_decode_engine(load_pretrained(root / "model", dtype_name, device), config, loader)
-            scenarios["b_adapter_per_request_split"] = (split, scenarios["b_adapter_per_request"][1])
-            scenarios["c_gate_per_token_split"] = (split, scenarios["c_gate_per_token"][1])
+        for kernel in compare:
+            other = decode_kernel_engine(load_pretrained(root / "model", dtype_name, device), config, loader, kernel)
+            scenarios[f"b_adapter_per_request_{kernel}"] = (other, scenarios["b_adapter_per_request"][1])
+            scenarios[f"c_gate_per_token_{kernel}"] = (other, scenarios["c_gate_per_token"][1])
         peft = None if args.skip_peft else peft_runner(root, s, device, dtype)
         runs = {name: [] for name in [*scenarios, *(["peft_mixed_adapter_names"] if peft else [])]}
         for _ in range(args.repeats):
@@ -231,14 +236,14 @@ def main() -> None:
         "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
-    if args.compare_split:
-        report["molora_vs_base_throughput_split_decode"] = (
-            results["c_gate_per_token_split"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
+    for kernel in compare:
+        report[f"molora_vs_base_throughput_{kernel}_decode"] = (
+            results[f"c_gate_per_token_{kernel}"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
     write_json(args.out, report)
     print(f"wrote {args.out}")
     print("vs_peft_throughput: " + ("n/a (--skip-peft)" if vs_peft is None else f"{vs_peft:.2f}"))
-    if args.compare_split:
-        print(f"molora_vs_base_throughput_split_decode: {report['molora_vs_base_throughput_split_decode']:.2f}")
+    for kernel in compare:
+        print(f"molora_vs_base_throughput_{kernel}_decode: {report[f'molora_vs_base_throughput_{kernel}_decode']:.2f}")
     print(f"molora_vs_base_throughput: {vs_base:.2f}")
 
 

@@ -1,21 +1,23 @@
-"""Decode-step LoRA cost of a whole decoder stack, as CUDA graphs replay it: split vs fused kernels.
+"""Decode-step LoRA cost of a whole decoder stack, as CUDA graphs replay it: split, fused and dense kernels.
 
 One decode step's LoRA work is a rank-16 product per (token, choice), so on a GPU it costs what
 its launches cost. This times, per decode step over `--layers` layers of a Qwen3-0.6B-shaped
 decoder (q/k/v, o, gate/up, down), captured in one CUDA graph each and replayed:
   base   the base projections alone (one matmul per group: q/k/v fused, o, gate/up fused, down),
-  split  separate shrink and expand launches (14 per layer; the backend with fused_decode=False),
+  split  separate shrink and expand launches (14 per layer; decode_kernel="split"),
   fused  the fused decode kernel for every group (one launch per group of up to 3 modules: 4),
+  dense  the slot-dense decode kernel for every group (4 launches, tensor-core dots),
   auto   the Triton backend as the engine runs it: fused where `use_fused` says it is faster.
 Every layer has its own weights and adapters (as in a model), for two routings of 16 tokens:
 adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 
     python benchmarks/lora_decode.py                 # CUDA
-    python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused kernel's tile sweep
+    python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused and dense kernels' tile sweeps
     TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
 
-Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>`` and
-``auto_lora_vs_base: <auto LoRA time / base time>`` (gate-like routing).
+Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>``,
+``auto_lora_vs_base: <auto LoRA time / base time>`` and ``dense_vs_auto_decode: <auto / dense
+LoRA time>`` (gate-like routing).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from kernels.backends import TritonBackend  # noqa: E402
+from kernels.lora_dense_decode import lora_dense_decode  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers  # noqa: E402
 
@@ -91,11 +94,7 @@ def top_k_meta(tokens, top_k, num_adapters, device, seed):
 def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
     """One decode step's projections over every layer (the inputs are the same for every layer:
     what is timed is the work, not the values)."""
-    apply = {
-        "split": TritonBackend(fused_decode=False).apply_shared,
-        "fused": lora_fused_decode,
-        "auto": TritonBackend().apply_shared,
-    }.get(variant)
+    apply = None if variant == "base" else TritonBackend(decode_kernel=variant).apply_shared
 
     def step():
         for layer in layers:
@@ -109,13 +108,19 @@ def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
     return step
 
 
-# Tile sizes and warps the sweep tries for the fused kernel (rank 16: lora_a tiles up to 16 x 512).
-SWEEP = [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]
+VARIANTS = ("split", "fused", "dense", "auto")
+# Tile sizes and launch options each kernel's sweep tries (rank 16: fused lora_a tiles up to 16 x 512).
+SWEEPS = {
+    "fused": (lora_fused_decode,
+              [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]),
+    "dense": (lora_dense_decode,
+              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128) for n in (32, 64, 128) for w in (2, 4)]),
+}
 
 
-def sweep_fused(layers_g, groups, tokens, top_k, num_adapters, dtype, device, repeats):
-    """Per group at `tokens` x `top_k`: the fused kernel's time with its default tiles and with
-    each SWEEP setting, and the best of them."""
+def sweep_kernel(kernel, settings, layers_g, groups, tokens, top_k, num_adapters, dtype, device, repeats):
+    """Per group at `tokens` x `top_k`: `kernel`'s time with its default tiles and with each of
+    `settings`, and the best of them."""
     meta = top_k_meta(tokens, top_k, num_adapters, device, seed=3)
     rows = []
     for i, (name, d_in, d_outs) in enumerate(groups):
@@ -127,11 +132,11 @@ def sweep_fused(layers_g, groups, tokens, top_k, num_adapters, dtype, device, re
             def step():
                 for layer in layers_g:
                     g = layer[i]
-                    lora_fused_decode(x, g["lora_a"], g["lora_b"], g["ranks"], g["scales"], meta, outs, **blocks)
+                    kernel(x, g["lora_a"], g["lora_b"], g["ranks"], g["scales"], meta, outs, **blocks)
             return step
 
         default_ms = time_graph(step_with({}), repeats, device)
-        timed = [(time_graph(step_with(blocks), repeats, device), blocks) for blocks in SWEEP]
+        timed = [(time_graph(step_with(blocks), repeats, device), blocks) for blocks in settings]
         best_ms, best = min(timed, key=lambda t: t[0])
         rows.append({"group": name, "d_in": d_in, "d_outs": list(d_outs), "default_ms": default_ms,
                      "best_ms": best_ms, "best": best, "speedup": default_ms / best_ms,
@@ -181,7 +186,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-per-group", action="store_true", help="only the whole-layer table")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the fused kernel per group over tile sizes and warps (SWEEP)")
+                        help="also time the fused and dense kernels per group over tile sizes and warps (SWEEPS)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_decode.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -200,7 +205,7 @@ def main(argv=None):
             assert meta.is_decode
             # The variants must agree before their times mean anything.
             results = []
-            for variant in ("split", "fused", "auto"):
+            for variant in VARIANTS:
                 for out in outs:
                     out.zero_()
                 step_fn(variant, layers[:1], xs, outs, meta)()
@@ -209,10 +214,11 @@ def main(argv=None):
                 for a, b in zip(other, results[0]):
                     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
             ms = {variant: time_graph(step_fn(variant, layers, xs, outs, meta), args.repeats, device)
-                  for variant in ("split", "fused", "auto")}
-            rows.append({"routing": name, "base_ms": base_ms, "split_ms": ms["split"], "fused_ms": ms["fused"],
-                         "auto_ms": ms["auto"], "auto_vs_split": ms["split"] / ms["auto"],
-                         "split_vs_base": ms["split"] / base_ms, "auto_vs_base": ms["auto"] / base_ms})
+                  for variant in VARIANTS}
+            rows.append({"routing": name, "base_ms": base_ms, **{f"{v}_ms": ms[v] for v in VARIANTS},
+                         "auto_vs_split": ms["split"] / ms["auto"], "dense_vs_auto": ms["auto"] / ms["dense"],
+                         "split_vs_base": ms["split"] / base_ms, "auto_vs_base": ms["auto"] / base_ms,
+                         "dense_vs_base": ms["dense"] / base_ms})
 
     # Per group, across shapes and step sizes: where fusing stops paying.
     per_group = []
@@ -227,10 +233,11 @@ def main(argv=None):
                         out = [torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)]
                         only = [[layer[i]] for layer in layers_g]
                         times = {variant: time_graph(step_fn(variant, only, x, out, meta, [groups[i]]), args.repeats,
-                                                     device) for variant in ("split", "fused")}
+                                                     device) for variant in ("split", "fused", "dense")}
                         per_group.append({"shapes": shapes_name, "group": name, "tokens": tokens, "top_k": top_k,
-                                          "split_ms": times["split"], "fused_ms": times["fused"],
-                                          "fused_vs_split": times["split"] / times["fused"]})
+                                          **{f"{v}_ms": t for v, t in times.items()},
+                                          "fused_vs_split": times["split"] / times["fused"],
+                                          "dense_vs_split": times["split"] / times["dense"]})
                 del layers_g
 
     sweep = []
@@ -238,23 +245,28 @@ def main(argv=None):
         with torch.no_grad():
             for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
                 layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
-                for row in sweep_fused(layers_g, groups, 16, 2, args.adapters, dtype, device, args.repeats):
-                    sweep.append({"shapes": shapes_name, **row})
+                for kernel_name, (kernel, settings) in SWEEPS.items():
+                    for row in sweep_kernel(kernel, settings, layers_g, groups, 16, 2, args.adapters, dtype, device,
+                                            args.repeats):
+                        sweep.append({"kernel": kernel_name, "shapes": shapes_name, **row})
                 del layers_g
 
     print(f"LoRA per decode step: {args.layers} layers, {args.tokens} tokens, {args.adapters} adapters, "
           f"rank {args.rank}, {str(dtype).removeprefix('torch.')}, device={device}"
           + (" (CUDA graph replays)" if device.type == "cuda" else " (eager; not a GPU timing)"))
     print_table(rows, [("routing", ""), ("base_ms", ".3f"), ("split_ms", ".3f"), ("fused_ms", ".3f"),
-                       ("auto_ms", ".3f"), ("auto_vs_split", ".2f"), ("split_vs_base", ".2f"), ("auto_vs_base", ".2f")])
+                       ("dense_ms", ".3f"), ("auto_ms", ".3f"), ("auto_vs_split", ".2f"), ("dense_vs_auto", ".2f"),
+                       ("auto_vs_base", ".2f"), ("dense_vs_base", ".2f")])
     if per_group:
         print(f"Per group ({args.layers} layers of that projection group only):")
         print_table(per_group, [("shapes", ""), ("group", ""), ("tokens", ""), ("top_k", ""), ("split_ms", ".3f"),
-                                ("fused_ms", ".3f"), ("fused_vs_split", ".2f")])
+                                ("fused_ms", ".3f"), ("dense_ms", ".3f"), ("fused_vs_split", ".2f"),
+                                ("dense_vs_split", ".2f")])
     if sweep:
-        print("Fused kernel tiles, 16 tokens x top-2 (best of the sweep against the default tiles):")
+        print("Kernel tiles, 16 tokens x top-2 (best of the sweep against the default tiles):")
         print_table([{**r, "best": " ".join(f"{k}={v}" for k, v in r["best"].items())} for r in sweep],
-                    [("shapes", ""), ("group", ""), ("default_ms", ".3f"), ("best_ms", ".3f"), ("speedup", ".2f"),
+                    [("kernel", ""), ("shapes", ""), ("group", ""), ("default_ms", ".3f"), ("best_ms", ".3f"),
+                     ("speedup", ".2f"),
                      ("best", "")])
     headline = rows[-1]
     result = {
@@ -267,11 +279,13 @@ def main(argv=None):
         "sweep": sweep,
         "auto_vs_split_decode": headline["auto_vs_split"],
         "auto_lora_vs_base": headline["auto_vs_base"],
+        "dense_vs_auto_decode": headline["dense_vs_auto"],
     }
     out = write_json(args.out, result)
     print(f"wrote {out}")
     print(f"auto_vs_split_decode: {result['auto_vs_split_decode']:.2f}")
     print(f"auto_lora_vs_base: {result['auto_lora_vs_base']:.2f}")
+    print(f"dense_vs_auto_decode: {result['dense_vs_auto_decode']:.2f}")
     return result
 
 

@@ -69,21 +69,42 @@ class TorchBackend(LoRABackend):
 
 
 class TritonBackend(LoRABackend):
-    """The Triton kernels. In decode steps (`meta.is_decode`), a group of 2 or 3 modules that read
-    the same x (q/k/v, gate/up) runs shrink and expand in one launch (`kernels.lora_fused_decode`)
-    where that measured faster (`use_fused`); `fused_decode=False` keeps separate shrink and
-    expand launches everywhere (benchmarks compare the two)."""
+    """The Triton kernels. Decode steps (`meta.is_decode`) run groups of up to 3 modules that
+    read the same x (q/k/v, gate/up) through the kernel `decode_kernel` names:
+
+    - "auto" (default): one fused shrink + expand launch (`kernels.lora_fused_decode`) for a
+      group of 2 or 3 modules where that measured faster (`use_fused`), separate shrink and
+      expand launches for the rest;
+    - "fused": the fused kernel for every group; "split": separate launches everywhere;
+    - "dense": `kernels.lora_dense_decode`, every token through every used slot with
+      tensor-core dots (not yet timed on a GPU: `benchmarks/lora_decode.py` compares it).
+
+    Prefill steps always take the grouped shrink and expand kernels.
+    """
 
     name = "triton"
+    DECODE_KERNELS = ("auto", "fused", "dense", "split")
 
-    def __init__(self, fused_decode: bool = True) -> None:
+    def __init__(self, decode_kernel: str = "auto") -> None:
+        from kernels.lora_dense_decode import lora_dense_decode
         from kernels.lora_expand import lora_expand
         from kernels.lora_fused_decode import MAX_MODULES, lora_fused_decode, use_fused
         from kernels.lora_shrink import lora_shrink
 
         self._shrink, self._expand = lora_shrink, lora_expand
-        self._fused, self._use_fused, self._max_fused = lora_fused_decode, use_fused, MAX_MODULES
-        self.fused_decode = fused_decode
+        self._fused, self._use_fused, self._max_group = lora_fused_decode, use_fused, MAX_MODULES
+        self._dense = lora_dense_decode
+        self.decode_kernel = decode_kernel
+
+    @property
+    def decode_kernel(self) -> str:
+        return self._decode_kernel
+
+    @decode_kernel.setter
+    def decode_kernel(self, value: str) -> None:
+        if value not in self.DECODE_KERNELS:
+            raise ValueError(f"decode_kernel must be one of {self.DECODE_KERNELS}; got {value!r}")
+        self._decode_kernel = value
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return self._shrink(x, lora_a_stacked, slot_ranks, meta)
@@ -92,16 +113,19 @@ class TritonBackend(LoRABackend):
         return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
-        if not (self.fused_decode and meta.is_decode):
+        kind = self._decode_kernel
+        if kind == "split" or not meta.is_decode:
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
-        for start in range(0, len(lora_b_list), self._max_fused):
-            chunk = slice(start, start + self._max_fused)
-            if self._use_fused(meta, lora_a_group[chunk], lora_b_list[chunk]):
-                self._fused(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk],
-                            meta, outs[chunk])
+        for start in range(0, len(lora_b_list), self._max_group):
+            chunk = slice(start, start + self._max_group)
+            args = (x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta,
+                    outs[chunk])
+            if kind == "dense":
+                self._dense(*args)
+            elif kind == "fused" or self._use_fused(meta, lora_a_group[chunk], lora_b_list[chunk]):
+                self._fused(*args)
             else:
-                super().apply_shared(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk],
-                                     scales_group[chunk], meta, outs[chunk])
+                super().apply_shared(*args)
         return outs
 
 

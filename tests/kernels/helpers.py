@@ -182,3 +182,36 @@ def naive_expand(h, lora_b, ranks, scales, slots, weights, out) -> torch.Tensor:
                 coef = weights[t, k].double() * float(scales[s])
                 result[t] += coef * (lora_b[s, :, :r].double() @ h[p, :r].double())
     return result
+
+
+class Group:
+    """G modules reading one x: shared routing (module 0's), per-module ranks, scales and weights."""
+
+    def __init__(self, num_tokens, top_k, num_slots, d_in, d_outs, rank, dist, dtype, device=None, seed=0):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.problems = [make_problem(num_tokens, top_k, num_slots, d_in, d, rank, dtype, dist, seed=seed + g,
+                                      device=device) for g, d in enumerate(d_outs)]
+        p0 = self.problems[0]
+        self.x, self.slots, self.weights, self.meta = p0.x, p0.slots, p0.weights, p0.meta
+        self.lora_a = torch.stack([p.lora_a for p in self.problems])
+        self.lora_b = [p.lora_b for p in self.problems]
+        self.ranks = torch.stack([p.ranks for p in self.problems])
+        self.scales = torch.stack([p.scales for p in self.problems])
+        self.d_outs = list(d_outs)
+        # The outs are column slices of one output, as a MoLoRAGroup passes them.
+        self.out = torch.cat([p.out for p in self.problems], dim=1)
+
+    def outs(self):
+        out = self.out.clone()
+        return out, list(out.split(self.d_outs, dim=1))
+
+    def expected(self, x=None, slots=None, weights=None):
+        """float64 oracle of out after the step; x, slots, weights: another step's, same adapters."""
+        x, slots = (self.x if x is None else x).cpu(), (self.slots if slots is None else slots).cpu()
+        weights = (self.weights if weights is None else weights).cpu()
+        parts = []
+        for g, p in enumerate(self.problems):
+            ranks, scales = self.ranks[g].cpu(), self.scales[g].cpu()
+            h = naive_shrink(x, self.lora_a[g].cpu(), ranks, slots)
+            parts.append(naive_expand(h, p.lora_b.cpu(), ranks, scales, slots, weights, p.out.cpu()))
+        return torch.cat(parts, dim=1)

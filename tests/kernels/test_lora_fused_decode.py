@@ -14,43 +14,7 @@ pytest.importorskip("triton")
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers, DispatchMeta  # noqa: E402
-from tests.kernels.helpers import (  # noqa: E402
-    DTYPES, assert_close, capture_cuda_graph, make_problem, naive_expand, naive_shrink,
-)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class Group:
-    """G modules reading one x: shared routing (module 0's), per-module ranks, scales and weights."""
-
-    def __init__(self, num_tokens, top_k, num_slots, d_in, d_outs, rank, dist, dtype, device=DEVICE, seed=0):
-        self.problems = [make_problem(num_tokens, top_k, num_slots, d_in, d, rank, dtype, dist, seed=seed + g,
-                                      device=device) for g, d in enumerate(d_outs)]
-        p0 = self.problems[0]
-        self.x, self.slots, self.weights, self.meta = p0.x, p0.slots, p0.weights, p0.meta
-        self.lora_a = torch.stack([p.lora_a for p in self.problems])
-        self.lora_b = [p.lora_b for p in self.problems]
-        self.ranks = torch.stack([p.ranks for p in self.problems])
-        self.scales = torch.stack([p.scales for p in self.problems])
-        self.d_outs = list(d_outs)
-        # The outs are column slices of one output, as a MoLoRAGroup passes them.
-        self.out = torch.cat([p.out for p in self.problems], dim=1)
-
-    def outs(self):
-        out = self.out.clone()
-        return out, list(out.split(self.d_outs, dim=1))
-
-    def expected(self, x=None, slots=None, weights=None):
-        """float64 oracle of out after the step; x, slots, weights: another step's, same adapters."""
-        x, slots = (self.x if x is None else x).cpu(), (self.slots if slots is None else slots).cpu()
-        weights = (self.weights if weights is None else weights).cpu()
-        parts = []
-        for g, p in enumerate(self.problems):
-            ranks, scales = self.ranks[g].cpu(), self.scales[g].cpu()
-            h = naive_shrink(x, self.lora_a[g].cpu(), ranks, slots)
-            parts.append(naive_expand(h, p.lora_b.cpu(), ranks, scales, slots, weights, p.out.cpu()))
-        return torch.cat(parts, dim=1)
+from tests.kernels.helpers import DTYPES, Group, assert_close, capture_cuda_graph  # noqa: E402
 
 
 # (T, K, S, D_in, D_outs, R, routing)
@@ -88,7 +52,7 @@ def test_backend_fuses_groups_of_two_or_three_and_equals_separate_kernels(num_mo
     kernels (measured faster); either way the result is the separate kernels' and the oracle's."""
     group = Group(6, 2, 5, 64, [48, 32, 16, 40, 24][:num_modules], 16, "with_none", torch.float32)
     split_out, split_outs = group.outs()
-    TritonBackend(fused_decode=False).apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
+    TritonBackend(decode_kernel="split").apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
                                                    group.meta, split_outs)
     import kernels.lora_fused_decode as fused_module
 

@@ -1,0 +1,243 @@
+"""LoRA decode over every used slot at once, with tensor-core dots, for up to 3 modules sharing x.
+
+The fused decode kernel (`kernels.lora_fused_decode`) runs one program per token and output
+tile, and recomputes each pair's h in a serial loop of vector products over D_in: on an H200
+that loop, not the launches, bounds it (a lone down projection, 3072 wide, took 23 us a layer
+where its lora weights read in well under one). Here one program computes one BLOCK_N tile of
+one module's output for every token of the step: it multiplies the step's x [T, D_in] by the
+lora_a of a chunk of slots at once ([D_in, chunk slots x R], one `tl.dot` per BLOCK_K, so the
+loop is short and pipelined), weights each (token, slot) column block by the token's summed
+pair weight on that slot (zero where the token is not routed there) and multiplies the result
+by the chunk's lora_b with a second `tl.dot`. Slots no pair uses (`meta.slot_counts`) are masked
+off, so their weights are not read, and a chunk without any is skipped.
+
+The price is work: every token goes through every used slot of a chunk (span / K times the
+LoRA FLOPs of routing each pair alone), which tensor cores absorb at decode sizes but which
+grows with the number of slots in use. Each output tile recomputes h (its lora_a reads come
+from L2). The grid, (sum over modules of cdiv(D_out_g, BLOCK_N),), depends only on shapes and
+the kernel reads counts and routes on the device: no host sync, so it can be captured in a CUDA
+graph.
+
+Legend: T tokens, K choices, G modules, S slots, R max rank, N = T * K pairs, D_in / D_out features.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.lora_launch import check_expand_args, check_shrink_args, dot_in_fp32, next_pow2
+from kernels.meta import DispatchMeta
+
+MAX_MODULES = 3
+# At most this many tokens per step (the whole step is one tile of rows).
+MAX_TOKENS = 64
+# Columns of h (slots x rank) multiplied per dot; slots are taken in chunks of this many columns.
+CHUNK_COLUMNS = 64
+
+
+def _blocks(num_tokens: int, rank: int, num_slots: int, d_in: int, d_outs: list[int]) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K) for a step's shapes."""
+    block_t = max(16, next_pow2(num_tokens))
+    block_r = max(16, next_pow2(rank))
+    slots_per_chunk = max(1, min(CHUNK_COLUMNS // block_r, next_pow2(num_slots)))
+    block_k = min(64, max(16, next_pow2(d_in)))
+    return block_t, block_r, slots_per_chunk, block_k
+
+
+def default_block_n(d_outs: list[int]) -> int:
+    """Narrow tiles (more programs) for small outputs, wide ones where narrow tiles would
+    recompute h hundreds of times."""
+    widest = max(d_outs)
+    tiles_64 = sum(triton.cdiv(d, 64) for d in d_outs)
+    block_n = 64 if tiles_64 <= 256 else 128
+    return min(block_n, max(16, next_pow2(widest)))
+
+
+@triton.jit
+def _dense_module_tile(
+    x_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, pid_n,
+    T, D_IN, D_OUT, R, S, stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """out[:, tile] += sum over used slots s of (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T."""
+    BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D_OUT
+    offs_j = tl.arange(0, BLOCK_SR)  # column j of a chunk: slot s0 + j // BLOCK_R, rank row j % BLOCK_R
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, S, SLOTS_PER_CHUNK):
+        slot_j = s0 + offs_j // BLOCK_R
+        r_j = offs_j % BLOCK_R
+        in_range = slot_j < S
+        count_j = tl.load(counts_ptr + slot_j, mask=in_range, other=0)
+        rank_j = tl.minimum(tl.load(ranks_ptr + slot_j, mask=in_range, other=0), R)
+        # Columns of unused slots and past a slot's rank are never loaded (padding may hold anything).
+        live_j = (count_j > 0) & (r_j < rank_j)
+        if tl.max(live_j.to(tl.int32), axis=0) > 0:
+            slot64 = slot_j.to(tl.int64)
+            x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_T, BLOCK_K]
+            a_ptrs = a_ptr + slot64[None, :] * stride_as + r_j[None, :] * stride_ar + offs_k[:, None]  # [BLOCK_K, BLOCK_SR]
+            h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+            for k0 in range(0, D_IN, BLOCK_K):
+                mask_k = offs_k < D_IN - k0
+                xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=mask_k[:, None] & live_j[None, :], other=0.0)
+                if DOT_FP32:
+                    h += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+                else:
+                    h += tl.dot(xt, at)
+                x_ptrs += BLOCK_K
+                a_ptrs += BLOCK_K
+            # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
+            coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+            for k in tl.static_range(TOP_K):
+                pair_slot = tl.load(slots_ptr + offs_t * TOP_K + k, mask=mask_t, other=-1)
+                pair_weight = tl.load(weights_ptr + offs_t * TOP_K + k, mask=mask_t, other=0.0)
+                coef += tl.where(pair_slot[:, None] == slot_j[None, :], pair_weight[:, None], 0.0)
+            scale_j = tl.load(scales_ptr + slot_j, mask=live_j, other=0.0)
+            h = h * coef * scale_j[None, :]
+            b_ptrs = b_ptr + slot64[:, None] * stride_bs + offs_n[None, :] * stride_bn + r_j[:, None]  # [BLOCK_SR, BLOCK_N]
+            bt = tl.load(b_ptrs, mask=live_j[:, None] & mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                # h rounded to the weights' dtype first, as the tensor-core path below does.
+                acc += tl.dot(h.to(bt.dtype).to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(h.to(bt.dtype), bt)
+    out_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    mask_out = mask_t[:, None] & mask_n[None, :]
+    current = tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _lora_dense_decode_kernel(
+    x_ptr,  # [T, D_in]
+    a_ptr,  # [G, S, R, D_in]
+    ranks_ptr,  # int32[G, S]
+    scales_ptr,  # float32[G, S]
+    weights_ptr,  # float32[N]
+    slots_ptr,  # int32[N]
+    counts_ptr,  # int32[S]
+    b0_ptr, out0_ptr, D_OUT0, stride_bs0, stride_bn0, stride_ot0,  # module 0: [S, D_out, R], [T, D_out]
+    b1_ptr, out1_ptr, D_OUT1, stride_bs1, stride_bn1, stride_ot1,  # module 1 (G >= 2)
+    b2_ptr, out2_ptr, D_OUT2, stride_bs2, stride_bn2, stride_ot2,  # module 2 (G == 3)
+    T, D_IN, R, S, stride_xt, stride_ag, stride_as, stride_ar,
+    G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    tiles0 = tl.cdiv(D_OUT0, BLOCK_N)
+    if tile < tiles0:
+        _dense_module_tile(x_ptr, a_ptr, b0_ptr, out0_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr,
+                           tile, T, D_IN, D_OUT0, R, S, stride_xt, stride_as, stride_ar, stride_bs0, stride_bn0,
+                           stride_ot0, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+    else:
+        if G > 1:
+            tiles1 = tl.cdiv(D_OUT1, BLOCK_N)
+            if tile < tiles0 + tiles1:
+                _dense_module_tile(x_ptr, a_ptr + stride_ag, b1_ptr, out1_ptr, ranks_ptr + S, scales_ptr + S,
+                                   weights_ptr, slots_ptr, counts_ptr, tile - tiles0, T, D_IN, D_OUT1, R, S,
+                                   stride_xt, stride_as, stride_ar, stride_bs1, stride_bn1, stride_ot1,
+                                   TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+            else:
+                if G > 2:
+                    _dense_module_tile(x_ptr, a_ptr + 2 * stride_ag, b2_ptr, out2_ptr, ranks_ptr + 2 * S,
+                                       scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr,
+                                       tile - tiles0 - tiles1, T, D_IN, D_OUT2, R, S, stride_xt, stride_as,
+                                       stride_ar, stride_bs2, stride_bn2, stride_ot2, TOP_K, BLOCK_T, BLOCK_N,
+                                       BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+
+
+def lora_dense_decode(
+    x: torch.Tensor,
+    lora_a_group: torch.Tensor,
+    lora_b_list: list[torch.Tensor],
+    ranks_group: torch.Tensor,
+    scales_group: torch.Tensor,
+    meta: DispatchMeta,
+    outs: list[torch.Tensor],
+    *,
+    block_k: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> list[torch.Tensor]:
+    """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, in one launch, every
+    token through every used slot.
+
+    Semantics (as `lora_fused_decode` and `lora_apply_shared_ref`): outs[g][t] += sum_k
+    w[t*K+k] * scales_group[g, s] * (x[t] @ lora_a_group[g, s, :r].T) @ lora_b_list[g][s, :, :r].T
+    with s = meta.slots[t*K+k], r = ranks_group[g, s]; pairs with s == -1 add nothing.
+
+    Args:
+        x: [T, D_in] with T <= MAX_TOKENS, fp32 / bf16 / fp16, rows contiguous.
+        lora_a_group: [G, S, R, D_in] contiguous, same dtype as x.
+        lora_b_list: G tensors [S, D_out_g, R], contiguous, same dtype as the outs.
+        ranks_group: int32[G, S]; scales_group: float32[G, S] (both contiguous).
+        meta: dispatch metadata of the step (slots, weights and slot_counts are read on the
+            device); its slots must lie in [-1, S).
+        outs: G tensors [T, D_out_g], rows contiguous (column slices of one output are fine);
+            updated in place and returned.
+        block_k, block_n: tile sizes (powers of two, at least 16); num_warps, num_stages: launch
+            options; None takes the defaults (`benchmarks/lora_decode.py --sweep` times others).
+
+    h is accumulated in fp32 and, for 16-bit inputs, rounded to the input dtype after weighting
+    (as the torch reference rounds it); each module's out is rounded once.
+    """
+    num_modules = len(lora_b_list)
+    if not 1 <= num_modules <= MAX_MODULES or len(outs) != num_modules:
+        raise ValueError(
+            f"lora_dense_decode: 1 to {MAX_MODULES} modules, as many outs as lora_b; "
+            f"got {num_modules} lora_b and {len(outs)} outs"
+        )
+    if meta.num_tokens > MAX_TOKENS:
+        raise ValueError(f"lora_dense_decode: at most {MAX_TOKENS} tokens per step; got {meta.num_tokens}")
+    if lora_a_group.dim() != 4 or lora_a_group.shape[0] != num_modules or not lora_a_group.is_contiguous():
+        raise ValueError(
+            f"lora_dense_decode: lora_a_group must be contiguous [G={num_modules}, S, R, D_in]; "
+            f"got {list(lora_a_group.shape)}"
+        )
+    shape = (num_modules, meta.num_slots)
+    for name, t, dtype in (("ranks_group", ranks_group, torch.int32), ("scales_group", scales_group, torch.float32)):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(
+                f"lora_dense_decode: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}"
+            )
+    rank = lora_a_group.shape[2]
+    for g in range(num_modules):
+        check_shrink_args("lora_dense_decode", x, lora_a_group[g], ranks_group[g], meta)
+        if lora_b_list[g].shape[2:] != (rank,):
+            raise ValueError(f"lora_dense_decode: lora_b {g} has rank {lora_b_list[g].shape[2:]}, lora_a {rank}")
+        check_expand_args("lora_dense_decode", None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
+    if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
+        return outs
+    d_outs = [b.shape[1] for b in lora_b_list]
+    block_t, block_r, slots_per_chunk, default_k = _blocks(meta.num_tokens, rank, meta.num_slots, x.shape[1], d_outs)
+    for name, value in (("block_k", block_k), ("block_n", block_n)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"lora_dense_decode: {name} must be a power of two >= 16; got {value}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"lora_dense_decode: num_warps must be 1, 2, 4, 8 or 16; got {num_warps}")
+    if num_stages is not None and not 1 <= num_stages <= 6:
+        raise ValueError(f"lora_dense_decode: num_stages must be 1 to 6; got {num_stages}")
+    block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
+    launch = {key: value for key, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value}
+    args = []
+    for g in range(MAX_MODULES):
+        b, out = (lora_b_list[g], outs[g]) if g < num_modules else (lora_b_list[0], outs[0])
+        args += [b, out, b.shape[1] if g < num_modules else 0, b.stride(0), b.stride(1), out.stride(0)]
+    tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
+    _lora_dense_decode_kernel[(tiles,)](
+        x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, *args,
+        meta.num_tokens, x.shape[1], rank, meta.num_slots, x.stride(0), lora_a_group.stride(0),
+        lora_a_group.stride(1), lora_a_group.stride(2),
+        G=num_modules, TOP_K=meta.top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
+        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, DOT_FP32=dot_in_fp32(x.dtype, x.device), **launch,
+    )
+    return outs

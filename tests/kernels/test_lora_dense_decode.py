@@ -1,0 +1,169 @@
+"""The slot-dense decode kernel (every token through every used slot, up to 3 modules sharing x)
+against a float64 pair-by-pair oracle (interpreter on CPU, real shapes on GPU), and the Triton
+backend's decode_kernel choice.
+
+As in test_lora_triton: lora padding past each slot's rank is NaN and outputs start random, so a
+kernel that reads padding, skips a pair or writes a row it does not own fails loudly.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.backends import TritonBackend  # noqa: E402
+from kernels.lora_dense_decode import MAX_TOKENS, lora_dense_decode  # noqa: E402
+from kernels.meta import DispatchBuffers, build_dispatch  # noqa: E402
+from tests.kernels.helpers import DTYPES, Group, assert_close, capture_cuda_graph  # noqa: E402
+
+# (T, K, S, D_in, D_outs, R, routing)
+CASES = [
+    (1, 1, 4, 256, (256,), 16, "uniform"),
+    (5, 2, 5, 64, (64, 32, 32), 16, "with_none"),  # q/k/v; 5 slots of rank 16 = two chunks of 4
+    (16, 2, 8, 128, (384, 384), 8, "zipf"),  # gate/up; max rank below the 16-wide rank tile
+    (7, 4, 6, 96, (40, 24, 72), 48, "empty_slots"),  # no dimension a power of two; one slot per chunk
+    (32, 2, 4, 512, (128,), 64, "skewed"),
+    (3, 3, 3, 48, (17,), 12, "one"),  # every choice on one slot
+    (64, 1, 12, 80, (48, 16), 16, "uniform"),  # the most tokens a step may have; three chunks
+]
+
+
+def case_id(c):
+    return "T{}K{}S{}D{}x{}R{}-{}".format(c[0], c[1], c[2], c[3], "+".join(map(str, c[4])), c[5], c[6])
+
+
+def check_dense(group: Group, dtype, **blocks):
+    out, outs = group.outs()
+    result = lora_dense_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs,
+                               **blocks)
+    assert result == outs
+    assert_close(out, group.expected(), dtype, "lora_dense_decode")
+    untouched = (group.slots < 0).all(dim=1)
+    assert torch.equal(out[untouched], group.out[untouched]), "rows without an adapter changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dense_decode_matches_pair_by_pair_oracle(case, dtype):
+    check_dense(Group(*case, dtype), dtype)
+
+
+def test_slots_no_pair_uses_are_not_read():
+    """An unused slot's weights may hold anything (a slot being loaded, say): NaN there must not
+    reach the output, which it would through a multiply by a zero routing weight."""
+    group = Group(6, 2, 6, 64, (48, 32), 16, "uniform", torch.float32)
+    group.slots[group.slots == 5] = 0  # slot 5: no pair
+    group.meta = build_dispatch(group.slots, group.weights, 6)
+    unused = [5]
+    for s in unused:
+        group.lora_a[:, s] = float("nan")
+        for b in group.lora_b:
+            b[s] = float("nan")
+    check_dense(group, torch.float32)
+
+
+@pytest.mark.parametrize("blocks", [dict(block_k=16, block_n=16), dict(block_k=128, block_n=32, num_warps=8),
+                                    dict(block_n=128, num_stages=2)], ids=["small-tiles", "wide-k", "wide-n"])
+def test_given_tile_sizes_give_the_same_result(blocks):
+    check_dense(Group(5, 2, 5, 96, (40, 24, 72), 16, "with_none", torch.float32), torch.float32, **blocks)
+
+
+@pytest.mark.parametrize("num_modules", [1, 2, 3, 4, 5])
+def test_backend_dense_decode_equals_separate_kernels(num_modules, monkeypatch):
+    """decode_kernel="dense": chunks of 3 modules, one dense launch each (a lone module too),
+    with the separate kernels' result and the oracle's."""
+    group = Group(6, 2, 5, 64, [48, 32, 16, 40, 24][:num_modules], 16, "with_none", torch.float32)
+    split_out, split_outs = group.outs()
+    TritonBackend(decode_kernel="split").apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
+                                                      group.meta, split_outs)
+    import kernels.lora_dense_decode as dense_module
+
+    launches = []
+    real = dense_module.lora_dense_decode
+    monkeypatch.setattr(dense_module, "lora_dense_decode", lambda *a: launches.append(len(a[2])) or real(*a))
+    out, outs = group.outs()
+    TritonBackend(decode_kernel="dense").apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales,
+                                                      group.meta, outs)
+    assert launches == {1: [1], 2: [2], 3: [3], 4: [3, 1], 5: [3, 2]}[num_modules]
+    assert_close(out, split_out, torch.float32, "dense vs separate shrink and expand")
+    assert_close(out, group.expected(), torch.float32, "dense vs oracle")
+
+
+def test_prefill_steps_and_the_default_choice_do_not_take_it(monkeypatch):
+    import kernels.lora_dense_decode as dense_module
+
+    monkeypatch.setattr(dense_module, "lora_dense_decode", lambda *a: pytest.fail("dense kernel taken"))
+    prefill = Group(40, 2, 5, 64, (32, 16), 16, "uniform", torch.float32)
+    assert not prefill.meta.is_decode
+    decode = Group(6, 2, 5, 64, (32, 16), 16, "uniform", torch.float32)
+    for group, backend in ((prefill, TritonBackend(decode_kernel="dense")), (decode, TritonBackend())):
+        out, outs = group.outs()
+        backend.apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+        assert_close(out, group.expected(), torch.float32)
+
+
+def test_bad_arguments_raise():
+    group = Group(4, 2, 3, 32, (16, 16, 16, 16), 8, "uniform", torch.float32)
+    _, outs = group.outs()
+    three = (group.x, group.lora_a[:3], group.lora_b[:3], group.ranks[:3], group.scales[:3], group.meta)
+    with pytest.raises(ValueError, match="1 to 3 modules"):
+        lora_dense_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+    with pytest.raises(ValueError, match="scales_group must be"):
+        lora_dense_decode(group.x, group.lora_a[:3], group.lora_b[:3], group.ranks[:3], group.scales[:2],
+                          group.meta, outs[:3])
+    with pytest.raises(ValueError, match="out must be"):
+        lora_dense_decode(*three, [outs[0], outs[1], outs[2][:2]])
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        lora_dense_decode(*three, outs[:3], block_n=24)
+    with pytest.raises(ValueError, match="num_stages must be"):
+        lora_dense_decode(*three, outs[:3], num_stages=0)
+    many = Group(MAX_TOKENS + 1, 1, 3, 32, (16,), 8, "uniform", torch.float32)
+    _, many_outs = many.outs()
+    with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} tokens"):
+        lora_dense_decode(many.x, many.lora_a, many.lora_b, many.ranks, many.scales, many.meta, many_outs)
+    with pytest.raises(ValueError, match="decode_kernel must be one of"):
+        TritonBackend(decode_kernel="fastest")
+
+
+# Real shapes on a GPU (skipped without CUDA by tests/conftest.py).
+GPU_CASES = [
+    (16, 2, 8, 4096, (4096, 1024, 1024), 16, "with_none"),
+    (64, 1, 16, 4096, (14336, 14336), 64, "zipf"),
+    (8, 4, 4, 1024, (1024, 512, 512), 128, "uniform"),
+    (32, 2, 4, 3072, (1024,), 16, "skewed"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_dense_decode_matches_oracle_gpu(case, dtype):
+    check_dense(Group(*case, dtype, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_dense_decode_cuda_graph_replays_new_routing_gpu():
+    """Captured once, replayed after the routing (and x) changed: the kernel reads the routes and
+    slot counts at their fixed addresses and syncs with nothing."""
+    num_tokens, top_k, num_slots, d_outs = 16, 2, 8, (1024, 512, 512)
+    first = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "uniform", torch.bfloat16, device="cuda", seed=1)
+    second = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "with_none", torch.bfloat16, device="cuda", seed=1)
+    second.x = torch.randn_like(first.x)  # same adapters (seed), new tokens and routing
+    buffers = DispatchBuffers(num_tokens, top_k, num_slots, device="cuda")
+    meta = buffers.build(first.slots, first.weights)
+    x = first.x.clone()
+    out, outs = first.outs()
+    backend = TritonBackend(decode_kernel="dense")
+
+    def step():
+        backend.apply_shared(x, first.lora_a, first.lora_b, first.ranks, first.scales, meta, outs)
+
+    graph = capture_cuda_graph(step)
+    for step_inputs, name in ((first, "first"), (second, "new")):
+        buffers.build(step_inputs.slots, step_inputs.weights)
+        x.copy_(step_inputs.x)
+        out.copy_(first.out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = first.expected(step_inputs.x, step_inputs.slots, step_inputs.weights)
+        assert_close(out, expected, torch.bfloat16, f"replay with the {name} routing")

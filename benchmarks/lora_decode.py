@@ -114,7 +114,7 @@ SWEEPS = {
     "fused": (lora_fused_decode,
               [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]),
     "dense": (lora_dense_decode,
-              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128) for n in (32, 64, 128) for w in (2, 4)]),
+              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128, 256) for n in (32, 64, 128) for w in (2, 4)]),
 }
 
 

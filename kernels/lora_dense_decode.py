@@ -42,7 +42,9 @@ def _blocks(num_tokens: int, rank: int, num_slots: int, d_in: int, d_outs: list[
     block_t = max(16, next_pow2(num_tokens))
     block_r = max(16, next_pow2(rank))
     slots_per_chunk = max(1, min(CHUNK_COLUMNS // block_r, next_pow2(num_slots)))
-    block_k = min(64, max(16, next_pow2(d_in)))
+    # The K loop is the kernel's serial chain (every program runs all of it): wide steps keep it
+    # short (3072 wide: 24 steps of 128).
+    block_k = min(128, max(16, next_pow2(d_in)))
     return block_t, block_r, slots_per_chunk, block_k
 
 

@@ -108,15 +108,9 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
 
 def decode_kernel_engine(loaded, config: EngineConfig, loader, kernel: str) -> Engine:
     """An engine whose Triton backend runs decode steps' LoRA with `kernel` ("split": separate
-    shrink and expand launches, "fused", "dense"; see kernels.backends.TritonBackend), captured
-    the same way, for an A/B against the default in one run."""
-    engine = Engine(loaded, config.model_copy(update={"capture_at_start": False}), adapter_loader=loader)
-    if not hasattr(engine.context.backend, "decode_kernel"):
-        raise SystemExit(f"--compare-decode needs the triton backend; this engine runs {engine.context.backend.name}")
-    engine.context.backend.decode_kernel = kernel
-    if engine.graphs is not None and config.capture_at_start:
-        engine.graphs.capture_all(engine.runner.unrouted_plan)
-    return engine
+    shrink and expand launches, "fused", "dense"; EngineConfig.decode_kernel), for an A/B against
+    the default in one run."""
+    return Engine(loaded, config.model_copy(update={"decode_kernel": kernel}), adapter_loader=loader)
 
 
 def median_run(runs: list[dict]) -> dict:

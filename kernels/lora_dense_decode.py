@@ -1,10 +1,10 @@
 """LoRA decode over every used slot at once, with tensor-core dots, for up to 3 modules sharing x.
 
 The fused decode kernel (`kernels.lora_fused_decode`) runs one program per token and output
-tile, and recomputes each pair's h in a serial loop of vector products over D_in: on an H200
-that loop, not the launches, bounds it (a lone down projection, 3072 wide, took 23 us a layer
-where its lora weights read in well under one). Here one program computes one BLOCK_N tile of
-one module's output for every token of the step: it multiplies the step's x [T, D_in] by the
+tile, and recomputes each pair's h in a serial loop of vector products over D_in, the likely
+bound of its times on an H200 (a lone down projection, 3072 wide, took 23 us a layer where its
+lora weights read in well under one; inferred, not profiled). Here one program computes one
+BLOCK_N tile of one module's output for every token of the step: it multiplies the step's x [T, D_in] by the
 lora_a of a chunk of slots at once ([D_in, chunk slots x R], one `tl.dot` per BLOCK_K, so the
 loop is short and pipelined), weights each (token, slot) column block by the token's summed
 pair weight on that slot (zero where the token is not routed there) and multiplies the result

@@ -35,6 +35,12 @@ class EngineConfig(BaseModel):
         None, description="model dtype; None = the checkpoint's (float32 on CPU)"
     )
     backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
+    decode_kernel: Literal["auto", "fused", "dense", "split"] = Field(
+        "auto",
+        description="triton backend only: the kernel decode steps run LoRA with (kernels.backends.TritonBackend); "
+        "'auto' = fused shrink+expand for q/k/v and small gate/up groups, separate launches elsewhere (measured on "
+        "an H200); 'dense' = the slot-dense kernel (not yet timed on a GPU); 'fused' / 'split' everywhere",
+    )
     max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
     decode_graphs: Literal["auto", "off", "eager"] = Field(
         "auto",

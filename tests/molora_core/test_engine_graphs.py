@@ -289,3 +289,27 @@ def test_triton_fixed_shape_steps_read_nothing_back_and_match_the_torch_engine(d
     assert steps and all(steps), steps  # every decode step fixed, the gate routed inside each
     engine.close()
     reference.close()
+
+
+def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
+    """EngineConfig(decode_kernel="dense"): fixed-shape decode steps run their LoRA through the
+    slot-dense kernel (the Triton interpreter on CPU), a gate request routed inside the step;
+    tokens equal the torch engine's. On the torch backend the option is refused."""
+    import kernels.lora_dense_decode as dense_module
+
+    launches = []
+    real = dense_module.lora_dense_decode
+    monkeypatch.setattr(dense_module, "lora_dense_decode", lambda *a, **k: launches.append(len(a[2])) or real(*a, **k))
+    requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
+                        Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
+    reference = make_engine(demo, decode_graphs="off", max_batch=2, prefill_chunk=64)
+    want = [o.token_ids for o in reference.generate(requests())]
+    engine = make_engine(demo, backend="triton", decode_graphs="eager", decode_kernel="dense", max_batch=2,
+                         prefill_chunk=64)
+    assert engine.context.backend.decode_kernel == "dense"
+    assert [o.token_ids for o in engine.generate(requests())] == want
+    assert launches and set(launches) <= {1, 2, 3}
+    with pytest.raises(ValueError, match="decode_kernel='dense' needs the triton backend"):
+        make_engine(demo, decode_kernel="dense")
+    engine.close()
+    reference.close()

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_expand_args, check_shrink_args, dot_in_fp32, next_pow2
+from kernels.lora_launch import check_group_args, dot_in_fp32, launch_options, module_args, next_pow2
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
@@ -192,48 +192,18 @@ def lora_dense_decode(
     h is accumulated in fp32 and, for 16-bit inputs, rounded to the input dtype after weighting
     (as the torch reference rounds it); each module's out is rounded once.
     """
-    num_modules = len(lora_b_list)
-    if not 1 <= num_modules <= MAX_MODULES or len(outs) != num_modules:
-        raise ValueError(
-            f"lora_dense_decode: 1 to {MAX_MODULES} modules, as many outs as lora_b; "
-            f"got {num_modules} lora_b and {len(outs)} outs"
-        )
+    check_group_args("lora_dense_decode", x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs,
+                     MAX_MODULES)
     if meta.num_tokens > MAX_TOKENS:
         raise ValueError(f"lora_dense_decode: at most {MAX_TOKENS} tokens per step; got {meta.num_tokens}")
-    if lora_a_group.dim() != 4 or lora_a_group.shape[0] != num_modules or not lora_a_group.is_contiguous():
-        raise ValueError(
-            f"lora_dense_decode: lora_a_group must be contiguous [G={num_modules}, S, R, D_in]; "
-            f"got {list(lora_a_group.shape)}"
-        )
-    shape = (num_modules, meta.num_slots)
-    for name, t, dtype in (("ranks_group", ranks_group, torch.int32), ("scales_group", scales_group, torch.float32)):
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(
-                f"lora_dense_decode: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}"
-            )
-    rank = lora_a_group.shape[2]
-    for g in range(num_modules):
-        check_shrink_args("lora_dense_decode", x, lora_a_group[g], ranks_group[g], meta)
-        if lora_b_list[g].shape[2:] != (rank,):
-            raise ValueError(f"lora_dense_decode: lora_b {g} has rank {lora_b_list[g].shape[2:]}, lora_a {rank}")
-        check_expand_args("lora_dense_decode", None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
+    launch = launch_options("lora_dense_decode", block_k, block_n, num_warps, num_stages)
+    num_modules, rank = len(lora_b_list), lora_a_group.shape[2]
     if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
     d_outs = [b.shape[1] for b in lora_b_list]
     block_t, block_r, slots_per_chunk, default_k = _blocks(meta.num_tokens, rank, meta.num_slots, x.shape[1], d_outs)
-    for name, value in (("block_k", block_k), ("block_n", block_n)):
-        if value is not None and (value < 16 or value & (value - 1)):
-            raise ValueError(f"lora_dense_decode: {name} must be a power of two >= 16; got {value}")
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"lora_dense_decode: num_warps must be 1, 2, 4, 8 or 16; got {num_warps}")
-    if num_stages is not None and not 1 <= num_stages <= 6:
-        raise ValueError(f"lora_dense_decode: num_stages must be 1 to 6; got {num_stages}")
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
-    launch = {key: value for key, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value}
-    args = []
-    for g in range(MAX_MODULES):
-        b, out = (lora_b_list[g], outs[g]) if g < num_modules else (lora_b_list[0], outs[0])
-        args += [b, out, b.shape[1] if g < num_modules else 0, b.stride(0), b.stride(1), out.stride(0)]
+    args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
     _lora_dense_decode_kernel[(tiles,)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, *args,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_expand_args, check_shrink_args, next_pow2
+from kernels.lora_launch import check_group_args, launch_options, module_args, next_pow2
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
@@ -162,43 +162,15 @@ def lora_fused_decode(
     Each module's K contributions are summed in fp32 and its out is rounded once. Meant for
     decode steps (a few pairs per token): every output tile recomputes its pairs' h. No host sync.
     """
-    num_modules = len(lora_b_list)
-    if not 1 <= num_modules <= MAX_MODULES or len(outs) != num_modules:
-        raise ValueError(
-            f"lora_fused_decode: 1 to {MAX_MODULES} modules, as many outs as lora_b; "
-            f"got {num_modules} lora_b and {len(outs)} outs"
-        )
-    if lora_a_group.dim() != 4 or lora_a_group.shape[0] != num_modules or not lora_a_group.is_contiguous():
-        raise ValueError(
-            f"lora_fused_decode: lora_a_group must be contiguous [G={num_modules}, S, R, D_in]; "
-            f"got {list(lora_a_group.shape)}"
-        )
-    shape = (num_modules, meta.num_slots)
-    for name, t, dtype in (("ranks_group", ranks_group, torch.int32), ("scales_group", scales_group, torch.float32)):
-        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(
-                f"lora_fused_decode: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}"
-            )
-    rank = lora_a_group.shape[2]
-    for g in range(num_modules):
-        check_shrink_args("lora_fused_decode", x, lora_a_group[g], ranks_group[g], meta)
-        if lora_b_list[g].shape[2:] != (rank,):
-            raise ValueError(f"lora_fused_decode: lora_b {g} has rank {lora_b_list[g].shape[2:]}, lora_a {rank}")
-        check_expand_args("lora_fused_decode", None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
+    check_group_args("lora_fused_decode", x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs,
+                     MAX_MODULES)
+    launch = launch_options("lora_fused_decode", block_k, block_n, num_warps)
+    num_modules, rank = len(lora_b_list), lora_a_group.shape[2]
     if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
     block_r, default_k, default_n = _blocks(rank, x.shape[1], [b.shape[1] for b in lora_b_list])
-    for name, value in (("block_k", block_k), ("block_n", block_n)):
-        if value is not None and (value < 16 or value & (value - 1)):
-            raise ValueError(f"lora_fused_decode: {name} must be a power of two >= 16; got {value}")
-    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"lora_fused_decode: num_warps must be 1, 2, 4, 8 or 16; got {num_warps}")
     block_k, block_n = block_k or default_k, block_n or default_n
-    launch = {} if num_warps is None else {"num_warps": num_warps}
-    args = []
-    for g in range(MAX_MODULES):
-        b, out = (lora_b_list[g], outs[g]) if g < num_modules else (lora_b_list[0], outs[0])
-        args += [b, out, b.shape[1] if g < num_modules else 0, b.stride(0), b.stride(1), out.stride(0)]
+    args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b_list)
     _lora_fused_decode_kernel[(meta.num_tokens, tiles)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, *args,

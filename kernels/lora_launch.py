@@ -145,3 +145,64 @@ def check_expand_args(
     if meta.weights.dtype != torch.float32 or not meta.weights.is_contiguous():
         raise ValueError(f"{op}: meta.weights must be contiguous float32[N]; got {meta.weights.dtype}")
     _check_slot_vectors(op, meta, slot_ranks, out.device)
+
+
+def check_group_args(
+    op: str,
+    x: torch.Tensor,
+    lora_a_group: torch.Tensor,
+    lora_b_list: list[torch.Tensor],
+    ranks_group: torch.Tensor,
+    scales_group: torch.Tensor,
+    meta: DispatchMeta,
+    outs: list[torch.Tensor],
+    max_modules: int,
+) -> None:
+    """Arguments of a one-launch kernel over G <= max_modules modules reading the same x:
+    lora_a_group [G, S, R, D_in] contiguous, G lora_b [S, D_out_g, R] and G outs [T, D_out_g]
+    (each as `check_shrink_args` / `check_expand_args` want), ranks_group int32[G, S] and
+    scales_group float32[G, S] contiguous."""
+    num_modules = len(lora_b_list)
+    if not 1 <= num_modules <= max_modules or len(outs) != num_modules:
+        raise ValueError(
+            f"{op}: 1 to {max_modules} modules, as many outs as lora_b; "
+            f"got {num_modules} lora_b and {len(outs)} outs"
+        )
+    if lora_a_group.dim() != 4 or lora_a_group.shape[0] != num_modules or not lora_a_group.is_contiguous():
+        raise ValueError(
+            f"{op}: lora_a_group must be contiguous [G={num_modules}, S, R, D_in]; got {list(lora_a_group.shape)}"
+        )
+    shape = (num_modules, meta.num_slots)
+    for name, t, dtype in (("ranks_group", ranks_group, torch.int32), ("scales_group", scales_group, torch.float32)):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}")
+    rank = lora_a_group.shape[2]
+    for g in range(num_modules):
+        check_shrink_args(op, x, lora_a_group[g], ranks_group[g], meta)
+        if lora_b_list[g].shape[2:] != (rank,):
+            raise ValueError(f"{op}: lora_b {g} has rank {lora_b_list[g].shape[2:]}, lora_a {rank}")
+        check_expand_args(op, None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
+
+
+def launch_options(op: str, block_k: int | None, block_n: int | None, num_warps: int | None,
+                   num_stages: int | None = None) -> dict:
+    """Check caller-given tile sizes (powers of two >= 16) and launch options; returns the
+    launch options that were given (num_warps, num_stages) as keyword arguments."""
+    for name, value in (("block_k", block_k), ("block_n", block_n)):
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{op}: {name} must be a power of two >= 16; got {value}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"{op}: num_warps must be 1, 2, 4, 8 or 16; got {num_warps}")
+    if num_stages is not None and not 1 <= num_stages <= 6:
+        raise ValueError(f"{op}: num_stages must be 1 to 6; got {num_stages}")
+    return {key: value for key, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
+
+
+def module_args(lora_b_list: list[torch.Tensor], outs: list[torch.Tensor], max_modules: int) -> list:
+    """Per-module kernel arguments (lora_b, out, D_out, lora_b strides 0 and 1, out row stride)
+    for `max_modules` slots; slots past the group repeat module 0 with D_out 0 (never read)."""
+    args = []
+    for g in range(max_modules):
+        b, out = (lora_b_list[g], outs[g]) if g < len(lora_b_list) else (lora_b_list[0], outs[0])
+        args += [b, out, b.shape[1] if g < len(lora_b_list) else 0, b.stride(0), b.stride(1), out.stride(0)]
+    return args

@@ -215,3 +215,32 @@ class Group:
             h = naive_shrink(x, self.lora_a[g].cpu(), ranks, slots)
             parts.append(naive_expand(h, p.lora_b.cpu(), ranks, scales, slots, weights, p.out.cpu()))
         return torch.cat(parts, dim=1)
+
+
+def check_group_graph_replay(apply_shared) -> None:
+    """Capture `apply_shared` (a backend's) over a q/k/v-shaped bf16 group on CUDA once, then
+    replay it after the routing (and x) changed: the kernels read the dispatch buffers at their
+    fixed addresses and sync with nothing, so each replay matches the float64 oracle of its step."""
+    from kernels.meta import DispatchBuffers
+
+    num_tokens, top_k, num_slots, d_outs = 16, 2, 8, (1024, 512, 512)
+    first = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "uniform", torch.bfloat16, device="cuda", seed=1)
+    second = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "with_none", torch.bfloat16, device="cuda", seed=1)
+    second.x = torch.randn_like(first.x)  # same adapters (seed), new tokens and routing
+    buffers = DispatchBuffers(num_tokens, top_k, num_slots, device="cuda")
+    meta = buffers.build(first.slots, first.weights)
+    x = first.x.clone()
+    out, outs = first.outs()
+
+    def step():
+        apply_shared(x, first.lora_a, first.lora_b, first.ranks, first.scales, meta, outs)
+
+    graph = capture_cuda_graph(step)
+    for step_inputs, name in ((first, "first"), (second, "new")):
+        buffers.build(step_inputs.slots, step_inputs.weights)
+        x.copy_(step_inputs.x)
+        out.copy_(first.out)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = first.expected(step_inputs.x, step_inputs.slots, step_inputs.weights)
+        assert_close(out, expected, torch.bfloat16, f"replay with the {name} routing")

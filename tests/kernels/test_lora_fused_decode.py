@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers, DispatchMeta  # noqa: E402
-from tests.kernels.helpers import DTYPES, Group, assert_close, capture_cuda_graph  # noqa: E402
+from tests.kernels.helpers import DTYPES, Group, assert_close, check_group_graph_replay  # noqa: E402
 
 
 # (T, K, S, D_in, D_outs, R, routing)
@@ -154,25 +154,4 @@ def test_fused_decode_matches_oracle_gpu(case, dtype):
 def test_fused_decode_cuda_graph_replays_new_routing_gpu():
     """Captured once, replayed after the routing (and x) changed: the kernel reads the dispatch
     buffers at their fixed addresses and syncs with nothing."""
-    num_tokens, top_k, num_slots, d_outs = 16, 2, 8, (1024, 512, 512)
-    first = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "uniform", torch.bfloat16, device="cuda", seed=1)
-    second = Group(num_tokens, top_k, num_slots, 1024, d_outs, 16, "with_none", torch.bfloat16, device="cuda", seed=1)
-    second.x = torch.randn_like(first.x)  # same adapters (seed), new tokens and routing
-    buffers = DispatchBuffers(num_tokens, top_k, num_slots, device="cuda")
-    meta = buffers.build(first.slots, first.weights)
-    x = first.x.clone()
-    out, outs = first.outs()
-    backend = TritonBackend()
-
-    def step():
-        backend.apply_shared(x, first.lora_a, first.lora_b, first.ranks, first.scales, meta, outs)
-
-    graph = capture_cuda_graph(step)
-    for step_inputs, name in ((first, "first"), (second, "new")):
-        buffers.build(step_inputs.slots, step_inputs.weights)
-        x.copy_(step_inputs.x)
-        out.copy_(first.out)
-        graph.replay()
-        torch.cuda.synchronize()
-        expected = first.expected(step_inputs.x, step_inputs.slots, step_inputs.weights)
-        assert_close(out, expected, torch.bfloat16, f"replay with the {name} routing")
+    check_group_graph_replay(TritonBackend().apply_shared)

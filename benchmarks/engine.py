@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, write_json  # noqa: E402
+from kernels.backends import TritonBackend  # noqa: E402
 from molora_core.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from molora_core.engine.stats import percentile  # noqa: E402
 from molora_core.lora_layer import TARGET_MODULES  # noqa: E402
@@ -176,10 +177,12 @@ def main() -> None:
     if args.batch:
         s["batch"] = args.batch
     compare = [k for k in args.compare_decode.split(",") if k]
-    unknown = sorted(set(compare) - {"split", "fused", "dense"})
-    if unknown:
-        parser.error(f"--compare-decode: unknown kernels {unknown}; choose from split, fused, dense")
+    kernels = [k for k in TritonBackend.DECODE_KERNELS if k != "auto"]
+    if set(compare) - set(kernels):
+        parser.error(f"--compare-decode: unknown kernels {sorted(set(compare) - set(kernels))}; choose from {kernels}")
     device = torch.device(args.device)
+    if compare and device.type != "cuda":
+        parser.error("--compare-decode compares the Triton backend's decode kernels: it needs a CUDA device")
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
 

@@ -82,20 +82,21 @@ def _dense_module_tile(
         # Columns of unused slots and past a slot's rank are never loaded (padding may hold anything).
         live_j = (count_j > 0) & (r_j < rank_j)
         if tl.max(live_j.to(tl.int32), axis=0) > 0:
-            slot64 = slot_j.to(tl.int64)
-            x_ptrs = x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :]  # [BLOCK_T, BLOCK_K]
-            a_ptrs = a_ptr + slot64[None, :] * stride_as + r_j[None, :] * stride_ar + offs_k[:, None]  # [BLOCK_K, BLOCK_SR]
+            # int32 offsets from scalar bases (the launcher checks they fit): 64-bit pointer
+            # tensors of these tiles would take most of the registers.
+            a_cols = slot_j * stride_as + r_j * stride_ar  # [BLOCK_SR]
             h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
             for k0 in range(0, D_IN, BLOCK_K):
-                mask_k = offs_k < D_IN - k0
-                xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=mask_k[:, None] & live_j[None, :], other=0.0)
+                k_j = k0 + offs_k
+                mask_k = k_j < D_IN
+                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k_j[None, :],
+                             mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+                at = tl.load(a_ptr + a_cols[None, :] + k_j[:, None],
+                             mask=mask_k[:, None] & live_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_SR]
                 if DOT_FP32:
                     h += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
                 else:
                     h += tl.dot(xt, at)
-                x_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
             # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
             coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
             for k in tl.static_range(TOP_K):
@@ -104,14 +105,14 @@ def _dense_module_tile(
                 coef += tl.where(pair_slot[:, None] == slot_j[None, :], pair_weight[:, None], 0.0)
             scale_j = tl.load(scales_ptr + slot_j, mask=live_j, other=0.0)
             h = h * coef * scale_j[None, :]
-            b_ptrs = b_ptr + slot64[:, None] * stride_bs + offs_n[None, :] * stride_bn + r_j[:, None]  # [BLOCK_SR, BLOCK_N]
-            bt = tl.load(b_ptrs, mask=live_j[:, None] & mask_n[None, :], other=0.0)
+            bt = tl.load(b_ptr + (slot_j * stride_bs + r_j)[:, None] + offs_n[None, :] * stride_bn,
+                         mask=live_j[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_SR, BLOCK_N]
             if DOT_FP32:
                 # h rounded to the weights' dtype first, as the tensor-core path below does.
                 acc += tl.dot(h.to(bt.dtype).to(tl.float32), bt.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(h.to(bt.dtype), bt)
-    out_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :]
     mask_out = mask_t[:, None] & mask_n[None, :]
     current = tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)
     tl.store(out_ptrs, (current + acc).to(out_ptr.dtype.element_ty), mask=mask_out)
@@ -203,6 +204,15 @@ def lora_dense_decode(
     d_outs = [b.shape[1] for b in lora_b_list]
     block_t, block_r, slots_per_chunk, default_k = _blocks(meta.num_tokens, rank, meta.num_slots, x.shape[1], d_outs)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
+    if "num_warps" not in launch and block_t * block_n >= 64 * 128:
+        # Compiled for sm_90 (Triton 3.9): 64 tokens x 128 columns at rank 64 spill registers
+        # with 4 warps and do not with 8.
+        launch["num_warps"] = 8
+    # The kernel indexes lora_a, lora_b and out with int32 offsets.
+    too_big = [name for name, t in (("lora_a_group", lora_a_group), *((f"lora_b {g}", b) for g, b in enumerate(lora_b_list)))
+               if t.numel() >= 2**31]
+    if too_big:
+        raise ValueError(f"lora_dense_decode: {too_big} hold 2**31 elements or more (int32 offsets)")
     args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
     _lora_dense_decode_kernel[(tiles,)](

@@ -1,0 +1,157 @@
+"""Compile the decode LoRA kernels for a GPU target without a GPU and report their resources.
+
+For each kernel (fused and slot-dense decode) at Qwen3-0.6B and 7B-class shapes, the real
+launcher runs on CPU tensors with the Triton launch intercepted; the captured arguments are
+compiled ahead of time for the target (sm_90 = H100 / H200 by default) with the same
+specialization the JIT applies (pointers and integers divisible by 16 marked so), and the cubin's
+resource usage is read with the cuobjdump that ships in Triton's wheel. It reports registers per
+thread, spilled stack bytes, shared memory, and whether loads were software-pipelined (cp.async)
+and which tensor-core instructions were emitted.
+
+Nothing runs on a GPU: this is a static check of code generation (spills and unpipelined loops
+are what it catches), not a timing. The Triton version here may differ from a GPU machine's.
+
+    .venv/bin/python scripts/kernel_resources.py            # sm_90
+    .venv/bin/python scripts/kernel_resources.py --arch 80  # A100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # a real compile, not the interpreter
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels.lora_dense_decode as dense_module  # noqa: E402
+import kernels.lora_fused_decode as fused_module  # noqa: E402
+from kernels.meta import DispatchBuffers  # noqa: E402
+
+TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+         torch.int64: "*i64"}
+# (name, T, K, S, R, D_in, D_outs)
+SHAPES = [
+    ("qwen3-0.6b q/k/v", 16, 2, 4, 16, 1024, (2048, 1024, 1024)),
+    ("qwen3-0.6b down", 16, 2, 4, 16, 3072, (1024,)),
+    ("7b gate/up", 16, 2, 4, 16, 4096, (14336, 14336)),
+    ("7b gate/up, 64 x top-1, rank 64", 64, 1, 16, 64, 4096, (14336, 14336)),
+]
+
+
+class _Capture:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def captured_launch(module, kernel_name: str, launcher, *args, **kwargs):
+    """Run `launcher` with `module.kernel_name` intercepted; returns (jit_fn, args, kwargs)."""
+    real = getattr(module, kernel_name)
+    capture = _Capture(real)
+    setattr(module, kernel_name, capture)
+    try:
+        launcher(*args, **kwargs)
+    finally:
+        setattr(module, kernel_name, real)
+    (launch_args, launch_kwargs), = capture.launches
+    return real, launch_args, launch_kwargs
+
+
+def compile_launch(fn, args, kwargs, target: GPUTarget):
+    """Compile one captured launch for `target` as the JIT would specialize it."""
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    params = fn.arg_names
+    constexpr_names = {params[i] for i in fn.constexprs}
+    values = dict(zip([p for p in params if p not in constexpr_names], args))
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(params):
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = kwargs[name]
+            continue
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = TYPES[value.dtype]
+            divisible = True  # allocations are 16-byte aligned; views at offset 0 here
+        else:
+            signature[name] = "i32"
+            divisible = value != 0 and value % 16 == 0
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=target, options=options)
+    return compiled, {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}, options
+
+
+def resources(compiled) -> dict:
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    line = next(line for line in usage.splitlines() if "REG:" in line)
+    field = lambda key: int(line.split(f"{key}:")[1].split()[0])  # noqa: E731
+    ptx = compiled.asm["ptx"]
+    return {"regs": field("REG"), "spill_bytes": field("STACK"), "shared_bytes": compiled.metadata.shared,
+            "pipelined": "cp.async" in ptx, "mma": "wgmma" if "wgmma.mma_async" in ptx else
+            ("mma.sync" if "mma.sync" in ptx else "none")}
+
+
+def problem(tokens, top_k, slots, rank, d_in, d_outs, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+    lora_a = torch.zeros(len(d_outs), slots, rank, d_in, dtype=dtype)
+    lora_b = [torch.zeros(slots, d, rank, dtype=dtype) for d in d_outs]
+    ranks = torch.full((len(d_outs), slots), rank, dtype=torch.int32)
+    scales = torch.ones(len(d_outs), slots)
+    routes = torch.stack([torch.randperm(slots, generator=gen)[:top_k] for _ in range(tokens)]).int()
+    meta = DispatchBuffers(tokens, top_k, slots).build(routes, torch.full((tokens, top_k), 1.0 / top_k))
+    out = torch.zeros(tokens, sum(d_outs), dtype=dtype)
+    return x, lora_a, lora_b, ranks, scales, meta, list(out.split(list(d_outs), dim=1))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100 / H200)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    dtype = getattr(torch, args.dtype)
+    kernels = [("fused", fused_module, "_lora_fused_decode_kernel", fused_module.lora_fused_decode),
+               ("dense", dense_module, "_lora_dense_decode_kernel", dense_module.lora_dense_decode)]
+    print(f"compiled for sm_{args.arch} by triton {triton.__version__}, {args.dtype}, default tiles (not run)")
+    header = f"{'shape':<34}{'kernel':<8}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}{'mma':>10}  tiles"
+    print(header)
+    for name, tokens, top_k, slots, rank, d_in, d_outs in SHAPES:
+        for kernel_name, module, attribute, launcher in kernels:
+            if len(d_outs) > module.MAX_MODULES:
+                continue
+            fn, launch_args, launch_kwargs = captured_launch(
+                module, attribute, launcher, *problem(tokens, top_k, slots, rank, d_in, d_outs, dtype))
+            if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
+                launch_kwargs["DOT_FP32"] = dtype == torch.float32
+            compiled, tiles, options = compile_launch(fn, launch_args, dict(launch_kwargs), target)
+            r = resources(compiled)
+            tiles_text = " ".join(f"{k}={v}" for k, v in {**tiles, **options}.items())
+            print(f"{name:<34}{kernel_name:<8}{r['regs']:>6}{r['spill_bytes']:>9}{r['shared_bytes']:>9}"
+                  f"{str(r['pipelined']):>11}{r['mma']:>10}  {tiles_text}")
+
+
+if __name__ == "__main__":
+    main()

@@ -113,8 +113,11 @@ VARIANTS = ("split", "fused", "dense", "auto")
 SWEEPS = {
     "fused": (lora_fused_decode,
               [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]),
+    # scripts/kernel_resources.py (sm_90, bf16): 2 warps, 256-wide K steps, and 256-wide output
+    # tiles with 4 warps spill registers at these shapes; the rest do not.
     "dense": (lora_dense_decode,
-              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128, 256) for n in (32, 64, 128) for w in (2, 4)]),
+              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128) for n in (32, 64, 128, 256) for w in (4, 8)
+               if n < 256 or w == 8]),
 }
 
 

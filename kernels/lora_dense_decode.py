@@ -4,12 +4,13 @@ The fused decode kernel (`kernels.lora_fused_decode`) runs one program per token
 tile, and recomputes each pair's h in a serial loop of vector products over D_in, the likely
 bound of its times on an H200 (a lone down projection, 3072 wide, took 23 us a layer where its
 lora weights read in well under one; inferred, not profiled). Here one program computes one
-BLOCK_N tile of one module's output for every token of the step: it multiplies the step's x [T, D_in] by the
-lora_a of a chunk of slots at once ([D_in, chunk slots x R], one `tl.dot` per BLOCK_K, so the
-loop is short and pipelined), weights each (token, slot) column block by the token's summed
-pair weight on that slot (zero where the token is not routed there) and multiplies the result
-by the chunk's lora_b with a second `tl.dot`. Slots no pair uses (`meta.slot_counts`) are masked
-off, so their weights are not read, and a chunk without any is skipped.
+BLOCK_N tile of one module's output for every token of the step: it multiplies the step's
+x [T, D_in] by the lora_a of a chunk of slots at once ([D_in, chunk slots x R], one `tl.dot`
+per BLOCK_K, so the loop is short and software-pipelined), weights each (token, slot) column
+block by the token's summed pair weight on that slot (zero where the token is not routed there)
+and multiplies the result by the chunk's lora_b with a second `tl.dot`. Slots no pair uses
+(`meta.slot_counts`) are masked off, so their weights are not read, and a chunk without any is
+skipped.
 
 The price is work: every token goes through every used slot of a chunk (span / K times the
 LoRA FLOPs of routing each pair alone), which tensor cores absorb at decode sizes but which
@@ -64,7 +65,8 @@ def _dense_module_tile(
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """out[:, tile] += sum over used slots s of (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T."""
+    """out[:, tile] += sum over used slots s of
+    (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T."""
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -198,6 +200,10 @@ def lora_dense_decode(
     if meta.num_tokens > MAX_TOKENS:
         raise ValueError(f"lora_dense_decode: at most {MAX_TOKENS} tokens per step; got {meta.num_tokens}")
     launch = launch_options("lora_dense_decode", block_k, block_n, num_warps, num_stages)
+    # The kernel indexes lora_a, lora_b and out with int32 offsets.
+    for name, t in (("lora_a_group", lora_a_group), *((f"lora_b {g}", b) for g, b in enumerate(lora_b_list))):
+        if t.numel() >= 2**31:
+            raise ValueError(f"lora_dense_decode: {name} holds 2**31 elements or more (the kernel's offsets are int32)")
     num_modules, rank = len(lora_b_list), lora_a_group.shape[2]
     if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
@@ -208,11 +214,6 @@ def lora_dense_decode(
         # Compiled for sm_90 (Triton 3.9): 64 tokens x 128 columns at rank 64 spill registers
         # with 4 warps and do not with 8.
         launch["num_warps"] = 8
-    # The kernel indexes lora_a, lora_b and out with int32 offsets.
-    too_big = [name for name, t in (("lora_a_group", lora_a_group), *((f"lora_b {g}", b) for g, b in enumerate(lora_b_list)))
-               if t.numel() >= 2**31]
-    if too_big:
-        raise ValueError(f"lora_dense_decode: {too_big} hold 2**31 elements or more (int32 offsets)")
     args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
     _lora_dense_decode_kernel[(tiles,)](

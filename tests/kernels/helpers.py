@@ -244,3 +244,17 @@ def check_group_graph_replay(apply_shared) -> None:
         torch.cuda.synchronize()
         expected = first.expected(step_inputs.x, step_inputs.slots, step_inputs.weights)
         assert_close(out, expected, torch.bfloat16, f"replay with the {name} routing")
+
+
+# Decode-group cases (T, K, S, D_in, D_outs, R, routing) at real shapes, for the GPU tests of the
+# one-launch decode kernels.
+GPU_GROUP_CASES = [
+    (16, 2, 8, 4096, (4096, 1024, 1024), 16, "with_none"),
+    (64, 1, 16, 4096, (14336, 14336), 64, "zipf"),
+    (8, 4, 4, 1024, (1024, 512, 512), 128, "uniform"),
+    (32, 2, 4, 3072, (1024,), 16, "skewed"),
+]
+
+
+def group_case_id(c) -> str:
+    return "T{}K{}S{}D{}x{}R{}-{}".format(c[0], c[1], c[2], c[3], "+".join(map(str, c[4])), c[5], c[6])

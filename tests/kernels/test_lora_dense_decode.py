@@ -14,7 +14,9 @@ pytest.importorskip("triton")
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_dense_decode import MAX_TOKENS, lora_dense_decode  # noqa: E402
 from kernels.meta import build_dispatch  # noqa: E402
-from tests.kernels.helpers import DTYPES, Group, assert_close, check_group_graph_replay  # noqa: E402
+from tests.kernels.helpers import (  # noqa: E402
+    DTYPES, GPU_GROUP_CASES, Group, assert_close, check_group_graph_replay, group_case_id,
+)
 
 # (T, K, S, D_in, D_outs, R, routing)
 CASES = [
@@ -28,10 +30,6 @@ CASES = [
 ]
 
 
-def case_id(c):
-    return "T{}K{}S{}D{}x{}R{}-{}".format(c[0], c[1], c[2], c[3], "+".join(map(str, c[4])), c[5], c[6])
-
-
 def check_dense(group: Group, dtype, **blocks):
     out, outs = group.outs()
     result = lora_dense_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs,
@@ -43,7 +41,7 @@ def check_dense(group: Group, dtype, **blocks):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES, ids=group_case_id)
 def test_dense_decode_matches_pair_by_pair_oracle(case, dtype):
     check_dense(Group(*case, dtype), dtype)
 
@@ -126,17 +124,11 @@ def test_bad_arguments_raise():
 
 
 # Real shapes on a GPU (skipped without CUDA by tests/conftest.py).
-GPU_CASES = [
-    (16, 2, 8, 4096, (4096, 1024, 1024), 16, "with_none"),
-    (64, 1, 16, 4096, (14336, 14336), 64, "zipf"),
-    (8, 4, 4, 1024, (1024, 512, 512), 128, "uniform"),
-    (32, 2, 4, 3072, (1024,), 16, "skewed"),
-]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+@pytest.mark.parametrize("case", GPU_GROUP_CASES, ids=group_case_id)
 def test_dense_decode_matches_oracle_gpu(case, dtype):
     check_dense(Group(*case, dtype, device="cuda"), dtype)
 

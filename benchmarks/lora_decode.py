@@ -13,6 +13,7 @@ adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 
     python benchmarks/lora_decode.py                 # CUDA
     python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused and dense kernels' tile sweeps
+                                                     # (the dense one also tries its split-K form)
     TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
 
 Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>``,
@@ -115,9 +116,10 @@ SWEEPS = {
               [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]),
     # scripts/kernel_resources.py (sm_90, bf16): 2 warps, 256-wide K steps, and 256-wide output
     # tiles with 4 warps spill registers at these shapes; the rest do not.
+    # Then the two-launch form (split-K shrink, then the expand) at the default tiles.
     "dense": (lora_dense_decode,
               [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128) for n in (32, 64, 128, 256) for w in (4, 8)
-               if n < 256 or w == 8]),
+               if n < 256 or w == 8] + [dict(split_k=k) for k in (2, 4, 8, 16)]),
 }
 
 

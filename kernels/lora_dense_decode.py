@@ -59,46 +59,76 @@ def default_block_n(d_outs: list[int]) -> int:
 
 
 @triton.jit
+def _chunk_columns(ranks_ptr, counts_ptr, s0, R, S, stride_as, stride_ar,
+                   BLOCK_R: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
+    """A chunk's columns j (slot s0 + j // BLOCK_R, rank row j % BLOCK_R): (slot, live, lora_a
+    row offset). Columns of unused slots and past a slot's rank are not live, and never loaded
+    (padding may hold anything)."""
+    offs_j = tl.arange(0, SLOTS_PER_CHUNK * BLOCK_R)
+    slot_j = s0 + offs_j // BLOCK_R
+    r_j = offs_j % BLOCK_R
+    in_range = slot_j < S
+    count_j = tl.load(counts_ptr + slot_j, mask=in_range, other=0)
+    rank_j = tl.minimum(tl.load(ranks_ptr + slot_j, mask=in_range, other=0), R)
+    live_j = (count_j > 0) & (r_j < rank_j)
+    # int32 offsets from scalar bases (the launcher checks they fit): 64-bit pointer tensors of
+    # these tiles would take most of the registers.
+    return slot_j, r_j, live_j, slot_j * stride_as + r_j * stride_ar
+
+
+@triton.jit
+def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, k_start, k_end, D_IN, stride_xt,
+                  BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+    """h [BLOCK_T, BLOCK_SR] fp32 = x[:, k_start:k_end] @ (the chunk's lora_a columns)[k_start:k_end]."""
+    offs_t = tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_k = tl.arange(0, BLOCK_K)
+    h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_j = k0 + offs_k
+        mask_k = k_j < D_IN
+        xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k_j[None, :],
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        at = tl.load(a_ptr + a_cols[None, :] + k_j[:, None],
+                     mask=mask_k[:, None] & live_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_SR]
+        if DOT_FP32:
+            h += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            h += tl.dot(xt, at)
+    return h
+
+
+@triton.jit
 def _dense_module_tile(
-    x_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, pid_n,
+    x_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, h_ptr, g, pid_n,
     T, D_IN, D_OUT, R, S, stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """out[:, tile] += sum over used slots s of
-    (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T."""
+    (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T; h computed here
+    (SPLITS == 0) or summed from the SPLITS partial products `_lora_dense_shrink_kernel` wrote."""
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D_OUT
-    offs_j = tl.arange(0, BLOCK_SR)  # column j of a chunk: slot s0 + j // BLOCK_R, rank row j % BLOCK_R
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, BLOCK_SR)
+    num_chunks = tl.cdiv(S, SLOTS_PER_CHUNK)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for s0 in range(0, S, SLOTS_PER_CHUNK):
-        slot_j = s0 + offs_j // BLOCK_R
-        r_j = offs_j % BLOCK_R
-        in_range = slot_j < S
-        count_j = tl.load(counts_ptr + slot_j, mask=in_range, other=0)
-        rank_j = tl.minimum(tl.load(ranks_ptr + slot_j, mask=in_range, other=0), R)
-        # Columns of unused slots and past a slot's rank are never loaded (padding may hold anything).
-        live_j = (count_j > 0) & (r_j < rank_j)
+        slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr, counts_ptr, s0, R, S, stride_as, stride_ar,
+                                                     BLOCK_R, SLOTS_PER_CHUNK)
         if tl.max(live_j.to(tl.int32), axis=0) > 0:
-            # int32 offsets from scalar bases (the launcher checks they fit): 64-bit pointer
-            # tensors of these tiles would take most of the registers.
-            a_cols = slot_j * stride_as + r_j * stride_ar  # [BLOCK_SR]
-            h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
-            for k0 in range(0, D_IN, BLOCK_K):
-                k_j = k0 + offs_k
-                mask_k = k_j < D_IN
-                xt = tl.load(x_ptr + offs_t[:, None] * stride_xt + k_j[None, :],
-                             mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-                at = tl.load(a_ptr + a_cols[None, :] + k_j[:, None],
-                             mask=mask_k[:, None] & live_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_SR]
-                if DOT_FP32:
-                    h += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
-                else:
-                    h += tl.dot(xt, at)
+            if SPLITS == 0:
+                h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, 0, D_IN, D_IN, stride_xt,
+                                  BLOCK_T, BLOCK_SR, BLOCK_K, DOT_FP32)
+            else:
+                h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+                chunk = s0 // SLOTS_PER_CHUNK
+                for c in tl.static_range(SPLITS):
+                    part = h_ptr + ((c * G + g) * num_chunks + chunk) * (BLOCK_T * BLOCK_SR)
+                    h += tl.load(part + offs_t[:, None] * BLOCK_SR + offs_j[None, :])
             # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
             coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
             for k in tl.static_range(TOP_K):
@@ -121,6 +151,35 @@ def _dense_module_tile(
 
 
 @triton.jit
+def _lora_dense_shrink_kernel(
+    x_ptr,  # [T, D_in]
+    a_ptr,  # [G, S, R, D_in]
+    ranks_ptr,  # int32[G, S]
+    counts_ptr,  # int32[S]
+    h_ptr,  # float32[SPLITS, G, chunks, BLOCK_T, SLOTS_PER_CHUNK * BLOCK_R]
+    T, D_IN, R, S, K_PER_SPLIT, stride_xt, stride_ag, stride_as, stride_ar,
+    G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Split-K shrink: program (c, g, chunk) writes x[:, c-th K range] @ module g's lora_a of the
+    chunk's slots. A chunk with no live column writes nothing (the expand skips it too)."""
+    c, g, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
+    slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr + g * S, counts_ptr, chunk * SLOTS_PER_CHUNK, R, S,
+                                                 stride_as, stride_ar, BLOCK_R, SLOTS_PER_CHUNK)
+    if tl.max(live_j.to(tl.int32), axis=0) > 0:
+        k_start = c * K_PER_SPLIT
+        h = _chunk_shrink(x_ptr, a_ptr + g * stride_ag, a_cols, live_j, T, k_start,
+                          tl.minimum(k_start + K_PER_SPLIT, D_IN), D_IN, stride_xt, BLOCK_T, BLOCK_SR, BLOCK_K,
+                          DOT_FP32)
+        num_chunks = tl.cdiv(S, SLOTS_PER_CHUNK)
+        part = h_ptr + ((c * G + g) * num_chunks + chunk) * (BLOCK_T * BLOCK_SR)
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_j = tl.arange(0, BLOCK_SR)
+        tl.store(part + offs_t[:, None] * BLOCK_SR + offs_j[None, :], h)
+
+
+@triton.jit
 def _lora_dense_decode_kernel(
     x_ptr,  # [T, D_in]
     a_ptr,  # [G, S, R, D_in]
@@ -129,34 +188,36 @@ def _lora_dense_decode_kernel(
     weights_ptr,  # float32[N]
     slots_ptr,  # int32[N]
     counts_ptr,  # int32[S]
+    h_ptr,  # float32 partial products of _lora_dense_shrink_kernel (SPLITS > 0; unread otherwise)
     b0_ptr, out0_ptr, D_OUT0, stride_bs0, stride_bn0, stride_ot0,  # module 0: [S, D_out, R], [T, D_out]
     b1_ptr, out1_ptr, D_OUT1, stride_bs1, stride_bn1, stride_ot1,  # module 1 (G >= 2)
     b2_ptr, out2_ptr, D_OUT2, stride_bs2, stride_bn2, stride_ot2,  # module 2 (G == 3)
     T, D_IN, R, S, stride_xt, stride_ag, stride_as, stride_ar,
     G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tile = tl.program_id(0)
     tiles0 = tl.cdiv(D_OUT0, BLOCK_N)
     if tile < tiles0:
         _dense_module_tile(x_ptr, a_ptr, b0_ptr, out0_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr,
-                           tile, T, D_IN, D_OUT0, R, S, stride_xt, stride_as, stride_ar, stride_bs0, stride_bn0,
-                           stride_ot0, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+                           h_ptr, 0, tile, T, D_IN, D_OUT0, R, S, stride_xt, stride_as, stride_ar, stride_bs0,
+                           stride_bn0, stride_ot0, G, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K,
+                           SPLITS, DOT_FP32)
     else:
         if G > 1:
             tiles1 = tl.cdiv(D_OUT1, BLOCK_N)
             if tile < tiles0 + tiles1:
                 _dense_module_tile(x_ptr, a_ptr + stride_ag, b1_ptr, out1_ptr, ranks_ptr + S, scales_ptr + S,
-                                   weights_ptr, slots_ptr, counts_ptr, tile - tiles0, T, D_IN, D_OUT1, R, S,
-                                   stride_xt, stride_as, stride_ar, stride_bs1, stride_bn1, stride_ot1,
-                                   TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+                                   weights_ptr, slots_ptr, counts_ptr, h_ptr, 1, tile - tiles0, T, D_IN, D_OUT1, R,
+                                   S, stride_xt, stride_as, stride_ar, stride_bs1, stride_bn1, stride_ot1, G, TOP_K,
+                                   BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
             else:
                 if G > 2:
                     _dense_module_tile(x_ptr, a_ptr + 2 * stride_ag, b2_ptr, out2_ptr, ranks_ptr + 2 * S,
-                                       scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr,
+                                       scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr, h_ptr, 2,
                                        tile - tiles0 - tiles1, T, D_IN, D_OUT2, R, S, stride_xt, stride_as,
-                                       stride_ar, stride_bs2, stride_bn2, stride_ot2, TOP_K, BLOCK_T, BLOCK_N,
-                                       BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, DOT_FP32)
+                                       stride_ar, stride_bs2, stride_bn2, stride_ot2, G, TOP_K, BLOCK_T, BLOCK_N,
+                                       BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
 
 
 def lora_dense_decode(
@@ -172,9 +233,10 @@ def lora_dense_decode(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_k: int | None = None,
 ) -> list[torch.Tensor]:
-    """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, in one launch, every
-    token through every used slot.
+    """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, in one launch (two with
+    `split_k`), every token through every used slot.
 
     Semantics (as `lora_fused_decode` and `lora_apply_shared_ref`): outs[g][t] += sum_k
     w[t*K+k] * scales_group[g, s] * (x[t] @ lora_a_group[g, s, :r].T) @ lora_b_list[g][s, :, :r].T
@@ -191,6 +253,11 @@ def lora_dense_decode(
             updated in place and returned.
         block_k, block_n: tile sizes (powers of two, at least 16); num_warps, num_stages: launch
             options; None takes the defaults (`benchmarks/lora_decode.py --sweep` times others).
+        split_k: None or 1 computes h inside every output tile (one launch; each tile re-reads the
+            slots' lora_a from L2). k > 1 first runs a shrink launch over k ranges of D_in (x
+            [k, G, slot chunks] programs writing fp32 partial products), then the expand, which
+            sums the k partials: lora_a is read once, at the price of a second launch. The sum
+            order is fixed, so results do not vary from run to run.
 
     h is accumulated in fp32 and, for 16-bit inputs, rounded to the input dtype after weighting
     (as the torch reference rounds it); each module's out is rounded once.
@@ -200,6 +267,8 @@ def lora_dense_decode(
     if meta.num_tokens > MAX_TOKENS:
         raise ValueError(f"lora_dense_decode: at most {MAX_TOKENS} tokens per step; got {meta.num_tokens}")
     launch = launch_options("lora_dense_decode", block_k, block_n, num_warps, num_stages)
+    if split_k is not None and not 1 <= split_k <= 64:
+        raise ValueError(f"lora_dense_decode: split_k must be 1 to 64; got {split_k}")
     # The kernel indexes lora_a, lora_b and out with int32 offsets.
     for name, t in (("lora_a_group", lora_a_group), *((f"lora_b {g}", b) for g, b in enumerate(lora_b_list))):
         if t.numel() >= 2**31:
@@ -214,13 +283,26 @@ def lora_dense_decode(
         # Compiled for sm_90 (Triton 3.9): 64 tokens x 128 columns at rank 64 spill registers
         # with 4 warps and do not with 8.
         launch["num_warps"] = 8
+    d_in, dot_fp32 = x.shape[1], dot_in_fp32(x.dtype, x.device)
+    strides = (x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1), lora_a_group.stride(2))
+    splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call
+    if split_k is not None and split_k > 1:
+        k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
+        splits = triton.cdiv(d_in, k_per_split)
+        chunks = triton.cdiv(meta.num_slots, slots_per_chunk)
+        partials = torch.empty(splits, num_modules, chunks, block_t, slots_per_chunk * block_r, dtype=torch.float32,
+                               device=x.device)
+        _lora_dense_shrink_kernel[(splits, num_modules, chunks)](
+            x, lora_a_group, ranks_group, meta.slot_counts, partials, meta.num_tokens, d_in, rank, meta.num_slots,
+            k_per_split, *strides, G=num_modules, BLOCK_T=block_t, BLOCK_R=block_r,
+            SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, DOT_FP32=dot_fp32, **launch,
+        )
     args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
     _lora_dense_decode_kernel[(tiles,)](
-        x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, *args,
-        meta.num_tokens, x.shape[1], rank, meta.num_slots, x.stride(0), lora_a_group.stride(0),
-        lora_a_group.stride(1), lora_a_group.stride(2),
+        x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, partials, *args,
+        meta.num_tokens, d_in, rank, meta.num_slots, *strides,
         G=num_modules, TOP_K=meta.top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, DOT_FP32=dot_in_fp32(x.dtype, x.device), **launch,
+        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, SPLITS=splits, DOT_FP32=dot_fp32, **launch,
     )
     return outs

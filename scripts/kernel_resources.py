@@ -52,24 +52,26 @@ SHAPES = [
 class _Capture:
     """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the launch."""
 
-    def __init__(self, fn):
-        self.fn, self.launches = fn, []
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def captured_launch(module, kernel_name: str, launcher, *args, **kwargs):
-    """Run `launcher` with `module.kernel_name` intercepted; returns (jit_fn, args, kwargs)."""
-    real = getattr(module, kernel_name)
-    capture = _Capture(real)
-    setattr(module, kernel_name, capture)
+def captured_launches(module, launcher, *args, **kwargs) -> list:
+    """Run `launcher` with every Triton kernel of `module` intercepted; returns its launches as
+    (jit_fn, args, kwargs), in order."""
+    launches = []
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.jit.JITFunction)}
+    for name, fn in kernels.items():
+        setattr(module, name, _Capture(fn, launches))
     try:
         launcher(*args, **kwargs)
     finally:
-        setattr(module, kernel_name, real)
-    (launch_args, launch_kwargs), = capture.launches
-    return real, launch_args, launch_kwargs
+        for name, fn in kernels.items():
+            setattr(module, name, fn)
+    return launches
 
 
 def compile_launch(fn, args, kwargs, target: GPUTarget):
@@ -133,24 +135,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     dtype = getattr(torch, args.dtype)
-    kernels = [("fused", fused_module, "_lora_fused_decode_kernel", fused_module.lora_fused_decode),
-               ("dense", dense_module, "_lora_dense_decode_kernel", dense_module.lora_dense_decode)]
+    kernels = [("fused", fused_module, fused_module.lora_fused_decode, {}),
+               ("dense", dense_module, dense_module.lora_dense_decode, {}),
+               ("dense split_k=4", dense_module, dense_module.lora_dense_decode, {"split_k": 4})]
     print(f"compiled for sm_{args.arch} by triton {triton.__version__}, {args.dtype}, default tiles (not run)")
-    header = f"{'shape':<34}{'kernel':<8}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}{'mma':>10}  tiles"
+    header = (f"{'shape':<34}{'call':<17}{'kernel':<28}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}"
+              f"{'mma':>10}  tiles")
     print(header)
     for name, tokens, top_k, slots, rank, d_in, d_outs in SHAPES:
-        for kernel_name, module, attribute, launcher in kernels:
-            if len(d_outs) > module.MAX_MODULES:
-                continue
-            fn, launch_args, launch_kwargs = captured_launch(
-                module, attribute, launcher, *problem(tokens, top_k, slots, rank, d_in, d_outs, dtype))
-            if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
-                launch_kwargs["DOT_FP32"] = dtype == torch.float32
-            compiled, tiles, options = compile_launch(fn, launch_args, dict(launch_kwargs), target)
-            r = resources(compiled)
-            tiles_text = " ".join(f"{k}={v}" for k, v in {**tiles, **options}.items())
-            print(f"{name:<34}{kernel_name:<8}{r['regs']:>6}{r['spill_bytes']:>9}{r['shared_bytes']:>9}"
-                  f"{str(r['pipelined']):>11}{r['mma']:>10}  {tiles_text}")
+        for call, module, launcher, options in kernels:
+            problem_args = problem(tokens, top_k, slots, rank, d_in, d_outs, dtype)
+            for fn, launch_args, launch_kwargs in captured_launches(module, launcher, *problem_args, **options):
+                if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
+                    launch_kwargs["DOT_FP32"] = dtype == torch.float32
+                compiled, tiles, launch = compile_launch(fn, launch_args, dict(launch_kwargs), target)
+                r = resources(compiled)
+                tiles_text = " ".join(f"{k}={v}" for k, v in {**tiles, **launch}.items())
+                print(f"{name:<34}{call:<17}{fn.__name__:<28}{r['regs']:>6}{r['spill_bytes']:>9}"
+                      f"{r['shared_bytes']:>9}{str(r['pipelined']):>11}{r['mma']:>10}  {tiles_text}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,28 @@ def test_dense_decode_matches_pair_by_pair_oracle(case, dtype):
     check_dense(Group(*case, dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=group_case_id)
+def test_split_k_matches_the_oracle(case, split_k, dtype):
+    """The two-launch form (split-K shrink into fp32 partials, then the expand summing them):
+    D_in ranges of uneven length, several slot chunks, 1 to 3 modules."""
+    check_dense(Group(*case, dtype), dtype, block_k=16, split_k=split_k)
+
+
+@pytest.mark.gpu
+def test_split_k_results_do_not_vary_from_run_to_run_gpu():
+    """The partials are summed in a fixed order (no atomics): identical bits on every run."""
+    group = Group(16, 2, 8, 4096, (1024, 512), 16, "uniform", torch.bfloat16, device="cuda")
+    results = []
+    for _ in range(2):
+        out, outs = group.outs()
+        lora_dense_decode(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs,
+                          split_k=8)
+        results.append(out)
+    assert torch.equal(results[0], results[1])
+
+
 def test_slots_no_pair_uses_are_not_read():
     """An unused slot's weights may hold anything (a slot being loaded, say): NaN there must not
     reach the output, which it would through a multiply by a zero routing weight."""
@@ -115,6 +137,8 @@ def test_bad_arguments_raise():
         lora_dense_decode(*three, outs[:3], block_n=24)
     with pytest.raises(ValueError, match="num_stages must be"):
         lora_dense_decode(*three, outs[:3], num_stages=0)
+    with pytest.raises(ValueError, match="split_k must be 1 to 64"):
+        lora_dense_decode(*three, outs[:3], split_k=0)
     many = Group(MAX_TOKENS + 1, 1, 3, 32, (16,), 8, "uniform", torch.float32)
     _, many_outs = many.outs()
     with pytest.raises(ValueError, match=f"at most {MAX_TOKENS} tokens"):

@@ -225,8 +225,28 @@ def main(argv=None):
                          "split_vs_base": ms["split"] / base_ms, "auto_vs_base": ms["auto"] / base_ms,
                          "dense_vs_base": ms["dense"] / base_ms})
 
+    per_group, sweep = [], []
+
+    def save() -> dict:
+        """Write what is measured so far (a run stopped by a time limit keeps its finished parts)."""
+        headline = rows[-1]
+        result = {
+            "benchmark": "lora_decode",
+            "shape": {"groups": GROUPS, "tokens": args.tokens, "layers": args.layers, "adapters": args.adapters,
+                      "rank": args.rank, "dtype": str(dtype)},
+            "environment": environment(str(device)),
+            "rows": rows,
+            "per_group": per_group,
+            "sweep": sweep,
+            "auto_vs_split_decode": headline["auto_vs_split"],
+            "auto_lora_vs_base": headline["auto_vs_base"],
+            "dense_vs_auto_decode": headline["dense_vs_auto"],
+        }
+        write_json(args.out, result)
+        return result
+
+    save()
     # Per group, across shapes and step sizes: where fusing stops paying.
-    per_group = []
     if not args.skip_per_group:
         with torch.no_grad():
             for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
@@ -243,9 +263,9 @@ def main(argv=None):
                                           **{f"{v}_ms": t for v, t in times.items()},
                                           "fused_vs_split": times["split"] / times["fused"],
                                           "dense_vs_split": times["split"] / times["dense"]})
+                        save()
                 del layers_g
 
-    sweep = []
     if args.sweep:
         with torch.no_grad():
             for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
@@ -254,6 +274,7 @@ def main(argv=None):
                     for row in sweep_kernel(kernel, settings, layers_g, groups, 16, 2, args.adapters, dtype, device,
                                             args.repeats):
                         sweep.append({"kernel": kernel_name, "shapes": shapes_name, **row})
+                        save()
                 del layers_g
 
     print(f"LoRA per decode step: {args.layers} layers, {args.tokens} tokens, {args.adapters} adapters, "
@@ -273,20 +294,8 @@ def main(argv=None):
                     [("kernel", ""), ("shapes", ""), ("group", ""), ("default_ms", ".3f"), ("best_ms", ".3f"),
                      ("speedup", ".2f"),
                      ("best", "")])
-    headline = rows[-1]
-    result = {
-        "benchmark": "lora_decode",
-        "shape": {"groups": GROUPS, "tokens": args.tokens, "layers": args.layers, "adapters": args.adapters,
-                  "rank": args.rank, "dtype": str(dtype)},
-        "environment": environment(str(device)),
-        "rows": rows,
-        "per_group": per_group,
-        "sweep": sweep,
-        "auto_vs_split_decode": headline["auto_vs_split"],
-        "auto_lora_vs_base": headline["auto_vs_base"],
-        "dense_vs_auto_decode": headline["dense_vs_auto"],
-    }
-    out = write_json(args.out, result)
+    result = save()
+    out = args.out
     print(f"wrote {out}")
     print(f"auto_vs_split_decode: {result['auto_vs_split_decode']:.2f}")
     print(f"auto_lora_vs_base: {result['auto_lora_vs_base']:.2f}")

@@ -279,10 +279,9 @@ def lora_dense_decode(
     d_outs = [b.shape[1] for b in lora_b_list]
     block_t, block_r, slots_per_chunk, default_k = _blocks(meta.num_tokens, rank, meta.num_slots, x.shape[1], d_outs)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
-    if "num_warps" not in launch and block_t * block_n >= 64 * 128:
-        # Compiled for sm_90 (Triton 3.9): 64 tokens x 128 columns at rank 64 spill registers
-        # with 4 warps and do not with 8.
-        launch["num_warps"] = 8
+    # 8 warps by default: compiled for sm_90 (scripts/kernel_resources.py), 4 warps spill registers
+    # at Qwen3-0.6B q/k/v (Triton 3.6) and at 64 tokens x rank 64 (3.9); 8 spill nowhere measured.
+    launch.setdefault("num_warps", 8)
     d_in, dot_fp32 = x.shape[1], dot_in_fp32(x.dtype, x.device)
     strides = (x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1), lora_a_group.stride(2))
     splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call

@@ -40,10 +40,12 @@ class LoRABackend:
         return self.expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta: DispatchMeta, outs,
-                     rank_scales=None):
+                     rank_scales=None, cache=None):
         """`apply` for G modules reading the same x: lora_a_group [G, S, R, D_in], G lora_b
         [S, D_out_g, R], ranks_group int32[G, S], scales_group float32[G, S], G outs [T, D_out_g];
-        rank_scales float32[G, S, R] (scale below rank, 0 past it) or None. Returns outs."""
+        rank_scales float32[G, S, R] (scale below rank, 0 past it) or None. cache: a dict the
+        caller keeps with these buffers (a layer's), where a backend may keep what it derives from
+        them across steps, or None. Returns outs."""
         for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
             self.apply(x, lora_a_group[g], lora_b, ranks_group[g], scales_group[g], meta, out)
         return outs
@@ -62,9 +64,10 @@ class TorchBackend(LoRABackend):
     def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
         return lora_apply_ref(x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
-    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
+    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
+                     cache=None):
         return lora_apply_shared_ref(
-            x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=rank_scales
+            x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=rank_scales, cache=cache
         )
 
 
@@ -112,7 +115,8 @@ class TritonBackend(LoRABackend):
     def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta, out):
         return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
-    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
+    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
+                     cache=None):
         kind = self._decode_kernel
         if kind == "split" or not meta.is_decode:
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)

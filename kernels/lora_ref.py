@@ -146,6 +146,7 @@ def lora_apply_shared_ref(
     outs: list[torch.Tensor],
     path: str = "auto",
     rank_scales: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> list[torch.Tensor]:
     """`lora_apply_ref` for G modules that read the same x (q/k/v, gate/up).
 
@@ -162,13 +163,20 @@ def lora_apply_shared_ref(
         outs: G tensors [T, D_out_g], updated in place (column slices of one output are fine).
         rank_scales: optional float32[G, S, R] = scale below each slot's rank, 0 past it (the
             hot-set keeps it current; derived from ranks and scales when None).
+        cache: optional dict the caller keeps for these buffers across steps (a layer's), where
+            the dense path keeps its views of them per slot span: the buffers must stay at their
+            addresses and change only in place, as the hot-set's do.
     The dense path shrinks for every module and slot with one matmul; the other paths run
     `lora_apply_ref` per module.
     """
-    _check(x, lora_a_group[0], "lora_apply_shared")
+    if x.dim() != 2 or lora_a_group.dim() != 4:
+        raise ValueError(
+            f"lora_apply_shared: x must be [T, D] and lora_a_group [G, S, R, D]; got shapes "
+            f"{tuple(x.shape)} and {tuple(lora_a_group.shape)}"
+        )
     path = _resolve_path(path, meta, x)
     if path == "dense":
-        _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales)
+        _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales, cache)
         return outs
     for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
         lora_apply_ref(x, lora_a_group[g], lora_b, ranks_group[g], scales_group[g], meta, out, path)
@@ -222,28 +230,55 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
     return "dense" if scattered or span <= DENSE_PREFILL_WASTE * meta.top_k else "prefill"
 
 
-def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None):
+def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None, cache=None):
     """Every token through slots lo..hi-1 of every module of the group at once; pairs not routed
     to a slot weigh zero there. Past a slot's rank the weight is zero too, so finite padding
     contents never reach the output (the hot-set keeps padding at zero anyway)."""
     lo, hi, coef = _dense_coef(meta)
     if hi == lo:
         return
+    operands = None if cache is None or rank_scales is None else cache.get(("torch_dense", lo, hi))
+    if operands is None:
+        operands = _dense_operands(lora_a_group, lora_b_list, ranks_group, scales_group, rank_scales, lo, hi)
+        if cache is not None and rank_scales is not None and operands.views_only:
+            cache[("torch_dense", lo, hi)] = operands
+    groups, span, rank = lora_a_group.shape[0], hi - lo, lora_a_group.shape[2]
+    h = torch.bmm(x.expand(groups, -1, -1), operands.a)  # [G, T, span * R]
+    # Weight each (token, slot) block by the token's routing weight there and each rank column
+    # by its slot's scale (0 past the rank), in place.
+    h4 = h.view(groups, -1, span, rank)
+    h4.mul_(operands.rank_scales)
+    h4.mul_(coef[:, :, None])
+    for g, (b, out) in enumerate(zip(operands.b, outs)):
+        out.addmm_(h[g], b)
+
+
+@dataclass
+class _DenseOperands:
+    """The dense path's operands for one slot span of one group of buffers."""
+
+    a: torch.Tensor  # [G, D_in, span * R]: every module's lora_a over the span, transposed
+    b: list[torch.Tensor]  # G tensors [span * R, D_out_g]
+    rank_scales: torch.Tensor  # float32[G, 1, span, R]
+    views_only: bool  # every operand is a view of the buffers (so a caller may keep them)
+
+
+def _dense_operands(lora_a_group, lora_b_list, ranks_group, scales_group, rank_scales, lo, hi) -> _DenseOperands:
     groups, _, rank, d_in = lora_a_group.shape
     span = hi - lo
     if rank_scales is None:
-        in_rank = torch.arange(rank, device=x.device) < ranks_group[:, lo:hi, None]
+        in_rank = torch.arange(rank, device=lora_a_group.device) < ranks_group[:, lo:hi, None]
         rank_scales = torch.where(in_rank, scales_group[:, lo:hi, None], 0.0)  # [G, span, R]
+        derived = True
     else:
-        rank_scales = rank_scales[:, lo:hi]
-    weight = (coef[None, :, :, None] * rank_scales[:, None]).to(x.dtype)  # [G, T, span, R]
-    a = lora_a_group[:, lo:hi].reshape(groups, span * rank, d_in)
-    h = torch.bmm(x.expand(groups, -1, -1), a.transpose(1, 2)).view(weight.shape)  # [G, T, span, R]
-    h.mul_(weight)
-    for g, (lora_b, out) in enumerate(zip(lora_b_list, outs)):
-        # [span * R, D_out]: a view when lora_b's storage is [S, R, D_out], else a copy of the span.
-        b = lora_b[lo:hi].transpose(1, 2).reshape(span * rank, lora_b.shape[1])
-        out.addmm_(h[g].view(-1, span * rank), b)
+        rank_scales, derived = rank_scales[:, lo:hi], False
+    a = lora_a_group[:, lo:hi].reshape(groups, span * rank, d_in).transpose(1, 2)  # a view: lo:hi is outermost
+    # [span * R, D_out]: a view when lora_b's storage is [S, R, D_out], else a copy of the span.
+    b = [lora_b[lo:hi].transpose(1, 2).reshape(span * rank, lora_b.shape[1]) for lora_b in lora_b_list]
+    views = not derived and all(
+        m.untyped_storage().data_ptr() == lora_b.untyped_storage().data_ptr() for m, lora_b in zip(b, lora_b_list)
+    )
+    return _DenseOperands(a, b, rank_scales[:, None], views)
 
 
 def _dense_coef(meta: DispatchMeta) -> tuple[int, int, torch.Tensor]:

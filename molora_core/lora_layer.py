@@ -49,6 +49,12 @@ class MoLoRALinear(nn.Module):
         self.base = base
         self.buffers = buffers
         self.context = context
+        g, i = buffers.group, slice(buffers.index, buffers.index + 1)  # this module's row of its group
+        # The backend's arguments for this module: views of the hot-set buffers, which stay at
+        # their addresses (adapters load into them in place), so they are made once.
+        self._lora_args = (g.lora_a[i], [buffers.lora_b_stacked], g.ranks[i], g.scales[i])
+        self._rank_scales = g.rank_scales[i]
+        self._backend_cache: dict = {}  # what the backend derives from these buffers (see apply_shared)
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -67,11 +73,8 @@ class MoLoRALinear(nn.Module):
         meta = self.context.meta
         if meta is None:
             return y
-        buffers = self.buffers
-        g, i = buffers.group, slice(buffers.index, buffers.index + 1)  # this module's row of its group
         self.context.backend.apply_shared(
-            _tokens(x, meta), g.lora_a[i], [buffers.lora_b_stacked], g.ranks[i], g.scales[i], meta,
-            [y.view(-1, y.shape[-1])], g.rank_scales[i],
+            _tokens(x, meta), *self._lora_args, meta, [y.view(-1, y.shape[-1])], self._rank_scales, self._backend_cache
         )
         return y
 
@@ -104,6 +107,8 @@ class MoLoRAGroup:
             raise ValueError("a MoLoRAGroup's members must all have a bias or all have none")
         self.members, self.group, self.context = members, group, context
         self.sizes = [m.out_features for m in members]
+        self._lora_b = [m.buffers.lora_b_stacked for m in members]
+        self._backend_cache: dict = {}  # what the backend derives from the group's buffers (see apply_shared)
         self.packed: PackedLinear | None = None  # set by pack() on CPU
         with torch.no_grad():
             self.weight = torch.cat([m.base.weight for m in members])  # [sum D_out, D_in]
@@ -138,8 +143,8 @@ class MoLoRAGroup:
         if meta is not None:
             g = self.group
             self.context.backend.apply_shared(
-                _tokens(x, meta), g.lora_a, [m.buffers.lora_b_stacked for m in self.members], g.ranks, g.scales,
-                meta, [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales,
+                _tokens(x, meta), g.lora_a, self._lora_b, g.ranks, g.scales, meta,
+                [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales, self._backend_cache,
             )
         return outs
 

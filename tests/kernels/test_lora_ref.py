@@ -158,6 +158,42 @@ def test_apply_shared_matches_each_module_naive(shape, dist, b_layout, path, met
         assert_close(ours, expected, torch.float32, f"module {g} ({path}, {b_layout})")
 
 
+@pytest.mark.parametrize("b_layout", ["slot_major", "rank_major"])
+def test_dense_cache_keeps_views_that_see_in_place_writes(b_layout):
+    """The dense path keeps its per-span views in the caller's cache only when they are views of
+    the buffers (rank-major lora_b; a slot-major one is copied per call, so it is not kept), and a
+    slot written in place afterwards (an adapter load) reaches the next call through them."""
+    p = make_problem(16, 2, 4, 32, 24, 8, torch.float32, "uniform", seed=5, pad_value=3.0)
+    lora_a = p.lora_a[None].clone()  # [1, S, R, D_in]
+    lora_b = p.lora_b.clone()
+    if b_layout == "rank_major":
+        lora_b = lora_b.transpose(1, 2).contiguous().transpose(1, 2)
+    ranks, scales = p.ranks[None].clone(), p.scales[None].clone()
+    in_rank = torch.arange(lora_a.shape[2]) < ranks[..., None]
+    rank_scales = torch.where(in_rank, scales[..., None], 0.0)  # as the hot-set keeps it
+
+    def run(cache):
+        out = p.out.clone()
+        lora_apply_shared_ref(p.x, lora_a, [lora_b], ranks, scales, p.meta, [out], path="dense",
+                              rank_scales=rank_scales, cache=cache)
+        return out
+
+    def expected():
+        h = naive_shrink(p.x, lora_a[0], ranks[0], p.slots)
+        return naive_expand(h, lora_b, ranks[0], scales[0], p.slots, p.weights, p.out)
+
+    cache = {}
+    assert_close(run(cache), expected(), torch.float32)
+    assert len(cache) == (1 if b_layout == "rank_major" else 0)
+    # Load another adapter into slot 1 in place, with another scale: the kept views see it.
+    gen = torch.Generator().manual_seed(9)
+    lora_a[0, 1].copy_(torch.randn(lora_a.shape[2:], generator=gen))
+    lora_b[1].copy_(torch.randn(lora_b.shape[1:], generator=gen))
+    scales[0, 1] = 3.0
+    rank_scales[0, 1] = torch.where(in_rank[0, 1], 3.0, 0.0)
+    assert_close(run(cache), expected(), torch.float32, "after an in-place load")
+
+
 def test_auto_path_on_cpu():
     one = make_problem(16, 1, 4, 32, 32, 8, torch.float32, "one")  # every token on slot 0
     scattered = make_problem(16, 2, 4, 32, 32, 8, torch.float32, "uniform")

@@ -18,11 +18,13 @@ import torch
 from kernels.meta import DispatchMeta
 
 
-def _check(x: torch.Tensor, stacked: torch.Tensor, name: str) -> None:
+def _check(x: torch.Tensor, stacked: torch.Tensor, name: str, grouped: bool = False) -> None:
+    """x is [T, D]; stacked is [S, ., .], or [G, S, ., .] when grouped."""
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be [T, D]; got shape {tuple(x.shape)}")
-    if stacked.dim() != 3:
-        raise ValueError(f"{name}: stacked weights must be [S, ., .]; got shape {tuple(stacked.shape)}")
+    if stacked.dim() != 3 + grouped:
+        want = "[G, S, ., .]" if grouped else "[S, ., .]"
+        raise ValueError(f"{name}: stacked weights must be {want}; got shape {tuple(stacked.shape)}")
 
 
 def lora_shrink_ref(
@@ -169,11 +171,7 @@ def lora_apply_shared_ref(
     The dense path shrinks for every module and slot with one matmul; the other paths run
     `lora_apply_ref` per module.
     """
-    if x.dim() != 2 or lora_a_group.dim() != 4:
-        raise ValueError(
-            f"lora_apply_shared: x must be [T, D] and lora_a_group [G, S, R, D]; got shapes "
-            f"{tuple(x.shape)} and {tuple(lora_a_group.shape)}"
-        )
+    _check(x, lora_a_group, "lora_apply_shared", grouped=True)
     path = _resolve_path(path, meta, x)
     if path == "dense":
         _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales, cache)
@@ -237,11 +235,12 @@ def _apply_dense(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, 
     lo, hi, coef = _dense_coef(meta)
     if hi == lo:
         return
-    operands = None if cache is None or rank_scales is None else cache.get(("torch_dense", lo, hi))
+    key = ("torch_dense", lo, hi)
+    operands = None if cache is None else cache.get(key)
     if operands is None:
         operands = _dense_operands(lora_a_group, lora_b_list, ranks_group, scales_group, rank_scales, lo, hi)
-        if cache is not None and rank_scales is not None and operands.views_only:
-            cache[("torch_dense", lo, hi)] = operands
+        if cache is not None and operands.views_only:
+            cache[key] = operands
     groups, span, rank = lora_a_group.shape[0], hi - lo, lora_a_group.shape[2]
     h = torch.bmm(x.expand(groups, -1, -1), operands.a)  # [G, T, span * R]
     # Weight each (token, slot) block by the token's routing weight there and each rank column
@@ -266,12 +265,12 @@ class _DenseOperands:
 def _dense_operands(lora_a_group, lora_b_list, ranks_group, scales_group, rank_scales, lo, hi) -> _DenseOperands:
     groups, _, rank, d_in = lora_a_group.shape
     span = hi - lo
-    if rank_scales is None:
+    derived = rank_scales is None  # computed here from ranks and scales: not a view of a buffer
+    if derived:
         in_rank = torch.arange(rank, device=lora_a_group.device) < ranks_group[:, lo:hi, None]
         rank_scales = torch.where(in_rank, scales_group[:, lo:hi, None], 0.0)  # [G, span, R]
-        derived = True
     else:
-        rank_scales, derived = rank_scales[:, lo:hi], False
+        rank_scales = rank_scales[:, lo:hi]
     a = lora_a_group[:, lo:hi].reshape(groups, span * rank, d_in).transpose(1, 2)  # a view: lo:hi is outermost
     # [span * R, D_out]: a view when lora_b's storage is [S, R, D_out], else a copy of the span.
     b = [lora_b[lo:hi].transpose(1, 2).reshape(span * rank, lora_b.shape[1]) for lora_b in lora_b_list]

@@ -132,15 +132,26 @@ def test_steps_on_two_gates_run_eagerly_and_old_gates_shapes_are_dropped(demo, t
     for engine in engines:
         engine.router_loader = lambda name: GateRouter.load(routers / name)
     eager, fixed = engines
-    calls = []
-    run = fixed.graphs.run
+    calls, gates_per_decode_step = [], []
+    run, logits = fixed.graphs.run, fixed.runner.logits
     fixed.graphs.run = lambda *a: calls.append(a[4] is not None) or run(*a)
+
+    def counting_logits(entries, flat, is_decode):
+        if is_decode:
+            routers = [seq.router for seq, _ in entries if seq.router is not None and seq.router.needs_hidden]
+            gates_per_decode_step.append(len({r.batch_key() for r in routers}))
+        return logits(entries, flat, is_decode)
+
+    fixed.runner.logits = counting_logits
     both = lambda: [Request(PROMPTS[0], greedy(6), RouterSpec("demo-gate")),  # noqa: E731
                     Request(PROMPTS[1], greedy(9), RouterSpec("other-gate"))]
     assert [o.token_ids for o in fixed.generate(both())] == [o.token_ids for o in eager.generate(both())]
-    # While both run (decode tokens 2-6), steps are eager; after demo-gate's request ends,
-    # other-gate's last 3 decode steps take the fixed shape, routed inside it.
-    assert calls == [True] * 3, calls
+    # While both run, decode steps are eager; a decode step on one gate takes the fixed shape,
+    # routed inside it. (The routers load in the background, so how many steps the two requests
+    # share depends on when each load ends: usually demo-gate's decode tokens 2-6, leaving
+    # other-gate's last 3 decode steps alone.)
+    assert 2 in gates_per_decode_step, gates_per_decode_step
+    assert calls == [True] * gates_per_decode_step.count(1), (calls, gates_per_decode_step)
     gates = {shape.gate for shape in fixed.graphs._shapes.values() if shape.gate is not None}
     assert [g.adapters for g in gates] == [["math", "multilingual", "code"]]
     one = lambda: [Request(PROMPTS[2], greedy(5), RouterSpec("demo-gate"))]  # noqa: E731

@@ -313,7 +313,7 @@ def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
     monkeypatch.setattr(dense_module, "lora_dense_decode", lambda *a, **k: launches.append(len(a[2])) or real(*a, **k))
     requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
                         Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
-    reference = make_engine(demo, decode_graphs="off", max_batch=2, prefill_chunk=64)
+    reference = make_engine(demo, backend="torch", decode_graphs="off", max_batch=2, prefill_chunk=64)
     want = [o.token_ids for o in reference.generate(requests())]
     engine = make_engine(demo, backend="triton", decode_graphs="eager", decode_kernel="dense", max_batch=2,
                          prefill_chunk=64)
@@ -321,6 +321,6 @@ def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
     assert [o.token_ids for o in engine.generate(requests())] == want
     assert launches and set(launches) <= {1, 2, 3}
     with pytest.raises(ValueError, match="decode_kernel='dense' needs the triton backend"):
-        make_engine(demo, decode_kernel="dense")
+        make_engine(demo, backend="torch", decode_kernel="dense")
     engine.close()
     reference.close()

@@ -4,8 +4,8 @@
 # ray or redis):
 #   scripts/gpu_checks.sh [OUT_DIR] [STAGES]
 # STAGES (default "tests bench"): "tests" runs the GPU-marked kernel and decoder tests beside the
-# engine suite on CUDA (graph capture included); "bench" runs the layer and engine benchmarks
-# after them, alone on the GPU. Each stage has its own time limit, so one hang costs only itself.
+# engine suite on CUDA (graph capture included); "bench" runs the layer, decode and engine
+# benchmarks after them, alone on the GPU ("layer", "decode" and "engine" run one of them each). Each stage has its own time limit, so one hang costs only itself.
 # Wheels of missing pure-Python packages (pydantic for the engine) can be carried in .whl/ and are
 # installed into /tmp/site first. Results go to OUT_DIR (default: $OUT, else benchmarks/out).
 set -uo pipefail
@@ -38,9 +38,14 @@ if [[ $stages == *tests* ]]; then
     wait $engine || status=1
     tail -n 25 "$out/gpu_tests.log" "$out/engine_tests_cuda.log"
 fi
-if [[ $stages == *bench* ]]; then
+want() { [[ " $stages " == *" $1 "* || " $stages " == *" bench "* ]]; }
+if want layer; then
     timeout 60 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee "$out/lora_layer.log" || status=1
+fi
+if want decode; then
     timeout 90 python3 benchmarks/lora_decode.py --repeats 20 --out "$out/lora_decode-gpu.json" 2>&1 | tee "$out/lora_decode.log" || status=1
+fi
+if want engine; then
     # The backend's default decode kernels against the slot-dense kernel, end to end (PEFT, slow
     # at this size, was measured before: --skip-peft).
     timeout 230 python3 benchmarks/engine.py --repeats 2 --skip-peft --compare-decode dense --out "$out/engine-gpu.json" \

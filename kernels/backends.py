@@ -75,12 +75,14 @@ class TritonBackend(LoRABackend):
     """The Triton kernels. Decode steps (`meta.is_decode`) run groups of up to 3 modules that
     read the same x (q/k/v, gate/up) through the kernel `decode_kernel` names:
 
-    - "auto" (default): one fused shrink + expand launch (`kernels.lora_fused_decode`) for a
-      group of 2 or 3 modules where that measured faster (`use_fused`), separate shrink and
-      expand launches for the rest;
-    - "fused": the fused kernel for every group; "split": separate launches everywhere;
-    - "dense": `kernels.lora_dense_decode`, every token through every used slot with
-      tensor-core dots (not yet timed on a GPU: `benchmarks/lora_decode.py` compares it).
+    - "auto" (default): for 16-bit inputs, `kernels.lora_dense_decode` (every token through
+      every used slot, tensor-core dots); on an H200 in bf16 it beat the fused and split kernels
+      for every Qwen3-0.6B and 7B projection group timed, and end to end. For fp32 inputs, whose
+      dots it runs on CUDA cores (5-10x slower there), one fused shrink + expand launch
+      (`kernels.lora_fused_decode`) for a group of 2 or 3 modules where that measured faster
+      (`use_fused`), separate shrink and expand launches for the rest
+      (benchmarks/results/lora_decode-h200*.json);
+    - "dense", "fused", "split": that kernel for every group.
 
     Prefill steps always take the grouped shrink and expand kernels.
     """
@@ -120,6 +122,8 @@ class TritonBackend(LoRABackend):
         kind = self._decode_kernel
         if kind == "split" or not meta.is_decode:
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
+        if kind == "auto" and x.dtype != torch.float32:
+            kind = "dense"
         for start in range(0, len(lora_b_list), self._max_group):
             chunk = slice(start, start + self._max_group)
             args = (x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta,

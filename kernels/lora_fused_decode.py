@@ -27,8 +27,10 @@ MAX_MODULES = 3
 # benchmarks/results/lora_decode-h200.json): for q/k/v and gate/up at Qwen3-0.6B shapes and q/k/v
 # at 7B shapes (8 to 201 MB of such reads per step) it is 1.4-3.1x faster than separate shrink and
 # expand launches; gate/up at 7B shapes (470 and 940 MB) is 0.5-0.7x, and a lone module (o, down)
-# is 0.64-1.2x, slower at 16 tokens x top-2 in every shape measured. So the backend fuses groups of
-# 2 or 3 modules up to this many bytes of recomputed reads per step.
+# is 0.64-1.2x, slower at 16 tokens x top-2 in every shape measured; fp32 showed the same pattern
+# (benchmarks/results/lora_decode-h200-fp32.json). So for fp32 inputs (16-bit ones take the
+# slot-dense kernel) the backend fuses groups of 2 or 3 modules up to this many bytes of
+# recomputed reads per step.
 MAX_RECOMPUTE_BYTES = 256 << 20
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_dense_decode import MAX_TOKENS, lora_dense_decode  # noqa: E402
-from kernels.meta import build_dispatch  # noqa: E402
+from kernels.meta import DECODE_MAX_PAIRS, build_dispatch  # noqa: E402
 from tests.kernels.helpers import (  # noqa: E402
     DTYPES, GPU_GROUP_CASES, Group, assert_close, check_group_graph_replay, group_case_id,
 )
@@ -109,17 +109,30 @@ def test_backend_dense_decode_equals_separate_kernels(num_modules, monkeypatch):
     assert_close(out, group.expected(), torch.float32, "dense vs oracle")
 
 
-def test_prefill_steps_and_the_default_choice_do_not_take_it(monkeypatch):
+def test_every_decode_step_fits_the_kernel():
+    """The default decode kernel takes every decode step: `is_decode` admits at most
+    DECODE_MAX_PAIRS pairs, so at most that many tokens."""
+    assert DECODE_MAX_PAIRS <= MAX_TOKENS
+    assert TritonBackend().decode_kernel == "auto"
+
+
+def test_16_bit_decode_steps_take_it_by_default_and_fp32_and_prefill_steps_do_not(monkeypatch):
     import kernels.lora_dense_decode as dense_module
 
-    monkeypatch.setattr(dense_module, "lora_dense_decode", lambda *a: pytest.fail("dense kernel taken"))
-    prefill = Group(40, 2, 5, 64, (32, 16), 16, "uniform", torch.float32)
-    assert not prefill.meta.is_decode
-    decode = Group(6, 2, 5, 64, (32, 16), 16, "uniform", torch.float32)
-    for group, backend in ((prefill, TritonBackend(decode_kernel="dense")), (decode, TritonBackend())):
-        out, outs = group.outs()
-        backend.apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
-        assert_close(out, group.expected(), torch.float32)
+    launches = []
+    real = dense_module.lora_dense_decode
+    monkeypatch.setattr(dense_module, "lora_dense_decode",
+                        lambda *a: launches.append((a[5].num_tokens, a[0].dtype)) or real(*a))
+    for dtype in (torch.float32, torch.bfloat16):
+        prefill = Group(40, 2, 5, 64, (32, 16), 16, "uniform", dtype)
+        assert not prefill.meta.is_decode
+        decode = Group(6, 2, 5, 64, (32, 16), 16, "uniform", dtype)
+        for group, backend in ((prefill, TritonBackend(decode_kernel="dense")), (prefill, TritonBackend()),
+                               (decode, TritonBackend())):
+            out, outs = group.outs()
+            backend.apply_shared(group.x, group.lora_a, group.lora_b, group.ranks, group.scales, group.meta, outs)
+            assert_close(out, group.expected(), dtype)
+    assert launches == [(6, torch.bfloat16)]
 
 
 def test_bad_arguments_raise():

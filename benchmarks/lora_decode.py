@@ -119,8 +119,8 @@ SWEEPS = {
     # tiles with 4 warps spill registers at these shapes; the rest do not.
     # Then the two-launch form (split-K shrink, then the expand) at the default tiles.
     "dense": (lora_dense_decode,
-              [dict(block_k=k, block_n=n, num_warps=w) for k in (64, 128) for n in (32, 64, 128, 256) for w in (4, 8)
-               if n < 256 or w == 8] + [dict(split_k=k) for k in (2, 4, 8, 16)]),
+              [dict(block_k=k, block_n=n, num_warps=w, split_k=1) for k in (64, 128) for n in (32, 64, 128, 256)
+               for w in (4, 8) if n < 256 or w == 8] + [dict(split_k=k) for k in (1, 2, 4, 8, 16)]),
 }
 
 

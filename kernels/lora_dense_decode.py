@@ -49,6 +49,17 @@ def _blocks(num_tokens: int, rank: int, num_slots: int, d_in: int, d_outs: list[
     return block_t, block_r, slots_per_chunk, block_k
 
 
+def default_split_k(d_in: int) -> int:
+    """Ranges of D_in the shrink is split over by default (1: one launch). On an H200 (bf16, 16
+    tokens x top-2, 28 layers replayed as CUDA graphs; benchmarks/results/lora_decode-h200-sweep.json)
+    the best split against one launch: D_in 1024 (Qwen3-0.6B q/k/v, o, gate/up): 4, 1.1-1.2x;
+    3072 (its down): 4 or 8, 1.7x; 4096 (7B q/k/v, o, gate/up): 8-16, 2.1-3.5x; 14336 (7B down):
+    16, 4.7x. About 512 columns per range, 4 to 16 ranges; below 1024 (not timed) one launch."""
+    if d_in < 1024:
+        return 1
+    return min(16, max(4, next_pow2(d_in // 512)))
+
+
 def default_block_n(d_outs: list[int]) -> int:
     """Narrow tiles (more programs) for small outputs, wide ones where narrow tiles would
     recompute h hundreds of times."""
@@ -253,11 +264,11 @@ def lora_dense_decode(
             updated in place and returned.
         block_k, block_n: tile sizes (powers of two, at least 16); num_warps, num_stages: launch
             options; None takes the defaults (`benchmarks/lora_decode.py --sweep` times others).
-        split_k: None or 1 computes h inside every output tile (one launch; each tile re-reads the
+        split_k: 1 computes h inside every output tile (one launch; each tile re-reads the
             slots' lora_a from L2). k > 1 first runs a shrink launch over k ranges of D_in (x
             [k, G, slot chunks] programs writing fp32 partial products), then the expand, which
             sums the k partials: lora_a is read once, at the price of a second launch. The sum
-            order is fixed, so results do not vary from run to run.
+            order is fixed, so results do not vary from run to run. None: `default_split_k`.
 
     h is accumulated in fp32 and, for 16-bit inputs, rounded to the input dtype after weighting
     (as the torch reference rounds it); each module's out is rounded once.
@@ -285,7 +296,8 @@ def lora_dense_decode(
     d_in, dot_fp32 = x.shape[1], dot_in_fp32(x.dtype, x.device)
     strides = (x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1), lora_a_group.stride(2))
     splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call
-    if split_k is not None and split_k > 1:
+    split_k = default_split_k(d_in) if split_k is None else split_k
+    if split_k > 1:
         k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
         splits = triton.cdiv(d_in, k_per_split)
         chunks = triton.cdiv(meta.num_slots, slots_per_chunk)

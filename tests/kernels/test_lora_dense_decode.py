@@ -55,6 +55,27 @@ def test_split_k_matches_the_oracle(case, split_k, dtype):
     check_dense(Group(*case, dtype), dtype, block_k=16, split_k=split_k)
 
 
+def test_wide_inputs_split_the_shrink_by_default(monkeypatch):
+    """split_k=None: D_in >= 1024 runs the split-K shrink launch (default_split_k ranges), narrower
+    inputs one launch; both equal the oracle."""
+    import kernels.lora_dense_decode as dense_module
+
+    assert [dense_module.default_split_k(d) for d in (256, 1023, 1024, 3072, 4096, 14336)] == [1, 1, 4, 8, 8, 16]
+    grids = []
+    real = dense_module._lora_dense_shrink_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(dense_module, "_lora_dense_shrink_kernel", Recording())
+    check_dense(Group(3, 2, 3, 1024, (32, 16), 8, "uniform", torch.float32), torch.float32)
+    assert grids == [(4, 2, 1)]  # 4 ranges of D_in x 2 modules x 1 chunk of slots
+    check_dense(Group(3, 2, 3, 512, (32,), 8, "uniform", torch.float32), torch.float32)
+    assert len(grids) == 1
+
+
 @pytest.mark.gpu
 def test_split_k_results_do_not_vary_from_run_to_run_gpu():
     """The partials are summed in a fixed order (no atomics): identical bits on every run."""

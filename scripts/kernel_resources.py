@@ -13,11 +13,13 @@ are what it catches), not a timing. The Triton version here may differ from a GP
 
     .venv/bin/python scripts/kernel_resources.py            # sm_90
     .venv/bin/python scripts/kernel_resources.py --arch 80  # A100
+    .venv/bin/python scripts/kernel_resources.py --json rows.json   # also the rows as JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -128,31 +130,42 @@ def problem(tokens, top_k, slots, rank, d_in, d_outs, dtype):
     return x, lora_a, lora_b, ranks, scales, meta, list(out.split(list(d_outs), dim=1))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100 / H200)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    target = GPUTarget("cuda", args.arch, 32)
-    dtype = getattr(torch, args.dtype)
-    kernels = [("fused", fused_module, fused_module.lora_fused_decode, {}),
-               ("dense", dense_module, dense_module.lora_dense_decode, {}),
-               ("dense split_k=4", dense_module, dense_module.lora_dense_decode, {"split_k": 4})]
-    print(f"compiled for sm_{args.arch} by triton {triton.__version__}, {args.dtype}, default tiles (not run)")
-    header = (f"{'shape':<34}{'call':<17}{'kernel':<28}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}"
-              f"{'mma':>10}  tiles")
-    print(header)
+KERNELS = [("fused", fused_module, fused_module.lora_fused_decode, {}),
+           ("dense", dense_module, dense_module.lora_dense_decode, {}),  # split-K from D_in 1024 (default_split_k)
+           ("dense split_k=1", dense_module, dense_module.lora_dense_decode, {"split_k": 1})]
+
+
+def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """One row per compiled kernel of each call in KERNELS at each of SHAPES."""
+    target = GPUTarget("cuda", arch, 32)
+    rows = []
     for name, tokens, top_k, slots, rank, d_in, d_outs in SHAPES:
-        for call, module, launcher, options in kernels:
+        for call, module, launcher, options in KERNELS:
             problem_args = problem(tokens, top_k, slots, rank, d_in, d_outs, dtype)
             for fn, launch_args, launch_kwargs in captured_launches(module, launcher, *problem_args, **options):
                 if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
                     launch_kwargs["DOT_FP32"] = dtype == torch.float32
                 compiled, tiles, launch = compile_launch(fn, launch_args, dict(launch_kwargs), target)
-                r = resources(compiled)
-                tiles_text = " ".join(f"{k}={v}" for k, v in {**tiles, **launch}.items())
-                print(f"{name:<34}{call:<17}{fn.__name__:<28}{r['regs']:>6}{r['spill_bytes']:>9}"
-                      f"{r['shared_bytes']:>9}{str(r['pipelined']):>11}{r['mma']:>10}  {tiles_text}")
+                rows.append({"shape": name, "call": call, "kernel": fn.__name__, **resources(compiled),
+                             "tiles": " ".join(f"{k}={v}" for k, v in {**tiles, **launch}.items())})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100 / H200)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    rows = report(args.arch, getattr(torch, args.dtype))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"compiled for sm_{args.arch} by triton {triton.__version__}, {args.dtype}, default tiles (not run)")
+    print(f"{'shape':<34}{'call':<17}{'kernel':<28}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}"
+          f"{'mma':>10}  tiles")
+    for r in rows:
+        print(f"{r['shape']:<34}{r['call']:<17}{r['kernel']:<28}{r['regs']:>6}{r['spill_bytes']:>9}"
+              f"{r['shared_bytes']:>9}{str(r['pipelined']):>11}{r['mma']:>10}  {r['tiles']}")
 
 
 if __name__ == "__main__":

@@ -185,13 +185,19 @@ def test_dense_cache_keeps_views_that_see_in_place_writes(b_layout):
     cache = {}
     assert_close(run(cache), expected(), torch.float32)
     assert len(cache) == (1 if b_layout == "rank_major" else 0)
-    # Load another adapter into slot 1 in place, with another scale: the kept views see it.
+    # Load another adapter into a routed slot of nonzero rank in place, with another scale: the
+    # kept views see it.
+    slot = 2
+    assert ranks[0, slot] > 0 and (p.slots == slot).any()
+    before = run(cache)
     gen = torch.Generator().manual_seed(9)
-    lora_a[0, 1].copy_(torch.randn(lora_a.shape[2:], generator=gen))
-    lora_b[1].copy_(torch.randn(lora_b.shape[1:], generator=gen))
-    scales[0, 1] = 3.0
-    rank_scales[0, 1] = torch.where(in_rank[0, 1], 3.0, 0.0)
-    assert_close(run(cache), expected(), torch.float32, "after an in-place load")
+    lora_a[0, slot].copy_(torch.randn(lora_a.shape[2:], generator=gen))
+    lora_b[slot].copy_(torch.randn(lora_b.shape[1:], generator=gen))
+    scales[0, slot] = 3.0
+    rank_scales[0, slot] = torch.where(in_rank[0, slot], 3.0, 0.0)
+    after = run(cache)
+    assert not torch.allclose(after, before)
+    assert_close(after, expected(), torch.float32, "after an in-place load")
 
 
 def test_auto_path_on_cpu():

@@ -110,6 +110,28 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
             "first_step_ms": 1e3 * steps[0], "between_steps_ms": 1e3 * (wall - sum(steps))}
 
 
+def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str) -> None:
+    """Per scenario, the ops with the most self time (device time on CUDA) over its prefill
+    alone and over a whole run, as torch.profiler tables in one text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables = []
+    for name, (ours, routing) in scenarios.items():
+        for part, new in (("prefill (max_tokens=1)", 1), ("whole run", s["new"])):
+            reqs = requests({**s, "new": new}, routing)
+            ours.generate(copy.deepcopy(reqs))  # this length's shapes warm, as in the timed runs
+            with profile(activities=activities) as prof:
+                ours.generate(reqs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            tables.append(f"== {name}: {part}\n{prof.key_averages().table(sort_by=sort_by, row_limit=20)}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(tables))
+    print(f"wrote {path}")
+
+
 def decode_kernel_engine(loaded, config: EngineConfig, loader, kernel: str) -> Engine:
     """An engine whose Triton backend runs decode steps' LoRA with `kernel` ("split": separate
     shrink and expand launches, "fused", "dense"; EngineConfig.decode_kernel), for an A/B against
@@ -173,6 +195,10 @@ def main() -> None:
                              "each on a second engine whose Triton backend uses that kernel in decode steps")
     parser.add_argument("--skip-peft", action="store_true",
                         help="leave out the transformers + PEFT baseline (slow at full size); no vs_peft_throughput")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="after the timed runs, profile each of our scenarios once (torch.profiler, CUDA "
+                             "activity too on a GPU): its prefill alone (max_tokens=1) and its whole run; the "
+                             "top ops by self time go to PATH")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "full")
@@ -217,6 +243,8 @@ def main() -> None:
             if peft:
                 runs["peft_mixed_adapter_names"].append(peft())
         results = {name: median_run(r) for name, r in runs.items()}
+        if args.profile:
+            profile_scenarios(scenarios, s, device, args.profile)
 
     print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "

@@ -7,7 +7,8 @@
 # engine suite on CUDA (graph capture included); "bench" runs the layer, decode and engine
 # benchmarks after them, alone on the GPU ("layer", "decode" and "engine" run one of them each). Each stage has its own time limit, so one hang costs only itself.
 # Wheels of missing pure-Python packages (pydantic for the engine) can be carried in .whl/ and are
-# installed into /tmp/site first. Results go to OUT_DIR (default: $OUT, else benchmarks/out).
+# installed into /tmp/site first. Results go to OUT_DIR (default: $OUT, else benchmarks/out): at most
+# 8 files, the benchmarks' output in one bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/out}}
@@ -40,15 +41,15 @@ if [[ $stages == *tests* ]]; then
 fi
 want() { [[ " $stages " == *" $1 "* || " $stages " == *" bench "* ]]; }
 if want layer; then
-    timeout 60 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee "$out/lora_layer.log" || status=1
+    timeout 60 python3 benchmarks/lora_layer.py --out "$out/lora_layer-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want decode; then
-    timeout 90 python3 benchmarks/lora_decode.py --repeats 20 --out "$out/lora_decode-gpu.json" 2>&1 | tee "$out/lora_decode.log" || status=1
+    timeout 90 python3 benchmarks/lora_decode.py --repeats 20 --out "$out/lora_decode-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want engine; then
-    # The backend's default decode kernels against the slot-dense kernel, end to end (PEFT, slow
-    # at this size, was measured before: --skip-peft).
-    timeout 230 python3 benchmarks/engine.py --repeats 2 --skip-peft --compare-decode dense --out "$out/engine-gpu.json" \
-        2>&1 | tee "$out/engine.log" || status=1
+    # The default decode kernel (dense) against the fused one, end to end, and where each
+    # scenario's time goes (PEFT, slow at this size, was measured before: --skip-peft).
+    timeout 230 python3 benchmarks/engine.py --repeats 2 --skip-peft --compare-decode fused --out "$out/engine-gpu.json" \
+        --profile "$out/engine_profile.txt" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 exit $status

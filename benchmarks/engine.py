@@ -132,13 +132,6 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
     print(f"wrote {path}")
 
 
-def decode_kernel_engine(loaded, config: EngineConfig, loader, kernel: str) -> Engine:
-    """An engine whose Triton backend runs decode steps' LoRA with `kernel` ("split": separate
-    shrink and expand launches, "fused", "dense"; EngineConfig.decode_kernel), for an A/B against
-    the default in one run."""
-    return Engine(loaded, config.model_copy(update={"decode_kernel": kernel}), adapter_loader=loader)
-
-
 def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput (the lower middle one of an even count), plus every
     run's throughput."""
@@ -231,8 +224,9 @@ def main() -> None:
             "b_adapter_per_request": (engine, lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}")),
             "c_gate_per_token": (engine, lambda i: GateSpec(gate)),
         }
-        for kernel in compare:
-            other = decode_kernel_engine(load_pretrained(root / "model", dtype_name, device), config, loader, kernel)
+        for kernel in compare:  # a second engine whose decode steps run LoRA with `kernel`, for an A/B in one run
+            other = Engine(load_pretrained(root / "model", dtype_name, device),
+                           config.model_copy(update={"decode_kernel": kernel}), adapter_loader=loader)
             scenarios[f"b_adapter_per_request_{kernel}"] = (other, scenarios["b_adapter_per_request"][1])
             scenarios[f"c_gate_per_token_{kernel}"] = (other, scenarios["c_gate_per_token"][1])
         peft = None if args.skip_peft else peft_runner(root, s, device, dtype)

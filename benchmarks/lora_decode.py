@@ -117,7 +117,8 @@ SWEEPS = {
               [dict(block_k=k, block_n=n, num_warps=w) for k in (128, 256, 512) for n in (128, 256) for w in (4, 8)]),
     # scripts/kernel_resources.py (sm_90, bf16): 2 warps, 256-wide K steps, and 256-wide output
     # tiles with 4 warps spill registers at these shapes; the rest do not.
-    # Then the two-launch form (split-K shrink, then the expand) at the default tiles.
+    # Those pin the one-launch form (split_k=1); then split_k from 1 to 16 at the default tiles
+    # (k > 1: a split-K shrink launch, then the expand).
     "dense": (lora_dense_decode,
               [dict(block_k=k, block_n=n, num_warps=w, split_k=1) for k in (64, 128) for n in (32, 64, 128, 256)
                for w in (4, 8) if n < 256 or w == 8] + [dict(split_k=k) for k in (1, 2, 4, 8, 16)]),

@@ -77,7 +77,8 @@ class TritonBackend(LoRABackend):
 
     - "auto" (default): for 16-bit inputs, `kernels.lora_dense_decode` (every token through
       every used slot, tensor-core dots); on an H200 in bf16 it beat the fused and split kernels
-      for every Qwen3-0.6B and 7B projection group timed, and end to end. For fp32 inputs, whose
+      for every Qwen3-0.6B and 7B projection group timed but one (0.6B o at 64 tokens x top-1,
+      4% behind fused), and end to end. For fp32 inputs, whose
       dots it runs on CUDA cores (5-10x slower there), one fused shrink + expand launch
       (`kernels.lora_fused_decode`) for a group of 2 or 3 modules where that measured faster
       (`use_fused`), separate shrink and expand launches for the rest

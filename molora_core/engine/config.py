@@ -38,7 +38,7 @@ class EngineConfig(BaseModel):
     decode_kernel: Literal["auto", "fused", "dense", "split"] = Field(
         "auto",
         description="triton backend only: the kernel decode steps run LoRA with (kernels.backends.TritonBackend); "
-        "'auto' = the slot-dense kernel for bf16/fp16 (fastest on an H200 for every group timed), and for fp32 "
+        "'auto' = the slot-dense kernel for bf16/fp16 (fastest on an H200 for all but one group timed), and for fp32 "
         "fused shrink+expand for q/k/v and small gate/up groups, separate launches elsewhere; 'dense', 'fused' or "
         "'split' for every group",
     )

@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--compare-decode", default="", metavar="KERNELS",
                         help="comma-separated decode kernels (split, fused, dense) to also run (b) and (c) with, "
                              "each on a second engine whose Triton backend uses that kernel in decode steps")
+    parser.add_argument("--compare-prefill", default="", metavar="KERNELS",
+                        help="comma-separated prefill kernels (grouped, dense) to also run (b) and (c) with, each on "
+                             "a second engine whose Triton backend uses that kernel in prefill steps")
     parser.add_argument("--skip-peft", action="store_true",
                         help="leave out the transformers + PEFT baseline (slow at full size); no vs_peft_throughput")
     parser.add_argument("--profile", metavar="PATH",
@@ -198,13 +201,19 @@ def main() -> None:
     s = dict(SIZES[size])
     if args.batch:
         s["batch"] = args.batch
-    compare = [k for k in args.compare_decode.split(",") if k]
-    kernels = [k for k in TritonBackend.DECODE_KERNELS if k != "auto"]
-    if set(compare) - set(kernels):
-        parser.error(f"--compare-decode: unknown kernels {sorted(set(compare) - set(kernels))}; choose from {kernels}")
+    # (step, kernel, scenario suffix) of each second engine, whose `{step}_kernel` is `kernel`
+    compare = []
+    for step, given, choices in (("decode", args.compare_decode, TritonBackend.DECODE_KERNELS),
+                                 ("prefill", args.compare_prefill, TritonBackend.PREFILL_KERNELS)):
+        kernels = [k for k in given.split(",") if k]
+        known = [k for k in choices if k != "auto"]
+        if set(kernels) - set(known):
+            parser.error(f"--compare-{step}: unknown kernels {sorted(set(kernels) - set(known))}; choose from {known}")
+        compare += [(step, k, k if step == "decode" else f"prefill_{k}") for k in kernels]
     device = torch.device(args.device)
     if compare and device.type != "cuda":
-        parser.error("--compare-decode compares the Triton backend's decode kernels: it needs a CUDA device")
+        parser.error("--compare-decode and --compare-prefill compare the Triton backend's kernels: they need a CUDA "
+                     "device")
     dtype_name = args.dtype or ("float32" if device.type == "cpu" else "bfloat16")
     dtype = getattr(torch, dtype_name)
 
@@ -224,11 +233,11 @@ def main() -> None:
             "b_adapter_per_request": (engine, lambda i: AdapterSpec(f"a{i % NUM_ADAPTERS}")),
             "c_gate_per_token": (engine, lambda i: GateSpec(gate)),
         }
-        for kernel in compare:  # a second engine whose decode steps run LoRA with `kernel`, for an A/B in one run
+        for step, kernel, suffix in compare:  # a second engine whose steps run LoRA with `kernel`: an A/B in one run
             other = Engine(load_pretrained(root / "model", dtype_name, device),
-                           config.model_copy(update={"decode_kernel": kernel}), adapter_loader=loader)
-            scenarios[f"b_adapter_per_request_{kernel}"] = (other, scenarios["b_adapter_per_request"][1])
-            scenarios[f"c_gate_per_token_{kernel}"] = (other, scenarios["c_gate_per_token"][1])
+                           config.model_copy(update={f"{step}_kernel": kernel}), adapter_loader=loader)
+            scenarios[f"b_adapter_per_request_{suffix}"] = (other, scenarios["b_adapter_per_request"][1])
+            scenarios[f"c_gate_per_token_{suffix}"] = (other, scenarios["c_gate_per_token"][1])
         peft = None if args.skip_peft else peft_runner(root, s, device, dtype)
         runs = {name: [] for name in [*scenarios, *(["peft_mixed_adapter_names"] if peft else [])]}
         for _ in range(args.repeats):
@@ -243,11 +252,11 @@ def main() -> None:
     print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
           f"repeats={args.repeats} (median run shown)")
-    print(f"{'scenario':<28}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}")
+    print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, r in results.items():
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
-        print(f"{name:<28}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
+        print(f"{name:<36}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
               f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}")
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
@@ -259,14 +268,15 @@ def main() -> None:
         "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
-    for kernel in compare:
-        report[f"molora_vs_base_throughput_{kernel}_decode"] = (
-            results[f"c_gate_per_token_{kernel}"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
+    for step, kernel, suffix in compare:
+        report[f"molora_vs_base_throughput_{kernel}_{step}"] = (
+            results[f"c_gate_per_token_{suffix}"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
     write_json(args.out, report)
     print(f"wrote {args.out}")
     print("vs_peft_throughput: " + ("n/a (--skip-peft)" if vs_peft is None else f"{vs_peft:.2f}"))
-    for kernel in compare:
-        print(f"molora_vs_base_throughput_{kernel}_decode: {report[f'molora_vs_base_throughput_{kernel}_decode']:.2f}")
+    for step, kernel, _ in compare:
+        key = f"molora_vs_base_throughput_{kernel}_{step}"
+        print(f"{key}: {report[key]:.2f}")
     print(f"molora_vs_base_throughput: {vs_base:.2f}")
 
 

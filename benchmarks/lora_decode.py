@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from kernels.backends import TritonBackend  # noqa: E402
-from kernels.lora_dense_decode import lora_dense_decode  # noqa: E402
+from kernels.lora_dense import lora_dense  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers  # noqa: E402
 
@@ -119,7 +119,7 @@ SWEEPS = {
     # tiles with 4 warps spill registers at these shapes; the rest do not.
     # Those pin the one-launch form (split_k=1); then split_k from 1 to 16 at the default tiles
     # (k > 1: a split-K shrink launch, then the expand).
-    "dense": (lora_dense_decode,
+    "dense": (lora_dense,
               [dict(block_k=k, block_n=n, num_warps=w, split_k=1) for k in (64, 128) for n in (32, 64, 128, 256)
                for w in (4, 8) if n < 256 or w == 8] + [dict(split_k=k) for k in (1, 2, 4, 8, 16)]),
 }

@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
-from kernels.lora_ref import lora_apply_ref, lora_apply_shared_ref, lora_expand_ref, lora_shrink_ref
+from kernels.lora_ref import (
+    DENSE_PREFILL_WASTE, lora_apply_ref, lora_apply_shared_ref, lora_expand_ref, lora_shrink_ref,
+)
 from kernels.meta import DispatchMeta
 
 
@@ -75,7 +77,7 @@ class TritonBackend(LoRABackend):
     """The Triton kernels. Decode steps (`meta.is_decode`) run groups of up to 3 modules that
     read the same x (q/k/v, gate/up) through the kernel `decode_kernel` names:
 
-    - "auto" (default): for 16-bit inputs, `kernels.lora_dense_decode` (every token through
+    - "auto" (default): for 16-bit inputs, `kernels.lora_dense` (every token through
       every used slot, tensor-core dots); on an H200 in bf16 it beat the fused and split kernels
       for every Qwen3-0.6B and 7B projection group timed but one (0.6B o at 64 tokens x top-1,
       4% behind fused), and end to end. For fp32 inputs, whose
@@ -85,22 +87,33 @@ class TritonBackend(LoRABackend):
       (benchmarks/results/lora_decode-h200*.json);
     - "dense", "fused", "split": that kernel for every group.
 
-    Prefill steps always take the grouped shrink and expand kernels.
+    Prefill steps take the kernels `prefill_kernel` names:
+
+    - "auto" (default) and "grouped": per module, the grouped shrink and expand kernels over each
+      slot's segment of sorted pairs (`kernels.lora_shrink`, `kernels.lora_expand`); the ones
+      timed end to end on an H200;
+    - "dense": `kernels.lora_dense` over the slots in use, per group of up to 3 modules (two
+      launches a group, no atomics or fp32 scratch for tokens with two choices) where that costs
+      at most DENSE_PREFILL_WASTE times the LoRA FLOPs of routing each pair alone (span / K),
+      the grouped kernels elsewhere. Not yet timed on a GPU, so not the default:
+      `benchmarks/engine.py --compare-prefill dense` times it against "grouped".
     """
 
     name = "triton"
     DECODE_KERNELS = ("auto", "fused", "dense", "split")
+    PREFILL_KERNELS = ("auto", "dense", "grouped")
 
-    def __init__(self, decode_kernel: str = "auto") -> None:
-        from kernels.lora_dense_decode import lora_dense_decode
+    def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto") -> None:
+        from kernels.lora_dense import lora_dense
         from kernels.lora_expand import lora_expand
         from kernels.lora_fused_decode import MAX_MODULES, lora_fused_decode, use_fused
         from kernels.lora_shrink import lora_shrink
 
         self._shrink, self._expand = lora_shrink, lora_expand
         self._fused, self._use_fused, self._max_group = lora_fused_decode, use_fused, MAX_MODULES
-        self._dense = lora_dense_decode
+        self._dense = lora_dense
         self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
 
     @property
     def decode_kernel(self) -> str:
@@ -112,6 +125,16 @@ class TritonBackend(LoRABackend):
             raise ValueError(f"decode_kernel must be one of {self.DECODE_KERNELS}; got {value!r}")
         self._decode_kernel = value
 
+    @property
+    def prefill_kernel(self) -> str:
+        return self._prefill_kernel
+
+    @prefill_kernel.setter
+    def prefill_kernel(self, value: str) -> None:
+        if value not in self.PREFILL_KERNELS:
+            raise ValueError(f"prefill_kernel must be one of {self.PREFILL_KERNELS}; got {value!r}")
+        self._prefill_kernel = value
+
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return self._shrink(x, lora_a_stacked, slot_ranks, meta)
 
@@ -120,8 +143,18 @@ class TritonBackend(LoRABackend):
 
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
                      cache=None):
+        if not meta.is_decode:
+            span = self._dense_prefill_span(meta) if self._prefill_kernel == "dense" else None
+            if span is None:
+                return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
+            if span[0] < span[1]:
+                for start in range(0, len(lora_b_list), self._max_group):
+                    chunk = slice(start, start + self._max_group)
+                    self._dense(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk],
+                                meta, outs[chunk], slot_range=span)
+            return outs
         kind = self._decode_kernel
-        if kind == "split" or not meta.is_decode:
+        if kind == "split":
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
         if kind == "auto" and x.dtype != torch.float32:
             kind = "dense"
@@ -136,6 +169,18 @@ class TritonBackend(LoRABackend):
             else:
                 super().apply_shared(*args)
         return outs
+
+    @staticmethod
+    def _dense_prefill_span(meta: DispatchMeta) -> tuple[int, int] | None:
+        """(lo, hi) of the slots a prefill step uses when the dense kernel may take it (at most
+        DENSE_PREFILL_WASTE * K of them, so at most that many times the LoRA FLOPs of routing
+        each pair alone), else None. One host read per step (`host_counts`), cached in meta."""
+        key = "triton_dense_prefill_span"
+        if key not in meta.backend_cache:
+            used = [slot for slot, count in enumerate(meta.host_counts()) if count]
+            lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
+            meta.backend_cache[key] = (lo, hi) if hi - lo <= DENSE_PREFILL_WASTE * meta.top_k else None
+        return meta.backend_cache[key]
 
 
 _BACKENDS: dict[str, Callable[[], LoRABackend]] = {"torch": TorchBackend, "triton": TritonBackend}

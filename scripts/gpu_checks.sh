@@ -47,9 +47,10 @@ if want decode; then
     timeout 90 python3 benchmarks/lora_decode.py --repeats 20 --out "$out/lora_decode-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want engine; then
-    # The default decode kernel (dense) against the fused one, end to end, and where each
-    # scenario's time goes (PEFT, slow at this size, was measured before: --skip-peft).
-    timeout 230 python3 benchmarks/engine.py --repeats 2 --skip-peft --compare-decode fused --out "$out/engine-gpu.json" \
+    # The default prefill kernels (grouped, per module) against the slot-dense ones (two launches a
+    # group of modules, no atomics), end to end, and where each scenario's time goes, prefill alone
+    # and whole run (PEFT, slow at this size, was measured before: --skip-peft).
+    timeout 230 python3 benchmarks/engine.py --repeats 2 --skip-peft --compare-prefill dense --out "$out/engine-gpu.json" \
         --profile "$out/engine_profile.txt" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 exit $status

@@ -1,6 +1,7 @@
 """Compile the decode LoRA kernels for a GPU target without a GPU and report their resources.
 
-For each kernel (fused and slot-dense decode) at Qwen3-0.6B and 7B-class shapes, the real
+For each kernel (fused and slot-dense decode) at Qwen3-0.6B and 7B-class shapes, and the
+slot-dense kernel at prefill shapes (4096 tokens, token tiles), the real
 launcher runs on CPU tensors with the Triton launch intercepted; the captured arguments are
 compiled ahead of time for the target (sm_90 = H100 / H200 by default) with the same
 specialization the JIT applies (pointers and integers divisible by 16 marked so), and the cubin's
@@ -36,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels.lora_dense_decode as dense_module  # noqa: E402
+import kernels.lora_dense as dense_module  # noqa: E402
 import kernels.lora_fused_decode as fused_module  # noqa: E402
 from kernels.meta import DispatchBuffers  # noqa: E402
 
@@ -48,6 +49,11 @@ SHAPES = [
     ("qwen3-0.6b down", 16, 2, 4, 16, 3072, (1024,)),
     ("7b gate/up", 16, 2, 4, 16, 4096, (14336, 14336)),
     ("7b gate/up, 64 x top-1, rank 64", 64, 1, 16, 64, 4096, (14336, 14336)),
+]
+# Prefill steps: only the slot-dense kernel takes them (with token tiles; the default call).
+PREFILL_SHAPES = [
+    ("qwen3-0.6b q/k/v, 4096 x top-2", 4096, 2, 4, 16, 1024, (2048, 1024, 1024)),
+    ("7b q/k/v, 4096 x top-2", 4096, 2, 4, 16, 4096, (4096, 1024, 1024)),
 ]
 
 
@@ -131,22 +137,25 @@ def problem(tokens, top_k, slots, rank, d_in, d_outs, dtype):
 
 
 KERNELS = [("fused", fused_module, fused_module.lora_fused_decode, {}),
-           ("dense", dense_module, dense_module.lora_dense_decode, {}),  # split-K from D_in 1024 (default_split_k)
-           ("dense split_k=1", dense_module, dense_module.lora_dense_decode, {"split_k": 1})]
+           ("dense", dense_module, dense_module.lora_dense, {}),  # split-K from D_in 1024 (default_split_k)
+           ("dense split_k=1", dense_module, dense_module.lora_dense, {"split_k": 1})]
 
 
 def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """One row per compiled kernel of each call in KERNELS at each of SHAPES."""
+    """One row per compiled kernel of each call in KERNELS at each of SHAPES, and of the dense
+    kernel's default call at each of PREFILL_SHAPES."""
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for name, tokens, top_k, slots, rank, d_in, d_outs in SHAPES:
-        for call, module, launcher, options in KERNELS:
+    calls = [(shape, "decode", KERNELS) for shape in SHAPES]
+    calls += [(shape, "prefill", KERNELS[1:2]) for shape in PREFILL_SHAPES]
+    for (name, tokens, top_k, slots, rank, d_in, d_outs), step, kernels in calls:
+        for call, module, launcher, options in kernels:
             problem_args = problem(tokens, top_k, slots, rank, d_in, d_outs, dtype)
             for fn, launch_args, launch_kwargs in captured_launches(module, launcher, *problem_args, **options):
                 if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
                     launch_kwargs["DOT_FP32"] = dtype == torch.float32
                 compiled, tiles, launch = compile_launch(fn, launch_args, dict(launch_kwargs), target)
-                rows.append({"shape": name, "call": call, "kernel": fn.__name__, **resources(compiled),
+                rows.append({"shape": name, "step": step, "call": call, "kernel": fn.__name__, **resources(compiled),
                              "tiles": " ".join(f"{k}={v}" for k, v in {**tiles, **launch}.items())})
     return rows
 

@@ -42,6 +42,12 @@ class EngineConfig(BaseModel):
         "fused shrink+expand for q/k/v and small gate/up groups, separate launches elsewhere; 'dense', 'fused' or "
         "'split' for every group",
     )
+    prefill_kernel: Literal["auto", "dense", "grouped"] = Field(
+        "auto",
+        description="triton backend only: the kernel prefill steps run LoRA with; 'auto' = 'grouped' (per module, "
+        "shrink and expand over each adapter's sorted tokens: the kernels timed on an H200); 'dense' = the slot-dense "
+        "kernel per group of modules where the slots in use are at most 2 x top-k (not yet timed on a GPU)",
+    )
     max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
     decode_graphs: Literal["auto", "off", "eager"] = Field(
         "auto",

@@ -81,11 +81,12 @@ class Engine:
         self.device = self.model.device
         self.vocab_size = self.model.config.vocab_size
         backend = get_backend(config.backend or self._default_backend())
-        if config.decode_kernel != "auto":
-            if not hasattr(backend, "decode_kernel"):
-                raise ValueError(f"decode_kernel={config.decode_kernel!r} needs the triton backend; this engine runs "
-                                 f"{backend.name!r}")
-            backend.decode_kernel = config.decode_kernel
+        for option in ("decode_kernel", "prefill_kernel"):
+            value = getattr(config, option)
+            if value != "auto":
+                if not hasattr(backend, option):
+                    raise ValueError(f"{option}={value!r} needs the triton backend; this engine runs {backend.name!r}")
+                setattr(backend, option, value)
         self.hotset = HotSet.for_model(
             self.model, config.target_modules, config.hot_slots, config.max_rank, shared_inputs=tuple(SHARED_INPUTS),
             dtype=self.model.dtype, device=self.device, b_layout=backend.b_layout,

@@ -1,8 +1,9 @@
-"""scripts/kernel_resources.py compiles the decode kernels for sm_90 on this CPU machine (Triton's
-own compiler and the ptxas / cuobjdump its wheel ships; nothing runs). The facts the decode
-kernels' defaults were chosen for must hold in the compiled code: no spilled registers in bf16,
-tensor-core dots and a pipelined K loop where the slot-dense kernel shrinks, and the split-K
-shrink launch in the default call from D_in 1024 up.
+"""scripts/kernel_resources.py compiles the decode kernels, and the slot-dense kernel at prefill
+sizes, for sm_90 on this CPU machine (Triton's own compiler and the ptxas / cuobjdump its wheel
+ships; nothing runs). The facts the kernels' defaults were chosen for must hold in the compiled
+code: no spilled registers in bf16, tensor-core dots and a pipelined K loop where the slot-dense
+kernel shrinks, the split-K shrink launch in the default decode call from D_in 1024 up, and the
+shrink launch over token tiles at prefill sizes.
 
 The script runs in a subprocess: it turns the Triton interpreter off for its own process.
 """
@@ -22,20 +23,24 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 @pytest.mark.skipif(not (TOOLS / "cuobjdump").exists() or not (TOOLS / "ptxas").exists(),
                     reason="this triton wheel ships no CUDA tools")
-def test_decode_kernels_compile_for_sm90_without_spills(tmp_path):
+def test_lora_kernels_compile_for_sm90_without_spills(tmp_path):
     out = tmp_path / "rows.json"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_resources.py"), "--json", str(out)], check=True,
                    capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
-    shapes = {r["shape"] for r in rows}
-    assert len(shapes) == 4
+    shapes = {r["shape"] for r in rows if r["step"] == "decode"}
+    prefill = {r["shape"] for r in rows if r["step"] == "prefill"}
+    assert len(shapes) == 4 and len(prefill) == 2
     assert all(r["spill_bytes"] == 0 for r in rows), [r for r in rows if r["spill_bytes"]]
     dense = [r for r in rows if r["call"].startswith("dense")]
     assert dense and all(r["mma"] in ("mma.sync", "wgmma") for r in dense)
     # Every shape's D_in is >= 1024: the default call splits the shrink, one launch each.
     for shape in shapes:
         default = [r["kernel"] for r in rows if r["shape"] == shape and r["call"] == "dense"]
-        assert default == ["_lora_dense_shrink_kernel", "_lora_dense_decode_kernel"], (shape, default)
+        assert default == ["_lora_dense_shrink_kernel", "_lora_dense_kernel"], (shape, default)
         one = [r for r in rows if r["shape"] == shape and r["call"] == "dense split_k=1"]
-        assert [r["kernel"] for r in one] == ["_lora_dense_decode_kernel"] and one[0]["pipelined"]
+        assert [r["kernel"] for r in one] == ["_lora_dense_kernel"] and one[0]["pipelined"]
+    for shape in prefill:
+        assert [(r["call"], r["kernel"]) for r in rows if r["shape"] == shape] == [
+            ("dense", "_lora_dense_shrink_kernel"), ("dense", "_lora_dense_kernel")]
     assert all(r["pipelined"] for r in rows if r["kernel"] == "_lora_dense_shrink_kernel")

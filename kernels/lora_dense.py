@@ -1,4 +1,4 @@
-"""LoRA decode over every used slot at once, with tensor-core dots, for up to 3 modules sharing x.
+"""LoRA over every used slot at once, with tensor-core dots, for up to 3 modules sharing x.
 
 The fused decode kernel (`kernels.lora_fused_decode`) runs one program per token and output
 tile, and recomputes each pair's h in a serial loop of vector products over D_in, the likely
@@ -12,12 +12,21 @@ and multiplies the result by the chunk's lora_b with a second `tl.dot`. Slots no
 (`meta.slot_counts`) are masked off, so their weights are not read, and a chunk without any is
 skipped.
 
+Decode steps (up to MAX_TOKENS tokens) are one tile of rows. Longer (prefill) steps are cut into
+tiles of PREFILL_BLOCK_T tokens, a second grid dimension, and always run the shrink as its own
+launch (h once per token tile, instead of once per output tile); the caller may also name the
+range of slots in use (`slot_range`), which bounds the chunks and the fp32 h buffer. There every
+token's pairs are summed in one program's registers and written with one plain store, so a
+token with two choices needs no zeroed fp32 scratch and no atomics, unlike the grouped prefill
+kernels (`kernels.lora_shrink`, `kernels.lora_expand`), and a group of modules takes two launches
+instead of two per module.
+
 The price is work: every token goes through every used slot of a chunk (span / K times the
 LoRA FLOPs of routing each pair alone), which tensor cores absorb at decode sizes but which
-grows with the number of slots in use. Each output tile recomputes h (its lora_a reads come
-from L2). The grid, (sum over modules of cdiv(D_out_g, BLOCK_N),), depends only on shapes and
-the kernel reads counts and routes on the device: no host sync, so it can be captured in a CUDA
-graph.
+grows with the number of slots in use. In the one-launch form each output tile recomputes h (its
+lora_a reads come from L2). The grid, (sum over modules of cdiv(D_out_g, BLOCK_N), token tiles),
+depends only on shapes and the kernel reads counts and routes on the device: no host sync, so a
+decode step can be captured in a CUDA graph.
 
 Legend: T tokens, K choices, G modules, S slots, R max rank, N = T * K pairs, D_in / D_out features.
 """
@@ -32,15 +41,17 @@ from kernels.lora_launch import check_group_args, dot_in_fp32, launch_options, m
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
-# At most this many tokens per step (the whole step is one tile of rows).
+# Steps of up to this many tokens are one tile of rows (decode steps).
 MAX_TOKENS = 64
+# Rows per token tile of longer steps.
+PREFILL_BLOCK_T = 64
 # Columns of h (slots x rank) multiplied per dot; slots are taken in chunks of this many columns.
 CHUNK_COLUMNS = 64
 
 
 def _blocks(num_tokens: int, rank: int, num_slots: int, d_in: int, d_outs: list[int]) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K) for a step's shapes."""
-    block_t = max(16, next_pow2(num_tokens))
+    """(BLOCK_T, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K) for a step's shapes (num_slots: those in range)."""
+    block_t = max(16, next_pow2(num_tokens)) if num_tokens <= MAX_TOKENS else PREFILL_BLOCK_T
     block_r = max(16, next_pow2(rank))
     slots_per_chunk = max(1, min(CHUNK_COLUMNS // block_r, next_pow2(num_slots)))
     # The K loop is the kernel's serial chain (every program runs all of it): wide steps keep it
@@ -60,25 +71,27 @@ def default_split_k(d_in: int) -> int:
     return min(16, max(4, next_pow2(d_in // 512)))
 
 
-def default_block_n(d_outs: list[int]) -> int:
+def default_block_n(d_outs: list[int], token_tiles: int = 1) -> int:
     """Narrow tiles (more programs) for small outputs, wide ones where narrow tiles would
-    recompute h hundreds of times."""
+    recompute h hundreds of times. Steps of several token tiles (prefill) have programs to spare:
+    128 wide there, so each token tile's h and routes are read a few times per module, not a few
+    dozen (not timed)."""
     widest = max(d_outs)
     tiles_64 = sum(triton.cdiv(d, 64) for d in d_outs)
-    block_n = 64 if tiles_64 <= 256 else 128
+    block_n = 64 if tiles_64 <= 256 and token_tiles == 1 else 128
     return min(block_n, max(16, next_pow2(widest)))
 
 
 @triton.jit
-def _chunk_columns(ranks_ptr, counts_ptr, s0, R, S, stride_as, stride_ar,
+def _chunk_columns(ranks_ptr, counts_ptr, s0, R, S_HI, stride_as, stride_ar,
                    BLOCK_R: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr):
     """A chunk's columns j (slot s0 + j // BLOCK_R, rank row j % BLOCK_R): (slot, live, lora_a
-    row offset). Columns of unused slots and past a slot's rank are not live, and never loaded
-    (padding may hold anything)."""
+    row offset). Columns of slots past S_HI or unused and past a slot's rank are not live, and
+    never loaded (padding may hold anything)."""
     offs_j = tl.arange(0, SLOTS_PER_CHUNK * BLOCK_R)
     slot_j = s0 + offs_j // BLOCK_R
     r_j = offs_j % BLOCK_R
-    in_range = slot_j < S
+    in_range = slot_j < S_HI
     count_j = tl.load(counts_ptr + slot_j, mask=in_range, other=0)
     rank_j = tl.minimum(tl.load(ranks_ptr + slot_j, mask=in_range, other=0), R)
     live_j = (count_j > 0) & (r_j < rank_j)
@@ -88,10 +101,22 @@ def _chunk_columns(ranks_ptr, counts_ptr, s0, R, S, stride_as, stride_ar,
 
 
 @triton.jit
-def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, k_start, k_end, D_IN, stride_xt,
+def _token_tile(pid, T, BLOCK_T: tl.constexpr, TILED: tl.constexpr):
+    """(pid // token tiles, token tile, token tiles) of a program id whose fastest index is the
+    token tile. A step of one tile (TILED false: decode) compiles with constants here."""
+    if TILED:
+        t_tiles = tl.cdiv(T, BLOCK_T)
+        return pid // t_tiles, pid % t_tiles, t_tiles
+    else:
+        return pid, 0, 1
+
+
+@triton.jit
+def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, t0, k_start, k_end, D_IN, stride_xt,
                   BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
-    """h [BLOCK_T, BLOCK_SR] fp32 = x[:, k_start:k_end] @ (the chunk's lora_a columns)[k_start:k_end]."""
-    offs_t = tl.arange(0, BLOCK_T)
+    """h [BLOCK_T, BLOCK_SR] fp32 = x[t0:t0 + BLOCK_T, k_start:k_end] @ (the chunk's lora_a
+    columns)[k_start:k_end]."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_k = tl.arange(0, BLOCK_K)
     h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
@@ -112,34 +137,35 @@ def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, k_start, k_end, D_IN, stride_
 @triton.jit
 def _dense_module_tile(
     x_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, h_ptr, g, pid_n,
-    T, D_IN, D_OUT, R, S, stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
+    pid_t, t_tiles, T, D_IN, D_OUT, R, S_LO, S_HI, stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
     G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """out[:, tile] += sum over used slots s of
+    """out[token tile, tile] += sum over used slots s in [S_LO, S_HI) of
     (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T; h computed here
     (SPLITS == 0) or summed from the SPLITS partial products `_lora_dense_shrink_kernel` wrote."""
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
-    offs_t = tl.arange(0, BLOCK_T)
+    rows = tl.arange(0, BLOCK_T)
+    offs_t = pid_t * BLOCK_T + rows
     mask_t = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D_OUT
     offs_j = tl.arange(0, BLOCK_SR)
-    num_chunks = tl.cdiv(S, SLOTS_PER_CHUNK)
+    num_chunks = tl.cdiv(S_HI - S_LO, SLOTS_PER_CHUNK)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for s0 in range(0, S, SLOTS_PER_CHUNK):
-        slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr, counts_ptr, s0, R, S, stride_as, stride_ar,
+    for s0 in range(S_LO, S_HI, SLOTS_PER_CHUNK):
+        slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr, counts_ptr, s0, R, S_HI, stride_as, stride_ar,
                                                      BLOCK_R, SLOTS_PER_CHUNK)
         if tl.max(live_j.to(tl.int32), axis=0) > 0:
             if SPLITS == 0:
-                h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, 0, D_IN, D_IN, stride_xt,
+                h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, pid_t * BLOCK_T, 0, D_IN, D_IN, stride_xt,
                                   BLOCK_T, BLOCK_SR, BLOCK_K, DOT_FP32)
             else:
                 h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
-                chunk = s0 // SLOTS_PER_CHUNK
+                chunk = (s0 - S_LO) // SLOTS_PER_CHUNK
                 for c in tl.static_range(SPLITS):
-                    part = h_ptr + ((c * G + g) * num_chunks + chunk) * (BLOCK_T * BLOCK_SR)
-                    h += tl.load(part + offs_t[:, None] * BLOCK_SR + offs_j[None, :])
+                    part = h_ptr + (((c * G + g) * num_chunks + chunk) * t_tiles + pid_t) * (BLOCK_T * BLOCK_SR)
+                    h += tl.load(part + rows[:, None] * BLOCK_SR + offs_j[None, :])
             # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
             coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
             for k in tl.static_range(TOP_K):
@@ -167,31 +193,33 @@ def _lora_dense_shrink_kernel(
     a_ptr,  # [G, S, R, D_in]
     ranks_ptr,  # int32[G, S]
     counts_ptr,  # int32[S]
-    h_ptr,  # float32[SPLITS, G, chunks, BLOCK_T, SLOTS_PER_CHUNK * BLOCK_R]
-    T, D_IN, R, S, K_PER_SPLIT, stride_xt, stride_ag, stride_as, stride_ar,
+    h_ptr,  # float32[SPLITS, G, chunks, token tiles, BLOCK_T, SLOTS_PER_CHUNK * BLOCK_R]
+    T, D_IN, R, S, S_LO, S_HI, K_PER_SPLIT, stride_xt, stride_ag, stride_as, stride_ar,
     G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, TILED: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Split-K shrink: program (c, g, chunk) writes x[:, c-th K range] @ module g's lora_a of the
-    chunk's slots. A chunk with no live column writes nothing (the expand skips it too)."""
-    c, g, chunk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Split-K shrink: program (c * token tiles + t, g, chunk) writes x[t-th token tile, c-th K
+    range] @ module g's lora_a of the chunk's slots. A chunk with no live column writes nothing
+    (the expand skips it too)."""
+    c, pid_t, t_tiles = _token_tile(tl.program_id(0), T, BLOCK_T, TILED)
+    g, chunk = tl.program_id(1), tl.program_id(2)
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
-    slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr + g * S, counts_ptr, chunk * SLOTS_PER_CHUNK, R, S,
-                                                 stride_as, stride_ar, BLOCK_R, SLOTS_PER_CHUNK)
+    slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr + g * S, counts_ptr, S_LO + chunk * SLOTS_PER_CHUNK, R,
+                                                 S_HI, stride_as, stride_ar, BLOCK_R, SLOTS_PER_CHUNK)
     if tl.max(live_j.to(tl.int32), axis=0) > 0:
         k_start = c * K_PER_SPLIT
-        h = _chunk_shrink(x_ptr, a_ptr + g * stride_ag, a_cols, live_j, T, k_start,
+        h = _chunk_shrink(x_ptr, a_ptr + g * stride_ag, a_cols, live_j, T, pid_t * BLOCK_T, k_start,
                           tl.minimum(k_start + K_PER_SPLIT, D_IN), D_IN, stride_xt, BLOCK_T, BLOCK_SR, BLOCK_K,
                           DOT_FP32)
-        num_chunks = tl.cdiv(S, SLOTS_PER_CHUNK)
-        part = h_ptr + ((c * G + g) * num_chunks + chunk) * (BLOCK_T * BLOCK_SR)
-        offs_t = tl.arange(0, BLOCK_T)
+        num_chunks = tl.cdiv(S_HI - S_LO, SLOTS_PER_CHUNK)
+        part = h_ptr + (((c * G + g) * num_chunks + chunk) * t_tiles + pid_t) * (BLOCK_T * BLOCK_SR)
+        rows = tl.arange(0, BLOCK_T)
         offs_j = tl.arange(0, BLOCK_SR)
-        tl.store(part + offs_t[:, None] * BLOCK_SR + offs_j[None, :], h)
+        tl.store(part + rows[:, None] * BLOCK_SR + offs_j[None, :], h)
 
 
 @triton.jit
-def _lora_dense_decode_kernel(
+def _lora_dense_kernel(
     x_ptr,  # [T, D_in]
     a_ptr,  # [G, S, R, D_in]
     ranks_ptr,  # int32[G, S]
@@ -203,35 +231,39 @@ def _lora_dense_decode_kernel(
     b0_ptr, out0_ptr, D_OUT0, stride_bs0, stride_bn0, stride_ot0,  # module 0: [S, D_out, R], [T, D_out]
     b1_ptr, out1_ptr, D_OUT1, stride_bs1, stride_bn1, stride_ot1,  # module 1 (G >= 2)
     b2_ptr, out2_ptr, D_OUT2, stride_bs2, stride_bn2, stride_ot2,  # module 2 (G == 3)
-    T, D_IN, R, S, stride_xt, stride_ag, stride_as, stride_ar,
+    T, D_IN, R, S, S_LO, S_HI, stride_xt, stride_ag, stride_as, stride_ar,
     G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, TILED: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
+    """Program (output tile, token tile); output tiles run over module 0's columns, then 1's, 2's."""
     tile = tl.program_id(0)
+    _, pid_t, t_tiles = _token_tile(tl.program_id(1), T, BLOCK_T, TILED)
     tiles0 = tl.cdiv(D_OUT0, BLOCK_N)
     if tile < tiles0:
         _dense_module_tile(x_ptr, a_ptr, b0_ptr, out0_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr,
-                           h_ptr, 0, tile, T, D_IN, D_OUT0, R, S, stride_xt, stride_as, stride_ar, stride_bs0,
-                           stride_bn0, stride_ot0, G, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K,
-                           SPLITS, DOT_FP32)
+                           h_ptr, 0, tile, pid_t, t_tiles, T, D_IN, D_OUT0, R, S_LO, S_HI, stride_xt, stride_as,
+                           stride_ar, stride_bs0, stride_bn0, stride_ot0, G, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R,
+                           SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
     else:
         if G > 1:
             tiles1 = tl.cdiv(D_OUT1, BLOCK_N)
             if tile < tiles0 + tiles1:
                 _dense_module_tile(x_ptr, a_ptr + stride_ag, b1_ptr, out1_ptr, ranks_ptr + S, scales_ptr + S,
-                                   weights_ptr, slots_ptr, counts_ptr, h_ptr, 1, tile - tiles0, T, D_IN, D_OUT1, R,
-                                   S, stride_xt, stride_as, stride_ar, stride_bs1, stride_bn1, stride_ot1, G, TOP_K,
-                                   BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
+                                   weights_ptr, slots_ptr, counts_ptr, h_ptr, 1, tile - tiles0, pid_t, t_tiles, T,
+                                   D_IN, D_OUT1, R, S_LO, S_HI, stride_xt, stride_as, stride_ar, stride_bs1,
+                                   stride_bn1, stride_ot1, G, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK,
+                                   BLOCK_K, SPLITS, DOT_FP32)
             else:
                 if G > 2:
                     _dense_module_tile(x_ptr, a_ptr + 2 * stride_ag, b2_ptr, out2_ptr, ranks_ptr + 2 * S,
                                        scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr, h_ptr, 2,
-                                       tile - tiles0 - tiles1, T, D_IN, D_OUT2, R, S, stride_xt, stride_as,
-                                       stride_ar, stride_bs2, stride_bn2, stride_ot2, G, TOP_K, BLOCK_T, BLOCK_N,
-                                       BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
+                                       tile - tiles0 - tiles1, pid_t, t_tiles, T, D_IN, D_OUT2, R, S_LO, S_HI,
+                                       stride_xt, stride_as, stride_ar, stride_bs2, stride_bn2, stride_ot2, G, TOP_K,
+                                       BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, DOT_FP32)
 
 
-def lora_dense_decode(
+def lora_dense(
     x: torch.Tensor,
     lora_a_group: torch.Tensor,
     lora_b_list: list[torch.Tensor],
@@ -245,16 +277,17 @@ def lora_dense_decode(
     num_warps: int | None = None,
     num_stages: int | None = None,
     split_k: int | None = None,
+    slot_range: tuple[int, int] | None = None,
 ) -> list[torch.Tensor]:
-    """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, in one launch (two with
-    `split_k`), every token through every used slot.
+    """outs[g] += per-token weighted LoRA delta of x for G <= 3 modules, every token through
+    every used slot: one launch for a decode step (two with `split_k`), two for a longer step.
 
     Semantics (as `lora_fused_decode` and `lora_apply_shared_ref`): outs[g][t] += sum_k
     w[t*K+k] * scales_group[g, s] * (x[t] @ lora_a_group[g, s, :r].T) @ lora_b_list[g][s, :, :r].T
     with s = meta.slots[t*K+k], r = ranks_group[g, s]; pairs with s == -1 add nothing.
 
     Args:
-        x: [T, D_in] with T <= MAX_TOKENS, fp32 / bf16 / fp16, rows contiguous.
+        x: [T, D_in], fp32 / bf16 / fp16, rows contiguous.
         lora_a_group: [G, S, R, D_in] contiguous, same dtype as x.
         lora_b_list: G tensors [S, D_out_g, R], contiguous, same dtype as the outs.
         ranks_group: int32[G, S]; scales_group: float32[G, S] (both contiguous).
@@ -264,56 +297,68 @@ def lora_dense_decode(
             updated in place and returned.
         block_k, block_n: tile sizes (powers of two, at least 16); num_warps, num_stages: launch
             options; None takes the defaults (`benchmarks/lora_decode.py --sweep` times others).
-        split_k: 1 computes h inside every output tile (one launch; each tile re-reads the
-            slots' lora_a from L2). k > 1 first runs a shrink launch over k ranges of D_in (x
-            [k, G, slot chunks] programs writing fp32 partial products), then the expand, which
-            sums the k partials: lora_a is read once, at the price of a second launch. The sum
-            order is fixed, so results do not vary from run to run. None: `default_split_k`.
+        split_k: for steps of up to MAX_TOKENS tokens, 1 computes h inside every output tile (one
+            launch; each tile re-reads the slots' lora_a from L2) and k > 1 first runs a shrink
+            launch over k ranges of D_in ([k, G, slot chunks] programs writing fp32 partial
+            products), then the expand, which sums the k partials: lora_a is read once, at the
+            price of a second launch. Longer steps always take the shrink launch (k ranges x token
+            tiles programs; k = 1 where None). The sum order is fixed, so results do not vary from
+            run to run. None: `default_split_k` for decode steps.
+        slot_range: (lo, hi): every pair's slot lies in [lo, hi) or is -1, as the caller knows
+            from the host (`meta.host_counts()`); chunks start at lo and stop at hi. None: all S
+            slots (no host read, as a CUDA graph needs).
 
     h is accumulated in fp32 and, for 16-bit inputs, rounded to the input dtype after weighting
     (as the torch reference rounds it); each module's out is rounded once.
     """
-    check_group_args("lora_dense_decode", x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs,
-                     MAX_MODULES)
-    if meta.num_tokens > MAX_TOKENS:
-        raise ValueError(f"lora_dense_decode: at most {MAX_TOKENS} tokens per step; got {meta.num_tokens}")
-    launch = launch_options("lora_dense_decode", block_k, block_n, num_warps, num_stages)
+    op = "lora_dense"
+    check_group_args(op, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, MAX_MODULES)
+    launch = launch_options(op, block_k, block_n, num_warps, num_stages)
     if split_k is not None and not 1 <= split_k <= 64:
-        raise ValueError(f"lora_dense_decode: split_k must be 1 to 64; got {split_k}")
-    # The kernel indexes lora_a, lora_b and out with int32 offsets.
-    for name, t in (("lora_a_group", lora_a_group), *((f"lora_b {g}", b) for g, b in enumerate(lora_b_list))):
-        if t.numel() >= 2**31:
-            raise ValueError(f"lora_dense_decode: {name} holds 2**31 elements or more (the kernel's offsets are int32)")
+        raise ValueError(f"{op}: split_k must be 1 to 64; got {split_k}")
+    lo, hi = (0, meta.num_slots) if slot_range is None else slot_range
+    if not 0 <= lo <= hi <= meta.num_slots:
+        raise ValueError(f"{op}: slot_range must satisfy 0 <= lo <= hi <= S={meta.num_slots}; got {slot_range}")
+    # The kernels index every tensor with int32 offsets.
+    rows = meta.num_tokens
+    for name, size in (("lora_a_group", lora_a_group.numel()), *((f"lora_b {g}", b.numel()) for g, b in
+                                                                 enumerate(lora_b_list)),
+                       ("x", rows * x.stride(0)), *((f"out {g}", rows * o.stride(0)) for g, o in enumerate(outs))):
+        if size >= 2**31:
+            raise ValueError(f"{op}: {name} spans 2**31 elements or more (the kernels' offsets are int32)")
     num_modules, rank = len(lora_b_list), lora_a_group.shape[2]
-    if meta.num_tokens == 0 or rank == 0 or all(b.shape[1] == 0 for b in lora_b_list):
+    if rows == 0 or rank == 0 or hi == lo or all(b.shape[1] == 0 for b in lora_b_list):
         return outs
     d_outs = [b.shape[1] for b in lora_b_list]
-    block_t, block_r, slots_per_chunk, default_k = _blocks(meta.num_tokens, rank, meta.num_slots, x.shape[1], d_outs)
-    block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
+    block_t, block_r, slots_per_chunk, default_k = _blocks(rows, rank, hi - lo, x.shape[1], d_outs)
+    token_tiles = triton.cdiv(rows, block_t)
+    block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs, token_tiles)
     # 8 warps by default: compiled for sm_90 (scripts/kernel_resources.py), 4 warps spill registers
     # at Qwen3-0.6B q/k/v (Triton 3.6) and at 64 tokens x rank 64 (3.9); 8 spill nowhere measured.
     launch.setdefault("num_warps", 8)
     d_in, dot_fp32 = x.shape[1], dot_in_fp32(x.dtype, x.device)
     strides = (x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1), lora_a_group.stride(2))
     splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call
-    split_k = default_split_k(d_in) if split_k is None else split_k
-    if split_k > 1:
+    if split_k is None:
+        split_k = default_split_k(d_in) if token_tiles == 1 else 1
+    if split_k > 1 or token_tiles > 1:
         k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
         splits = triton.cdiv(d_in, k_per_split)
-        chunks = triton.cdiv(meta.num_slots, slots_per_chunk)
-        partials = torch.empty(splits, num_modules, chunks, block_t, slots_per_chunk * block_r, dtype=torch.float32,
-                               device=x.device)
-        _lora_dense_shrink_kernel[(splits, num_modules, chunks)](
-            x, lora_a_group, ranks_group, meta.slot_counts, partials, meta.num_tokens, d_in, rank, meta.num_slots,
+        chunks = triton.cdiv(hi - lo, slots_per_chunk)
+        partials = torch.empty(splits, num_modules, chunks, token_tiles, block_t, slots_per_chunk * block_r,
+                               dtype=torch.float32, device=x.device)
+        _lora_dense_shrink_kernel[(splits * token_tiles, num_modules, chunks)](
+            x, lora_a_group, ranks_group, meta.slot_counts, partials, rows, d_in, rank, meta.num_slots, lo, hi,
             k_per_split, *strides, G=num_modules, BLOCK_T=block_t, BLOCK_R=block_r,
-            SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, DOT_FP32=dot_fp32, **launch,
+            SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, TILED=token_tiles > 1, DOT_FP32=dot_fp32, **launch,
         )
     args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
-    _lora_dense_decode_kernel[(tiles,)](
+    _lora_dense_kernel[(tiles, token_tiles)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, partials, *args,
-        meta.num_tokens, d_in, rank, meta.num_slots, *strides,
+        rows, d_in, rank, meta.num_slots, lo, hi, *strides,
         G=num_modules, TOP_K=meta.top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, SPLITS=splits, DOT_FP32=dot_fp32, **launch,
+        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, SPLITS=splits, TILED=token_tiles > 1, DOT_FP32=dot_fp32,
+        **launch,
     )
     return outs

@@ -4,11 +4,13 @@
 # ray or redis):
 #   scripts/gpu_checks.sh [OUT_DIR] [STAGES]
 # STAGES (default "tests bench"): "tests" runs the GPU-marked kernel and decoder tests beside the
-# engine suite on CUDA (graph capture included); "bench" runs the layer, decode and engine
-# benchmarks after them, alone on the GPU ("layer", "decode" and "engine" run one of them each). Each stage has its own time limit, so one hang costs only itself.
+# engine suite on CUDA (graph capture included); "bench" runs the layer, decode, prefill and engine
+# benchmarks after them, alone on the GPU ("layer", "decode", "prefill" and "engine" run one of them
+# each). Each stage has its own time limit, so one hang costs only itself.
 # Wheels of missing pure-Python packages (pydantic for the engine) can be carried in .whl/ and are
 # installed into /tmp/site first. Results go to OUT_DIR (default: $OUT, else benchmarks/out): at most
-# 8 files, the benchmarks' output in one bench.log.
+# 8 files: the machine, versions and the benchmarks' output in one bench.log, each benchmark's JSON,
+# the two test logs and the engine profile.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/out}}
@@ -23,7 +25,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
         "transformers", transformers.__version__, "peft", peft.__version__)'
-} 2>&1 | tee "$out/gpu.txt"
+} 2>&1 | tee "$out/bench.log"
 status=0
 if [[ $stages == *tests* ]]; then
     # Kernels against their torch twins at real shapes (compiles spread over workers), and beside
@@ -45,6 +47,9 @@ if want layer; then
 fi
 if want decode; then
     timeout 90 python3 benchmarks/lora_decode.py --repeats 20 --out "$out/lora_decode-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+if want prefill; then
+    timeout 90 python3 benchmarks/lora_prefill.py --out "$out/lora_prefill-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want engine; then
     # The default prefill kernels (grouped, per module) against the slot-dense ones (two launches a

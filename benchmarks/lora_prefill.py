@@ -12,7 +12,10 @@ top-1) and gate-like top-2. Variants:
   dense          LoRA alone, prefill_kernel="dense" (the slot-dense kernel over token tiles, two
                  launches per group; only where the slots in use span at most 2 x top-k, so the
                  top-1 routing over 4 adapters falls back to grouped),
-  base+grouped, base+dense   each group's base matmul then its LoRA, as a model runs them.
+  base+grouped, base+dense   each group's base matmul then its LoRA, as a model runs them,
+  base+dense_any_span        the same with `kernels.lora_dense` called for every step whatever
+                 the span (top-1 over 4 adapters: 4x the routed LoRA FLOPs), to see where the
+                 2 x top-k limit (chosen on CPU) should lie on a GPU.
 For each: `wall_ms`, the step until the device is done (synchronized), and `issue_ms`, until the
 host has queued every launch (the loop returning). issue close to wall means the step waits on
 the host.
@@ -21,7 +24,9 @@ the host.
     TRITON_INTERPRET=1 python benchmarks/lora_prefill.py --device cpu --layers 1 --tokens 130 --repeats 1
 
 Prints a table, writes JSON and ends with ``dense_vs_grouped_prefill: <grouped / dense wall time,
-base included, gate-like top-2>`` and ``prefill_lora_vs_base: <base+dense / base wall time, same>``.
+base included, gate-like top-2>``, ``dense_any_span_vs_grouped_prefill_top1: <the same for
+adapter per request with dense_any_span>`` and ``prefill_lora_vs_base: <base+dense / base wall
+time, gate-like top-2>``.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from benchmarks.lora_decode import DTYPES, GROUPS, make_layers  # noqa: E402
 from kernels.backends import TritonBackend  # noqa: E402
+from kernels.lora_dense import lora_dense  # noqa: E402
 from kernels.meta import build_dispatch  # noqa: E402
 
 NUM_ADAPTERS, RANK, REQUESTS = 4, 16, 16
-VARIANTS = ("base", "grouped", "dense", "base+grouped", "base+dense")
+VARIANTS = ("base", "grouped", "dense", "base+grouped", "base+dense", "base+dense_any_span")
 
 
 def prefill_routings(tokens: int, device) -> dict:
@@ -63,7 +69,11 @@ def step_fn(variant: str, layers, xs, outs, slots, weights):
     step, as the engine builds it once per step (and its host read of the slot counts with it)."""
     base = variant.startswith("base")
     kernel = variant.rpartition("+")[2] if variant != "base" else None
-    apply = TritonBackend(prefill_kernel=kernel).apply_shared if kernel else None
+    if kernel == "dense_any_span":
+        def apply(x, lora_a, lora_b, ranks, scales, meta, outs):
+            lora_dense(x, lora_a, lora_b, ranks, scales, meta, outs, slot_range=(0, NUM_ADAPTERS))
+    else:
+        apply = TritonBackend(prefill_kernel=kernel).apply_shared if kernel else None
 
     def step():
         meta = build_dispatch(slots, weights, NUM_ADAPTERS) if apply else None
@@ -123,15 +133,18 @@ def main() -> None:
           f"adapters={NUM_ADAPTERS} repeats={args.repeats} (medians)")
     print_table(rows, [("routing", ""), ("variant", ""), ("wall_ms", ".2f"), ("issue_ms", ".2f")])
     gate = {v: results[f"gate_top2/{v}"]["wall_ms"] for v in VARIANTS}
+    top1 = {v: results[f"adapter_per_request/{v}"]["wall_ms"] for v in VARIANTS}
     report = {
         "benchmark": "lora_prefill", "environment": environment(str(device)), "dtype": args.dtype,
         "layers": args.layers, "tokens": args.tokens, "rank": RANK, "adapters": NUM_ADAPTERS, "results": results,
         "dense_vs_grouped_prefill": gate["base+grouped"] / gate["base+dense"],
+        "dense_any_span_vs_grouped_prefill_top1": top1["base+grouped"] / top1["base+dense_any_span"],
         "prefill_lora_vs_base": gate["base+dense"] / gate["base"],
     }
     write_json(args.out, report)
     print(f"wrote {args.out}")
     print(f"dense_vs_grouped_prefill: {report['dense_vs_grouped_prefill']:.2f}")
+    print(f"dense_any_span_vs_grouped_prefill_top1: {report['dense_any_span_vs_grouped_prefill_top1']:.2f}")
     print(f"prefill_lora_vs_base: {report['prefill_lora_vs_base']:.2f}")
 
 

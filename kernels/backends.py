@@ -53,6 +53,24 @@ class LoRABackend:
         return outs
 
 
+class _Choice:
+    """An attribute that only takes one of `choices` (a ValueError naming them otherwise)."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.name]
+
+    def __set__(self, obj, value: str) -> None:
+        if value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {self.choices}; got {value!r}")
+        obj.__dict__[self.name] = value
+
+
 class TorchBackend(LoRABackend):
     name = "torch"
     b_layout = "rank_major"
@@ -115,25 +133,8 @@ class TritonBackend(LoRABackend):
         self.decode_kernel = decode_kernel
         self.prefill_kernel = prefill_kernel
 
-    @property
-    def decode_kernel(self) -> str:
-        return self._decode_kernel
-
-    @decode_kernel.setter
-    def decode_kernel(self, value: str) -> None:
-        if value not in self.DECODE_KERNELS:
-            raise ValueError(f"decode_kernel must be one of {self.DECODE_KERNELS}; got {value!r}")
-        self._decode_kernel = value
-
-    @property
-    def prefill_kernel(self) -> str:
-        return self._prefill_kernel
-
-    @prefill_kernel.setter
-    def prefill_kernel(self, value: str) -> None:
-        if value not in self.PREFILL_KERNELS:
-            raise ValueError(f"prefill_kernel must be one of {self.PREFILL_KERNELS}; got {value!r}")
-        self._prefill_kernel = value
+    decode_kernel = _Choice(DECODE_KERNELS)
+    prefill_kernel = _Choice(PREFILL_KERNELS)
 
     def shrink(self, x, lora_a_stacked, slot_ranks, meta):
         return self._shrink(x, lora_a_stacked, slot_ranks, meta)
@@ -144,7 +145,7 @@ class TritonBackend(LoRABackend):
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
                      cache=None):
         if not meta.is_decode:
-            span = self._dense_prefill_span(meta) if self._prefill_kernel == "dense" else None
+            span = self._dense_prefill_span(meta) if self.prefill_kernel == "dense" else None
             if span is None:
                 return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
             if span[0] < span[1]:
@@ -153,7 +154,7 @@ class TritonBackend(LoRABackend):
                     self._dense(x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk],
                                 meta, outs[chunk], slot_range=span)
             return outs
-        kind = self._decode_kernel
+        kind = self.decode_kernel
         if kind == "split":
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
         if kind == "auto" and x.dtype != torch.float32:

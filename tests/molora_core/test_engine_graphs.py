@@ -302,28 +302,45 @@ def test_triton_fixed_shape_steps_read_nothing_back_and_match_the_torch_engine(d
     reference.close()
 
 
-def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
-    """EngineConfig(decode_kernel="dense"): fixed-shape decode steps run their LoRA through the
-    slot-dense kernel (the Triton interpreter on CPU), a gate request routed inside the step;
-    tokens equal the torch engine's. On the torch backend the option is refused."""
+def _triton_kernel_option_matches_the_torch_engine(demo, option: str, requests, **config) -> None:
+    """EngineConfig(**{option: "dense"}) on the triton backend gives the torch engine's tokens; on
+    the torch backend the option is refused."""
+    reference = make_engine(demo, backend="torch", **{**config, "decode_graphs": "off"})
+    want = [o.token_ids for o in reference.generate(requests())]
+    reference.close()
+    engine = make_engine(demo, backend="triton", **{option: "dense"}, **config)
+    assert getattr(engine.context.backend, option) == "dense"
+    assert [o.token_ids for o in engine.generate(requests())] == want
+    engine.close()
+    with pytest.raises(ValueError, match=f"{option}='dense' needs the triton backend"):
+        make_engine(demo, backend="torch", **{option: "dense"})
+
+
+def _record_dense_launches(monkeypatch) -> list:
+    """(modules, token count, slot_range) of every lora_dense call from now on."""
     import kernels.lora_dense as dense_module
 
     launches = []
     real = dense_module.lora_dense
-    monkeypatch.setattr(dense_module, "lora_dense", lambda *a, **k: launches.append(len(a[2])) or real(*a, **k))
+
+    def recording(*args, **kwargs):
+        launches.append((len(args[2]), args[5].num_tokens, kwargs.get("slot_range")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dense_module, "lora_dense", recording)
+    return launches
+
+
+def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
+    """EngineConfig(decode_kernel="dense"): fixed-shape decode steps run their LoRA through the
+    slot-dense kernel (the Triton interpreter on CPU), a gate request routed inside the step;
+    tokens equal the torch engine's. On the torch backend the option is refused."""
+    launches = _record_dense_launches(monkeypatch)
     requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
                         Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
-    reference = make_engine(demo, backend="torch", decode_graphs="off", max_batch=2, prefill_chunk=64)
-    want = [o.token_ids for o in reference.generate(requests())]
-    engine = make_engine(demo, backend="triton", decode_graphs="eager", decode_kernel="dense", max_batch=2,
-                         prefill_chunk=64)
-    assert engine.context.backend.decode_kernel == "dense"
-    assert [o.token_ids for o in engine.generate(requests())] == want
-    assert launches and set(launches) <= {1, 2, 3}
-    with pytest.raises(ValueError, match="decode_kernel='dense' needs the triton backend"):
-        make_engine(demo, backend="torch", decode_kernel="dense")
-    engine.close()
-    reference.close()
+    _triton_kernel_option_matches_the_torch_engine(demo, "decode_kernel", requests, decode_graphs="eager",
+                                                   max_batch=2, prefill_chunk=64)
+    assert launches and {modules for modules, _, _ in launches} <= {1, 2, 3}
 
 
 def test_dense_prefill_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
@@ -331,28 +348,11 @@ def test_dense_prefill_kernel_engine_matches_the_torch_engine(demo, monkeypatch)
     adapter request, whose slots span at most 2 x top-k, runs its LoRA through the slot-dense
     kernel over token tiles (the Triton interpreter on CPU); tokens equal the torch engine's. On
     the torch backend the option is refused."""
-    import kernels.lora_dense as dense_module
-
-    prefills = []
-    real = dense_module.lora_dense
-
-    def recording(*args, **kwargs):
-        if kwargs.get("slot_range") is not None:
-            prefills.append(args[5].num_tokens)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dense_module, "lora_dense", recording)
+    launches = _record_dense_launches(monkeypatch)
     long_prompts = [" ".join([PROMPTS[0]] * 6), " ".join([PROMPTS[1]] * 8)]
     requests = lambda: [Request(long_prompts[0], greedy(3), RouterSpec("demo-gate")),  # noqa: E731
                         Request(long_prompts[1], greedy(3), AdapterSpec("code"))]
-    reference = make_engine(demo, backend="torch", decode_graphs="off", max_batch=2, prefill_chunk=128)
-    want = [o.token_ids for o in reference.generate(requests())]
-    engine = make_engine(demo, backend="triton", decode_graphs="off", prefill_kernel="dense", max_batch=2,
-                         prefill_chunk=128)
-    assert engine.context.backend.prefill_kernel == "dense"
-    assert [o.token_ids for o in engine.generate(requests())] == want
-    assert prefills and min(prefills) > 64, prefills  # token tiles: more rows than one tile
-    with pytest.raises(ValueError, match="prefill_kernel='dense' needs the triton backend"):
-        make_engine(demo, backend="torch", prefill_kernel="dense")
-    engine.close()
-    reference.close()
+    _triton_kernel_option_matches_the_torch_engine(demo, "prefill_kernel", requests, decode_graphs="off",
+                                                   max_batch=2, prefill_chunk=128)
+    prefills = [tokens for _, tokens, slot_range in launches if slot_range is not None]
+    assert prefills and min(prefills) > 64, launches  # token tiles: more rows than one tile

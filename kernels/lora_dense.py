@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_group_args, dot_in_fp32, launch_options, module_args, next_pow2
+from kernels.lora_launch import cdiv, check_group_args, dot_in_fp32, launch_options, module_args, next_pow2
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
@@ -77,7 +77,7 @@ def default_block_n(d_outs: list[int], token_tiles: int = 1) -> int:
     128 wide there, so each token tile's h and routes are read a few times per module, not a few
     dozen (not timed)."""
     widest = max(d_outs)
-    tiles_64 = sum(triton.cdiv(d, 64) for d in d_outs)
+    tiles_64 = sum(cdiv(d, 64) for d in d_outs)
     block_n = 64 if tiles_64 <= 256 and token_tiles == 1 else 128
     return min(block_n, max(16, next_pow2(widest)))
 
@@ -331,7 +331,7 @@ def lora_dense(
         return outs
     d_outs = [b.shape[1] for b in lora_b_list]
     block_t, block_r, slots_per_chunk, default_k = _blocks(rows, rank, hi - lo, x.shape[1], d_outs)
-    token_tiles = triton.cdiv(rows, block_t)
+    token_tiles = cdiv(rows, block_t)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs, token_tiles)
     # 8 warps by default: compiled for sm_90 (scripts/kernel_resources.py), 4 warps spill registers
     # at Qwen3-0.6B q/k/v (Triton 3.6) and at 64 tokens x rank 64 (3.9); 8 spill nowhere measured.
@@ -342,9 +342,9 @@ def lora_dense(
     if split_k is None:
         split_k = default_split_k(d_in) if token_tiles == 1 else 1
     if split_k > 1 or token_tiles > 1:
-        k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
-        splits = triton.cdiv(d_in, k_per_split)
-        chunks = triton.cdiv(hi - lo, slots_per_chunk)
+        k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
+        splits = cdiv(d_in, k_per_split)
+        chunks = cdiv(hi - lo, slots_per_chunk)
         partials = torch.empty(splits, num_modules, chunks, token_tiles, block_t, slots_per_chunk * block_r,
                                dtype=torch.float32, device=x.device)
         _lora_dense_shrink_kernel[(splits * token_tiles, num_modules, chunks)](
@@ -353,7 +353,7 @@ def lora_dense(
             SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, TILED=token_tiles > 1, DOT_FP32=dot_fp32, **launch,
         )
     args = module_args(lora_b_list, outs, MAX_MODULES)
-    tiles = sum(triton.cdiv(d, block_n) for d in d_outs)
+    tiles = sum(cdiv(d, block_n) for d in d_outs)
     _lora_dense_kernel[(tiles, token_tiles)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, partials, *args,
         rows, d_in, rank, meta.num_slots, lo, hi, *strides,

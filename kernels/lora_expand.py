@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.lora_expand_decode import lora_expand_decode
-from kernels.lora_launch import check_expand_args, dot_in_fp32, next_pow2, pick_block_m
+from kernels.lora_launch import cdiv, check_expand_args, dot_in_fp32, next_pow2, pick_block_m
 from kernels.meta import DispatchMeta
 
 
@@ -140,7 +140,7 @@ def lora_expand(
     block_m = pick_block_m(meta, block_m if block_m is not None else meta.block_m)
     block_n = min(128, max(16, next_pow2(d_out)))
     block_k = min(64, max(16, next_pow2(rank)))
-    grid = (triton.cdiv(meta.num_pairs, block_m) * triton.cdiv(d_out, block_n), meta.num_slots)
+    grid = (cdiv(meta.num_pairs, block_m) * cdiv(d_out, block_n), meta.num_slots)
     _lora_expand_kernel[grid](
         h,
         lora_b_stacked,

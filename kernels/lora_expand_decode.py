@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_expand_args, next_pow2
+from kernels.lora_launch import cdiv, check_expand_args, next_pow2
 from kernels.meta import DispatchMeta
 
 
@@ -92,7 +92,7 @@ def lora_expand_decode(
         return out
     block_n = min(128, max(16, next_pow2(d_out)))
     block_r = min(64, max(16, next_pow2(rank)))
-    grid = (meta.num_tokens, triton.cdiv(d_out, block_n))
+    grid = (meta.num_tokens, cdiv(d_out, block_n))
     _lora_expand_decode_kernel[grid](
         h,
         lora_b_stacked,

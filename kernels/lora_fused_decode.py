@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_group_args, launch_options, module_args, next_pow2
+from kernels.lora_launch import cdiv, check_group_args, launch_options, module_args, next_pow2
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
@@ -46,7 +46,7 @@ def recompute_bytes(num_pairs: int, lora_a_group: torch.Tensor, lora_b_list: lis
     """lora_a bytes the fused kernel reads for one launch: every pair's slot rows, once per output tile."""
     _, _, rank, d_in = lora_a_group.shape
     _, _, block_n = _blocks(rank, d_in, [b.shape[1] for b in lora_b_list])
-    tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b_list)
+    tiles = sum(cdiv(b.shape[1], block_n) for b in lora_b_list)
     return num_pairs * tiles * rank * d_in * lora_a_group.element_size()
 
 
@@ -173,7 +173,7 @@ def lora_fused_decode(
     block_r, default_k, default_n = _blocks(rank, x.shape[1], [b.shape[1] for b in lora_b_list])
     block_k, block_n = block_k or default_k, block_n or default_n
     args = module_args(lora_b_list, outs, MAX_MODULES)
-    tiles = sum(triton.cdiv(b.shape[1], block_n) for b in lora_b_list)
+    tiles = sum(cdiv(b.shape[1], block_n) for b in lora_b_list)
     _lora_fused_decode_kernel[(meta.num_tokens, tiles)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, *args,
         x.shape[1], rank, meta.num_slots, x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1),

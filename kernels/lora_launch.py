@@ -17,6 +17,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_M_CHOICES = (16, 32, 64, 128)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers (grids, tile counts). `triton.cdiv` does the same as a
+    constexpr function and costs about 2 us per call from the host (triton 3.9, this project's CPU
+    machine); a launcher takes a dozen."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -110,33 +117,20 @@ def check_expand_args(
 ) -> None:
     """h float32[N, R] contiguous (None: computed inside the kernel); lora_b_stacked [S, D_out, R]
     contiguous; out [T, D_out] same dtype."""
-    if out.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: out dtype {out.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
-    if lora_b_stacked.dtype != out.dtype:
-        raise ValueError(f"{op}: lora_b_stacked dtype {lora_b_stacked.dtype} != out dtype {out.dtype}")
-    if lora_b_stacked.dim() != 3 or lora_b_stacked.shape[0] != meta.num_slots:
-        raise ValueError(
-            f"{op}: lora_b_stacked must be [S={meta.num_slots}, D_out, R]; got {list(lora_b_stacked.shape)}"
-        )
-    _, d_out, rank = lora_b_stacked.shape
+    _check_expand_module(op, lora_b_stacked, meta, out)
+    rank = lora_b_stacked.shape[2]
     h_ok = h is None or (h.dtype == torch.float32 and tuple(h.shape) == (meta.num_pairs, rank) and h.is_contiguous())
     if not h_ok:
         raise ValueError(
             f"{op}: h must be contiguous float32[N={meta.num_pairs}, R={rank}]; got {h.dtype}{list(h.shape)}"
         )
-    if tuple(out.shape) != (meta.num_tokens, d_out):
-        raise ValueError(f"{op}: out must be [T={meta.num_tokens}, D_out={d_out}]; got {list(out.shape)}")
-    if out.stride(1) != 1:
-        raise ValueError(f"{op}: out rows must be contiguous (stride(1) == 1); got strides {out.stride()}")
-    if not lora_b_stacked.is_contiguous():
-        raise ValueError(f"{op}: lora_b_stacked must be contiguous")
     scales_ok = slot_scales.dtype == torch.float32 and slot_scales.shape == (meta.num_slots,)
     if not scales_ok or not slot_scales.is_contiguous():
         raise ValueError(
             f"{op}: slot_scales must be contiguous float32[S={meta.num_slots}]; "
             f"got {slot_scales.dtype}{list(slot_scales.shape)}"
         )
-    others = {"h": h, "lora_b_stacked": lora_b_stacked, "slot_scales": slot_scales, "meta.weights": meta.weights}
+    others = {"h": h, "slot_scales": slot_scales, "meta.weights": meta.weights}
     for name, t in others.items():
         if t is None:
             continue
@@ -145,6 +139,28 @@ def check_expand_args(
     if meta.weights.dtype != torch.float32 or not meta.weights.is_contiguous():
         raise ValueError(f"{op}: meta.weights must be contiguous float32[N]; got {meta.weights.dtype}")
     _check_slot_vectors(op, meta, slot_ranks, out.device)
+
+
+def _check_expand_module(op: str, lora_b_stacked: torch.Tensor, meta: DispatchMeta, out: torch.Tensor) -> None:
+    """One module's lora_b_stacked [S, D_out, R] contiguous and out [T, D_out] of its dtype, rows
+    contiguous, on one device."""
+    if out.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: out dtype {out.dtype} not supported; expected one of {SUPPORTED_DTYPES}")
+    if lora_b_stacked.dtype != out.dtype:
+        raise ValueError(f"{op}: lora_b_stacked dtype {lora_b_stacked.dtype} != out dtype {out.dtype}")
+    if lora_b_stacked.dim() != 3 or lora_b_stacked.shape[0] != meta.num_slots:
+        raise ValueError(
+            f"{op}: lora_b_stacked must be [S={meta.num_slots}, D_out, R]; got {list(lora_b_stacked.shape)}"
+        )
+    d_out = lora_b_stacked.shape[1]
+    if tuple(out.shape) != (meta.num_tokens, d_out):
+        raise ValueError(f"{op}: out must be [T={meta.num_tokens}, D_out={d_out}]; got {list(out.shape)}")
+    if out.stride(1) != 1:
+        raise ValueError(f"{op}: out rows must be contiguous (stride(1) == 1); got strides {out.stride()}")
+    if not lora_b_stacked.is_contiguous():
+        raise ValueError(f"{op}: lora_b_stacked must be contiguous")
+    if lora_b_stacked.device != out.device:
+        raise ValueError(f"{op}: lora_b_stacked is on {lora_b_stacked.device}, out on {out.device}")
 
 
 def check_group_args(
@@ -161,7 +177,8 @@ def check_group_args(
     """Arguments of a one-launch kernel over G <= max_modules modules reading the same x:
     lora_a_group [G, S, R, D_in] contiguous, G lora_b [S, D_out_g, R] and G outs [T, D_out_g]
     (each as `check_shrink_args` / `check_expand_args` want), ranks_group int32[G, S] and
-    scales_group float32[G, S] contiguous."""
+    scales_group float32[G, S] contiguous. What the modules share (x, the dispatch vectors, the
+    group tensors' dtype and device) is checked once, through module 0."""
     num_modules = len(lora_b_list)
     if not 1 <= num_modules <= max_modules or len(outs) != num_modules:
         raise ValueError(
@@ -177,11 +194,16 @@ def check_group_args(
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous {dtype}{list(shape)}; got {t.dtype}{list(t.shape)}")
     rank = lora_a_group.shape[2]
+    check_shrink_args(op, x, lora_a_group[0], ranks_group[0], meta)
     for g in range(num_modules):
-        check_shrink_args(op, x, lora_a_group[g], ranks_group[g], meta)
         if lora_b_list[g].shape[2:] != (rank,):
             raise ValueError(f"{op}: lora_b {g} has rank {lora_b_list[g].shape[2:]}, lora_a {rank}")
-        check_expand_args(op, None, lora_b_list[g], ranks_group[g], scales_group[g], meta, outs[g])
+        if g == 0:
+            check_expand_args(op, None, lora_b_list[0], ranks_group[0], scales_group[0], meta, outs[0])
+            continue
+        _check_expand_module(op, lora_b_list[g], meta, outs[g])
+        if outs[g].device != x.device:
+            raise ValueError(f"{op}: out {g} is on {outs[g].device}, x on {x.device}")
 
 
 def launch_options(op: str, block_k: int | None, block_n: int | None, num_warps: int | None,

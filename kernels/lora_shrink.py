@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_shrink_args, dot_in_fp32, next_pow2, pick_block_m
+from kernels.lora_launch import cdiv, check_shrink_args, dot_in_fp32, next_pow2, pick_block_m
 from kernels.lora_shrink_decode import lora_shrink_decode
 from kernels.meta import DispatchMeta
 
@@ -122,7 +122,7 @@ def lora_shrink(
     block_m = pick_block_m(meta, block_m if block_m is not None else meta.block_m)
     block_n = min(64, max(16, next_pow2(rank)))
     block_k = min(64, max(16, next_pow2(x.shape[1])))
-    grid = (triton.cdiv(num_pairs, block_m) * triton.cdiv(rank, block_n), meta.num_slots)
+    grid = (cdiv(num_pairs, block_m) * cdiv(rank, block_n), meta.num_slots)
     _lora_shrink_kernel[grid](
         x,
         lora_a_stacked,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import check_shrink_args, next_pow2
+from kernels.lora_launch import cdiv, check_shrink_args, next_pow2
 from kernels.meta import DispatchMeta
 
 
@@ -88,7 +88,7 @@ def lora_shrink_decode(
         return h.zero_()
     block_n = min(64, next_pow2(rank))
     block_k = min(128, max(16, next_pow2(x.shape[1])))
-    grid = (num_pairs, triton.cdiv(rank, block_n))
+    grid = (num_pairs, cdiv(rank, block_n))
     _lora_shrink_decode_kernel[grid](
         x,
         lora_a_stacked,

@@ -135,6 +135,30 @@ def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, t0, k_start, k_end, D_IN, str
 
 
 @triton.jit
+def _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr, weights_ptr, slots_ptr,
+                 stride_bs, stride_bn, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr,
+                 DOT_FP32: tl.constexpr):
+    """[BLOCK_T, BLOCK_N] fp32: (coef * scale * h) @ the chunk's lora_b rows of the output tile
+    offs_n, for h [BLOCK_T, BLOCK_SR] = x @ the chunk's lora_a columns (`_chunk_columns`)."""
+    # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
+    coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair_slot = tl.load(slots_ptr + offs_t * TOP_K + k, mask=mask_t, other=-1)
+        pair_weight = tl.load(weights_ptr + offs_t * TOP_K + k, mask=mask_t, other=0.0)
+        coef += tl.where(pair_slot[:, None] == slot_j[None, :], pair_weight[:, None], 0.0)
+    scale_j = tl.load(scales_ptr + slot_j, mask=live_j, other=0.0)
+    h = h * coef * scale_j[None, :]
+    bt = tl.load(b_ptr + (slot_j * stride_bs + r_j)[:, None] + offs_n[None, :] * stride_bn,
+                 mask=live_j[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_SR, BLOCK_N]
+    if DOT_FP32:
+        # h rounded to the weights' dtype first, as the tensor-core path below does.
+        delta = tl.dot(h.to(bt.dtype).to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+    else:
+        delta = tl.dot(h.to(bt.dtype), bt)
+    return delta
+
+
+@triton.jit
 def _dense_module_tile(
     x_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, h_ptr, g, pid_n,
     pid_t, t_tiles, T, D_IN, D_OUT, R, S_LO, S_HI, stride_xt, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
@@ -166,21 +190,8 @@ def _dense_module_tile(
                 for c in tl.static_range(SPLITS):
                     part = h_ptr + (((c * G + g) * num_chunks + chunk) * t_tiles + pid_t) * (BLOCK_T * BLOCK_SR)
                     h += tl.load(part + rows[:, None] * BLOCK_SR + offs_j[None, :])
-            # coef[t, j]: token t's summed pair weight on column j's slot (0 if not routed there).
-            coef = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
-            for k in tl.static_range(TOP_K):
-                pair_slot = tl.load(slots_ptr + offs_t * TOP_K + k, mask=mask_t, other=-1)
-                pair_weight = tl.load(weights_ptr + offs_t * TOP_K + k, mask=mask_t, other=0.0)
-                coef += tl.where(pair_slot[:, None] == slot_j[None, :], pair_weight[:, None], 0.0)
-            scale_j = tl.load(scales_ptr + slot_j, mask=live_j, other=0.0)
-            h = h * coef * scale_j[None, :]
-            bt = tl.load(b_ptr + (slot_j * stride_bs + r_j)[:, None] + offs_n[None, :] * stride_bn,
-                         mask=live_j[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_SR, BLOCK_N]
-            if DOT_FP32:
-                # h rounded to the weights' dtype first, as the tensor-core path below does.
-                acc += tl.dot(h.to(bt.dtype).to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(h.to(bt.dtype), bt)
+            acc += _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr,
+                                weights_ptr, slots_ptr, stride_bs, stride_bn, TOP_K, BLOCK_T, BLOCK_SR, DOT_FP32)
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :]
     mask_out = mask_t[:, None] & mask_n[None, :]
     current = tl.load(out_ptrs, mask=mask_out, other=0.0).to(tl.float32)

@@ -1,8 +1,8 @@
 """Compile the decode LoRA kernels for a GPU target without a GPU and report their resources.
 
-For each kernel (fused and slot-dense decode) at Qwen3-0.6B and 7B-class shapes, and the
-slot-dense kernel at prefill shapes (4096 tokens, token tiles), the real
-launcher runs on CPU tensors with the Triton launch intercepted; the captured arguments are
+For each decode kernel (fused, slot-dense, and slot-dense with the base projection) at
+Qwen3-0.6B and 7B-class shapes, and the slot-dense kernel at prefill shapes (4096 tokens, token
+tiles), the real launcher runs on CPU tensors with the Triton launch intercepted; the captured arguments are
 compiled ahead of time for the target (sm_90 = H100 / H200 by default) with the same
 specialization the JIT applies (pointers and integers divisible by 16 marked so), and the cubin's
 resource usage is read with the cuobjdump that ships in Triton's wheel. It reports registers per
@@ -38,6 +38,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels.lora_dense as dense_module  # noqa: E402
+import kernels.lora_dense_base as base_module  # noqa: E402
 import kernels.lora_fused_decode as fused_module  # noqa: E402
 from kernels.meta import DispatchBuffers  # noqa: E402
 
@@ -136,9 +137,16 @@ def problem(tokens, top_k, slots, rank, d_in, d_outs, dtype):
     return x, lora_a, lora_b, ranks, scales, meta, list(out.split(list(d_outs), dim=1))
 
 
+def dense_base(x, lora_a, lora_b, ranks, scales, meta, outs, **options):
+    """`lora_dense_base` on `problem`'s arguments, with base weights of their shapes (no bias)."""
+    weights = [torch.empty(out.shape[1], x.shape[1], dtype=x.dtype) for out in outs]
+    return base_module.lora_dense_base(x, weights, None, lora_a, lora_b, ranks, scales, meta, outs, **options)
+
+
 KERNELS = [("fused", fused_module, fused_module.lora_fused_decode, {}),
            ("dense", dense_module, dense_module.lora_dense, {}),  # split-K from D_in 1024 (default_split_k)
-           ("dense split_k=1", dense_module, dense_module.lora_dense, {"split_k": 1})]
+           ("dense split_k=1", dense_module, dense_module.lora_dense, {"split_k": 1}),
+           ("dense_base", base_module, dense_base, {})]
 
 
 def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:

@@ -1,8 +1,9 @@
-"""scripts/kernel_resources.py compiles the decode kernels, and the slot-dense kernel at prefill
-sizes, for sm_90 on this CPU machine (Triton's own compiler and the ptxas / cuobjdump its wheel
-ships; nothing runs). The facts the kernels' defaults were chosen for must hold in the compiled
-code: no spilled registers in bf16, tensor-core dots and a pipelined K loop where the slot-dense
-kernel shrinks, the split-K shrink launch in the default decode call from D_in 1024 up, and the
+"""scripts/kernel_resources.py compiles the decode kernels (the base projection fused with its
+LoRA among them), and the slot-dense kernel at prefill sizes, for sm_90 on this CPU machine
+(Triton's own compiler and the ptxas / cuobjdump its wheel ships; nothing runs). The facts the
+kernels' defaults were chosen for must hold in the compiled code: no spilled registers in bf16,
+tensor-core dots and a pipelined K loop where the slot-dense kernel shrinks, the split-K shrink
+launch in the default decode call from D_in 1024 up, and the
 shrink launch over token tiles at prefill sizes.
 
 The script runs in a subprocess: it turns the Triton interpreter off for its own process.
@@ -40,6 +41,9 @@ def test_lora_kernels_compile_for_sm90_without_spills(tmp_path):
         assert default == ["_lora_dense_shrink_kernel", "_lora_dense_kernel"], (shape, default)
         one = [r for r in rows if r["shape"] == shape and r["call"] == "dense split_k=1"]
         assert [r["kernel"] for r in one] == ["_lora_dense_kernel"] and one[0]["pipelined"]
+        # The base projection with its LoRA: one launch, its K loop (base and shrink) pipelined.
+        fused = [r for r in rows if r["shape"] == shape and r["call"] == "dense_base"]
+        assert [r["kernel"] for r in fused] == ["_lora_dense_base_kernel"] and fused[0]["pipelined"]
     for shape in prefill:
         assert [(r["call"], r["kernel"]) for r in rows if r["shape"] == shape] == [
             ("dense", "_lora_dense_shrink_kernel"), ("dense", "_lora_dense_kernel")]

@@ -52,6 +52,15 @@ class LoRABackend:
             self.apply(x, lora_a_group[g], lora_b, ranks_group[g], scales_group[g], meta, out)
         return outs
 
+    def base_and_apply_shared(self, x, weight, bias, sizes, lora_a_group, lora_b_list, ranks_group, scales_group,
+                              meta: DispatchMeta, rank_scales=None, cache=None) -> torch.Tensor | None:
+        """The G modules' base projections and LoRA deltas in one pass where this backend has one
+        for the step: x @ weight.T + bias + the deltas of `apply_shared`, [T, sum(sizes)], for
+        weight [sum(sizes), D_in] (module g's rows `sizes[g]` long, in order) and bias
+        [sum(sizes)] or None. None where it has not: the caller runs its base matmul, then
+        `apply_shared`."""
+        return None
+
 
 class _Choice:
     """An attribute that only takes one of `choices` (a ValueError naming them otherwise)."""
@@ -103,7 +112,12 @@ class TritonBackend(LoRABackend):
       (`kernels.lora_fused_decode`) for a group of 2 or 3 modules where that measured faster
       (`use_fused`), separate shrink and expand launches for the rest
       (benchmarks/results/lora_decode-h200*.json);
-    - "dense", "fused", "split": that kernel for every group.
+    - "dense", "fused", "split": that kernel for every group;
+    - "dense_base": `kernels.lora_dense_base` where the caller hands over the base weights too
+      (`base_and_apply_shared`; the decoder's projections on CUDA do): the base projection and
+      the slot-dense LoRA in one launch per group of up to 3 modules, instead of a matmul and
+      the LoRA launches. Not yet timed on a GPU, so not the default; "dense" where a caller
+      runs the base itself.
 
     Prefill steps take the kernels `prefill_kernel` names:
 
@@ -118,18 +132,19 @@ class TritonBackend(LoRABackend):
     """
 
     name = "triton"
-    DECODE_KERNELS = ("auto", "fused", "dense", "split")
+    DECODE_KERNELS = ("auto", "fused", "dense", "split", "dense_base")
     PREFILL_KERNELS = ("auto", "dense", "grouped")
 
     def __init__(self, decode_kernel: str = "auto", prefill_kernel: str = "auto") -> None:
         from kernels.lora_dense import lora_dense
+        from kernels.lora_dense_base import lora_dense_base
         from kernels.lora_expand import lora_expand
         from kernels.lora_fused_decode import MAX_MODULES, lora_fused_decode, use_fused
         from kernels.lora_shrink import lora_shrink
 
         self._shrink, self._expand = lora_shrink, lora_expand
         self._fused, self._use_fused, self._max_group = lora_fused_decode, use_fused, MAX_MODULES
-        self._dense = lora_dense
+        self._dense, self._dense_base = lora_dense, lora_dense_base
         self.decode_kernel = decode_kernel
         self.prefill_kernel = prefill_kernel
 
@@ -157,8 +172,8 @@ class TritonBackend(LoRABackend):
         kind = self.decode_kernel
         if kind == "split":
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
-        if kind == "auto" and x.dtype != torch.float32:
-            kind = "dense"
+        if kind == "dense_base" or (kind == "auto" and x.dtype != torch.float32):
+            kind = "dense"  # dense_base: the caller ran the base matmul itself
         for start in range(0, len(lora_b_list), self._max_group):
             chunk = slice(start, start + self._max_group)
             args = (x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta,
@@ -170,6 +185,19 @@ class TritonBackend(LoRABackend):
             else:
                 super().apply_shared(*args)
         return outs
+
+    def base_and_apply_shared(self, x, weight, bias, sizes, lora_a_group, lora_b_list, ranks_group, scales_group,
+                              meta, rank_scales=None, cache=None):
+        if not (meta.is_decode and self.decode_kernel == "dense_base"):
+            return None
+        y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        outs, weights = list(y.split(sizes, dim=1)), list(weight.split(sizes))
+        biases = None if bias is None else list(bias.split(sizes))
+        for start in range(0, len(sizes), self._max_group):
+            chunk = slice(start, start + self._max_group)
+            self._dense_base(x, weights[chunk], None if biases is None else biases[chunk], lora_a_group[chunk],
+                             lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta, outs[chunk])
+        return y
 
     @staticmethod
     def _dense_prefill_span(meta: DispatchMeta) -> tuple[int, int] | None:

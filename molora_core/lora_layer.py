@@ -69,13 +69,18 @@ class MoLoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         meta = self.context.meta
         if meta is None:
-            return y
-        self.context.backend.apply_shared(
-            _tokens(x, meta), *self._lora_args, meta, [y.view(-1, y.shape[-1])], self._rank_scales, self._backend_cache
-        )
+            return self.base(x)
+        tokens, backend = _tokens(x, meta), self.context.backend
+        if self.weight is not None:  # not packed: the backend may run the base with the LoRA
+            y = backend.base_and_apply_shared(tokens, self.weight, self.base.bias, [self.out_features],
+                                              *self._lora_args, meta, self._rank_scales, self._backend_cache)
+            if y is not None:
+                return y.view(*x.shape[:-1], -1)
+        y = self.base(x)
+        backend.apply_shared(tokens, *self._lora_args, meta, [y.view(-1, y.shape[-1])], self._rank_scales,
+                             self._backend_cache)
         return y
 
     def extra_repr(self) -> str:
@@ -138,14 +143,19 @@ class MoLoRAGroup:
         return self.packed(x) if self.packed is not None else F.linear(x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = self.base(x).split(self.sizes, dim=-1)
         meta = self.context.meta
-        if meta is not None:
-            g = self.group
-            self.context.backend.apply_shared(
-                _tokens(x, meta), g.lora_a, self._lora_b, g.ranks, g.scales, meta,
-                [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales, self._backend_cache,
-            )
+        if meta is None:
+            return self.base(x).split(self.sizes, dim=-1)
+        g, tokens, backend = self.group, _tokens(x, meta), self.context.backend
+        lora = (g.lora_a, self._lora_b, g.ranks, g.scales, meta)
+        if self.weight is not None:  # not packed: the backend may run the base with the LoRA
+            y = backend.base_and_apply_shared(tokens, self.weight, self.bias, self.sizes, *lora, g.rank_scales,
+                                              self._backend_cache)
+            if y is not None:
+                return y.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
+        outs = self.base(x).split(self.sizes, dim=-1)
+        backend.apply_shared(tokens, *lora, [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales,
+                             self._backend_cache)
         return outs
 
 

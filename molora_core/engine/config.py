@@ -35,12 +35,13 @@ class EngineConfig(BaseModel):
         None, description="model dtype; None = the checkpoint's (float32 on CPU)"
     )
     backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
-    decode_kernel: Literal["auto", "fused", "dense", "split"] = Field(
+    decode_kernel: Literal["auto", "fused", "dense", "split", "dense_base"] = Field(
         "auto",
         description="triton backend only: the kernel decode steps run LoRA with (kernels.backends.TritonBackend); "
         "'auto' = the slot-dense kernel for bf16/fp16 (fastest on an H200 for all but one group timed), and for fp32 "
         "fused shrink+expand for q/k/v and small gate/up groups, separate launches elsewhere; 'dense', 'fused' or "
-        "'split' for every group",
+        "'split' for every group; 'dense_base' = the base projection and the slot-dense LoRA in one launch per group "
+        "(not yet timed on a GPU)",
     )
     prefill_kernel: Literal["auto", "dense", "grouped"] = Field(
         "auto",

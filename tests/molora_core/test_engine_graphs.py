@@ -302,18 +302,18 @@ def test_triton_fixed_shape_steps_read_nothing_back_and_match_the_torch_engine(d
     reference.close()
 
 
-def _triton_kernel_option_matches_the_torch_engine(demo, option: str, requests, **config) -> None:
-    """EngineConfig(**{option: "dense"}) on the triton backend gives the torch engine's tokens; on
+def _triton_kernel_option_matches_the_torch_engine(demo, option: str, value: str, requests, **config) -> None:
+    """EngineConfig(**{option: value}) on the triton backend gives the torch engine's tokens; on
     the torch backend the option is refused."""
     reference = make_engine(demo, backend="torch", **{**config, "decode_graphs": "off"})
     want = [o.token_ids for o in reference.generate(requests())]
     reference.close()
-    engine = make_engine(demo, backend="triton", **{option: "dense"}, **config)
-    assert getattr(engine.context.backend, option) == "dense"
+    engine = make_engine(demo, backend="triton", **{option: value}, **config)
+    assert getattr(engine.context.backend, option) == value
     assert [o.token_ids for o in engine.generate(requests())] == want
     engine.close()
-    with pytest.raises(ValueError, match=f"{option}='dense' needs the triton backend"):
-        make_engine(demo, backend="torch", **{option: "dense"})
+    with pytest.raises(ValueError, match=f"{option}='{value}' needs the triton backend"):
+        make_engine(demo, backend="torch", **{option: value})
 
 
 def _record_dense_launches(monkeypatch) -> list:
@@ -338,7 +338,7 @@ def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
     launches = _record_dense_launches(monkeypatch)
     requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
                         Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
-    _triton_kernel_option_matches_the_torch_engine(demo, "decode_kernel", requests, decode_graphs="eager",
+    _triton_kernel_option_matches_the_torch_engine(demo, "decode_kernel", "dense", requests, decode_graphs="eager",
                                                    max_batch=2, prefill_chunk=64)
     assert launches and {modules for modules, _, _ in launches} <= {1, 2, 3}
 
@@ -352,7 +352,30 @@ def test_dense_prefill_kernel_engine_matches_the_torch_engine(demo, monkeypatch)
     long_prompts = [" ".join([PROMPTS[0]] * 6), " ".join([PROMPTS[1]] * 8)]
     requests = lambda: [Request(long_prompts[0], greedy(3), RouterSpec("demo-gate")),  # noqa: E731
                         Request(long_prompts[1], greedy(3), AdapterSpec("code"))]
-    _triton_kernel_option_matches_the_torch_engine(demo, "prefill_kernel", requests, decode_graphs="off",
+    _triton_kernel_option_matches_the_torch_engine(demo, "prefill_kernel", "dense", requests, decode_graphs="off",
                                                    max_batch=2, prefill_chunk=128)
     prefills = [tokens for _, tokens, slot_range in launches if slot_range is not None]
     assert prefills and min(prefills) > 64, launches  # token tiles: more rows than one tile
+
+
+def test_dense_base_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
+    """EngineConfig(decode_kernel="dense_base"): steps with adapters of at most DECODE_MAX_PAIRS
+    (token, choice) pairs (decode steps, and prompts that short) run each projection group's base
+    matmul and LoRA as one `lora_dense_base` launch (the Triton interpreter on CPU), at a fixed
+    shape (a gate request routed inside the step); longer prefill steps keep their matmuls.
+    Tokens equal the torch engine's. (CPU engines pack their base weights for oneDNN, which
+    leaves the kernel nothing to read: off here, as on CUDA.)"""
+    import kernels.lora_dense_base as base_module
+
+    launches = []
+    real = base_module.lora_dense_base
+    monkeypatch.setattr(base_module, "lora_dense_base",
+                        lambda *args, **kwargs: launches.append((len(args[4]), args[7].num_tokens)) or
+                        real(*args, **kwargs))
+    requests = lambda: [Request(PROMPTS[0], greedy(4), RouterSpec("demo-gate")),  # noqa: E731
+                        Request(PROMPTS[1], greedy(4), AdapterSpec("code"))]
+    _triton_kernel_option_matches_the_torch_engine(demo, "decode_kernel", "dense_base", requests,
+                                                   decode_graphs="eager", capture_at_start=False, max_batch=2,
+                                                   prefill_chunk=64, pack_weights=False)
+    assert {modules for modules, _ in launches} == {1, 2, 3}  # o and down, gate/up, q/k/v
+    assert min(tokens for _, tokens in launches) <= 2  # decode steps: a bucket of 1 or 2 rows

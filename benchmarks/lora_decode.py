@@ -8,7 +8,10 @@ decoder (q/k/v, o, gate/up, down), captured in one CUDA graph each and replayed:
   fused  the fused decode kernel for every group (one launch per group of up to 3 modules: 4),
   dense  the slot-dense decode kernel for every group (4 launches, tensor-core dots),
   auto   the Triton backend as the engine runs it (decode_kernel="auto": the dense kernel for
-         bf16/fp16, fused or split per group for fp32).
+         bf16/fp16, fused or split per group for fp32),
+  base+auto    the base matmul, then auto, per group: the projections as the engine runs them,
+  dense_base   the base projection and the slot-dense LoRA in one launch per group
+         (decode_kernel="dense_base", `kernels.lora_dense_base`).
 Every layer has its own weights and adapters (as in a model), for two routings of 16 tokens:
 adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 
@@ -18,8 +21,9 @@ adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
     TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
 
 Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>``,
-``auto_lora_vs_base: <auto LoRA time / base time>`` and ``auto_vs_fused_decode: <fused / auto
-LoRA time>`` (gate-like routing).
+``auto_lora_vs_base: <auto LoRA time / base time>``, ``auto_vs_fused_decode: <fused / auto
+LoRA time>`` and ``dense_base_vs_base_plus_auto: <base+auto / dense_base time>`` (gate-like
+routing).
 """
 
 from __future__ import annotations
@@ -96,21 +100,28 @@ def top_k_meta(tokens, top_k, num_adapters, device, seed):
 def step_fn(variant, layers, xs, outs, meta, groups=GROUPS):
     """One decode step's projections over every layer (the inputs are the same for every layer:
     what is timed is the work, not the values)."""
-    apply = None if variant == "base" else TritonBackend(decode_kernel=variant).apply_shared
+    base = variant in ("base", "base+auto")
+    kernel = {"base": None, "base+auto": "auto"}.get(variant, variant)
+    backend = kernel and TritonBackend(decode_kernel=kernel)
 
     def step():
         for layer in layers:
             for (_, _, d_outs), group, x, out in zip(groups, layer, xs, outs):
-                if apply is None:
+                lora = (group["lora_a"], group["lora_b"], group["ranks"], group["scales"], meta)
+                if kernel == "dense_base":  # writes a new [T, sum D_out] (from the graph's pool)
+                    backend.base_and_apply_shared(x, group["weight"], None, list(d_outs), *lora)
+                    continue
+                if base:
                     torch.matmul(x, group["weight"].T, out=out)
-                else:
-                    apply(x, group["lora_a"], group["lora_b"], group["ranks"], group["scales"], meta,
-                          list(out.split(d_outs, dim=1)))
+                if backend:
+                    backend.apply_shared(x, *lora, list(out.split(d_outs, dim=1)))
 
     return step
 
 
 VARIANTS = ("split", "fused", "dense", "auto")
+# Base projections and LoRA together: apart (the engine's default), and in one launch per group.
+BASE_VARIANTS = ("base+auto", "dense_base")
 # Tile sizes and launch options each kernel's sweep tries (rank 16: fused lora_a tiles up to 16 x 512).
 SWEEPS = {
     "fused": (lora_fused_decode,
@@ -220,11 +231,20 @@ def main(argv=None):
             for other in results[1:]:
                 for a, b in zip(other, results[0]):
                     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * float(b.abs().max()))
+            # The fused base and LoRA against the matmul, then auto (one layer's outputs).
+            step_fn("base+auto", layers[:1], xs, outs, meta)()
+            with_base = TritonBackend(decode_kernel="dense_base")
+            for (_, _, d_outs), group, x, out in zip(GROUPS, layers[0], xs, outs):
+                y = with_base.base_and_apply_shared(x, group["weight"], None, list(d_outs), group["lora_a"],
+                                                    group["lora_b"], group["ranks"], group["scales"], meta)
+                torch.testing.assert_close(y.float(), out.float(), rtol=2e-2, atol=2e-2 * float(out.abs().max()))
             ms = {variant: time_graph(step_fn(variant, layers, xs, outs, meta), args.repeats, device)
-                  for variant in VARIANTS}
-            rows.append({"routing": name, "base_ms": base_ms, **{f"{v}_ms": ms[v] for v in VARIANTS},
+                  for variant in (*VARIANTS, *BASE_VARIANTS)}
+            rows.append({"routing": name, "base_ms": base_ms,
+                         **{f"{v}_ms": ms[v] for v in (*VARIANTS, *BASE_VARIANTS)},
                          "auto_vs_split": ms["split"] / ms["auto"], "auto_vs_fused": ms["fused"] / ms["auto"],
-                         "split_vs_base": ms["split"] / base_ms, "auto_vs_base": ms["auto"] / base_ms})
+                         "split_vs_base": ms["split"] / base_ms, "auto_vs_base": ms["auto"] / base_ms,
+                         "dense_base_vs_base_plus_auto": ms["base+auto"] / ms["dense_base"]})
 
     per_group, sweep = [], []
 
@@ -242,6 +262,7 @@ def main(argv=None):
             "auto_vs_split_decode": headline["auto_vs_split"],
             "auto_lora_vs_base": headline["auto_vs_base"],
             "auto_vs_fused_decode": headline["auto_vs_fused"],
+            "dense_base_vs_base_plus_auto": headline["dense_base_vs_base_plus_auto"],
         }
         write_json(args.out, result)
         return result
@@ -282,8 +303,9 @@ def main(argv=None):
           f"rank {args.rank}, {str(dtype).removeprefix('torch.')}, device={device}"
           + (" (CUDA graph replays)" if device.type == "cuda" else " (eager; not a GPU timing)"))
     print_table(rows, [("routing", ""), ("base_ms", ".3f"), ("split_ms", ".3f"), ("fused_ms", ".3f"),
-                       ("dense_ms", ".3f"), ("auto_ms", ".3f"), ("auto_vs_split", ".2f"), ("auto_vs_fused", ".2f"),
-                       ("auto_vs_base", ".2f")])
+                       ("dense_ms", ".3f"), ("auto_ms", ".3f"), ("base+auto_ms", ".3f"), ("dense_base_ms", ".3f"),
+                       ("auto_vs_split", ".2f"), ("auto_vs_fused", ".2f"), ("auto_vs_base", ".2f"),
+                       ("dense_base_vs_base_plus_auto", ".2f")])
     if per_group:
         print(f"Per group ({args.layers} layers of that projection group only):")
         print_table(per_group, [("shapes", ""), ("group", ""), ("tokens", ""), ("top_k", ""), ("split_ms", ".3f"),
@@ -301,6 +323,7 @@ def main(argv=None):
     print(f"auto_vs_split_decode: {result['auto_vs_split_decode']:.2f}")
     print(f"auto_lora_vs_base: {result['auto_lora_vs_base']:.2f}")
     print(f"auto_vs_fused_decode: {result['auto_vs_fused_decode']:.2f}")
+    print(f"dense_base_vs_base_plus_auto: {result['dense_base_vs_base_plus_auto']:.2f}")
     return result
 
 

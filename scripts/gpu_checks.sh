@@ -53,10 +53,13 @@ if want prefill; then
 fi
 if want engine; then
     # The default prefill kernels (grouped, per module) against the slot-dense ones (two launches a
-    # group of modules, no atomics), end to end, and where each scenario's time goes, prefill alone
-    # and whole run (PEFT, slow at this size, was measured before: --skip-peft); three runs each, so
-    # the row kept is a true median (of two, the lower run was kept, slow steps and all).
-    timeout 280 python3 benchmarks/engine.py --repeats 3 --skip-peft --compare-prefill dense --out "$out/engine-gpu.json" \
-        --profile "$out/engine_profile.txt" 2>&1 | tee -a "$out/bench.log" || status=1
+    # group of modules, no atomics), and the default decode kernel against the base projection and
+    # LoRA in one launch (dense_base), each on a second engine, end to end, and where each
+    # scenario's time goes, prefill alone and whole run (PEFT, slow at this size, was measured
+    # before: --skip-peft); three runs each, so the row kept is a true median (of two, the lower run
+    # was kept, slow steps and all).
+    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft --compare-prefill dense \
+        --compare-decode dense_base --out "$out/engine-gpu.json" --profile "$out/engine_profile.txt" 2>&1 |
+        tee -a "$out/bench.log" || status=1
 fi
 exit $status

@@ -135,6 +135,20 @@ def _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, t0, k_start, k_end, D_IN, str
 
 
 @triton.jit
+def _chunk_partials(h_ptr, g, chunk, num_chunks, pid_t, t_tiles, G: tl.constexpr, SPLITS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr):
+    """h [BLOCK_T, BLOCK_SR] fp32 of module g's slot chunk `chunk` in token tile pid_t: the sum of
+    the SPLITS partial products `_lora_dense_shrink_kernel` wrote, in a fixed order."""
+    rows = tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, BLOCK_SR)
+    h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
+    for c in tl.static_range(SPLITS):
+        part = h_ptr + (((c * G + g) * num_chunks + chunk) * t_tiles + pid_t) * (BLOCK_T * BLOCK_SR)
+        h += tl.load(part + rows[:, None] * BLOCK_SR + offs_j[None, :])
+    return h
+
+
+@triton.jit
 def _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr, weights_ptr, slots_ptr,
                  stride_bs, stride_bn, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr,
                  DOT_FP32: tl.constexpr):
@@ -169,12 +183,10 @@ def _dense_module_tile(
     (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T; h computed here
     (SPLITS == 0) or summed from the SPLITS partial products `_lora_dense_shrink_kernel` wrote."""
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
-    rows = tl.arange(0, BLOCK_T)
-    offs_t = pid_t * BLOCK_T + rows
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D_OUT
-    offs_j = tl.arange(0, BLOCK_SR)
     num_chunks = tl.cdiv(S_HI - S_LO, SLOTS_PER_CHUNK)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for s0 in range(S_LO, S_HI, SLOTS_PER_CHUNK):
@@ -185,11 +197,8 @@ def _dense_module_tile(
                 h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, pid_t * BLOCK_T, 0, D_IN, D_IN, stride_xt,
                                   BLOCK_T, BLOCK_SR, BLOCK_K, DOT_FP32)
             else:
-                h = tl.zeros((BLOCK_T, BLOCK_SR), dtype=tl.float32)
-                chunk = (s0 - S_LO) // SLOTS_PER_CHUNK
-                for c in tl.static_range(SPLITS):
-                    part = h_ptr + (((c * G + g) * num_chunks + chunk) * t_tiles + pid_t) * (BLOCK_T * BLOCK_SR)
-                    h += tl.load(part + rows[:, None] * BLOCK_SR + offs_j[None, :])
+                h = _chunk_partials(h_ptr, g, (s0 - S_LO) // SLOTS_PER_CHUNK, num_chunks, pid_t, t_tiles, G, SPLITS,
+                                    BLOCK_T, BLOCK_SR)
             acc += _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr,
                                 weights_ptr, slots_ptr, stride_bs, stride_bn, TOP_K, BLOCK_T, BLOCK_SR, DOT_FP32)
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :]
@@ -353,16 +362,8 @@ def lora_dense(
     if split_k is None:
         split_k = default_split_k(d_in) if token_tiles == 1 else 1
     if split_k > 1 or token_tiles > 1:
-        k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
-        splits = cdiv(d_in, k_per_split)
-        chunks = cdiv(hi - lo, slots_per_chunk)
-        partials = torch.empty(splits, num_modules, chunks, token_tiles, block_t, slots_per_chunk * block_r,
-                               dtype=torch.float32, device=x.device)
-        _lora_dense_shrink_kernel[(splits * token_tiles, num_modules, chunks)](
-            x, lora_a_group, ranks_group, meta.slot_counts, partials, rows, d_in, rank, meta.num_slots, lo, hi,
-            k_per_split, *strides, G=num_modules, BLOCK_T=block_t, BLOCK_R=block_r,
-            SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, TILED=token_tiles > 1, DOT_FP32=dot_fp32, **launch,
-        )
+        splits, partials = split_shrink(x, lora_a_group, ranks_group, meta, (lo, hi), split_k,
+                                        (block_t, block_r, slots_per_chunk, block_k), launch)
     args = module_args(lora_b_list, outs, MAX_MODULES)
     tiles = sum(cdiv(d, block_n) for d in d_outs)
     _lora_dense_kernel[(tiles, token_tiles)](
@@ -373,3 +374,27 @@ def lora_dense(
         **launch,
     )
     return outs
+
+
+def split_shrink(x: torch.Tensor, lora_a_group: torch.Tensor, ranks_group: torch.Tensor, meta: DispatchMeta,
+                 slot_range: tuple[int, int], split_k: int, blocks: tuple[int, int, int, int],
+                 launch: dict) -> tuple[int, torch.Tensor]:
+    """Launch `_lora_dense_shrink_kernel` over `split_k` ranges of D_in (cut at BLOCK_K
+    boundaries), every token tile, module and slot chunk of `slot_range`; blocks = (BLOCK_T,
+    BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K). Returns (ranges, their fp32 partial products) for a kernel
+    that sums them (`_chunk_partials`)."""
+    block_t, block_r, slots_per_chunk, block_k = blocks
+    (lo, hi), (rows, d_in), num_modules = slot_range, x.shape, lora_a_group.shape[0]
+    token_tiles = cdiv(rows, block_t)
+    k_per_split = cdiv(cdiv(d_in, split_k), block_k) * block_k
+    splits = cdiv(d_in, k_per_split)
+    chunks = cdiv(hi - lo, slots_per_chunk)
+    partials = torch.empty(splits, num_modules, chunks, token_tiles, block_t, slots_per_chunk * block_r,
+                           dtype=torch.float32, device=x.device)
+    _lora_dense_shrink_kernel[(splits * token_tiles, num_modules, chunks)](
+        x, lora_a_group, ranks_group, meta.slot_counts, partials, rows, d_in, lora_a_group.shape[2], meta.num_slots,
+        lo, hi, k_per_split, x.stride(0), lora_a_group.stride(0), lora_a_group.stride(1), lora_a_group.stride(2),
+        G=num_modules, BLOCK_T=block_t, BLOCK_R=block_r, SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k,
+        TILED=token_tiles > 1, DOT_FP32=dot_in_fp32(x.dtype, x.device), **launch,
+    )
+    return splits, partials

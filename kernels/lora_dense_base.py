@@ -16,6 +16,12 @@ then adds the chunks' weighted deltas (`_chunk_delta`) and the bias and is store
 output is written, never read, so no base result goes through memory in between and no zeroed
 buffer is needed.
 
+Every output tile re-reads the first chunk's lora_a, so narrow tiles over a wide D_in (Qwen3-0.6B
+down: 16-wide tiles over 3072) read more lora_a than weight. `split_k` > 1 moves the shrink to
+`lora_dense`'s split-K launch first (lora_a read once, fp32 partial products), and the base loop
+reads only x and the weight: two launches a group instead of one. The default is the one-launch
+form; which wins where is for a GPU to say (`benchmarks/lora_decode.py --sweep`).
+
 Decode steps only (at most MAX_TOKENS tokens, one tile of rows); the grid, (sum over modules of
 cdiv(D_out_g, BLOCK_N),), depends only on shapes and nothing is read on the host, so the launch
 is captured in a CUDA graph. Not yet timed on a GPU.
@@ -29,7 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_dense import MAX_MODULES, MAX_TOKENS, _blocks, _chunk_columns, _chunk_delta, _chunk_shrink
+from kernels.lora_dense import (
+    MAX_MODULES, MAX_TOKENS, _blocks, _chunk_columns, _chunk_delta, _chunk_partials, _chunk_shrink, split_shrink,
+)
 from kernels.lora_launch import cdiv, check_group_args, dot_in_fp32, launch_options, module_args
 from kernels.meta import DispatchMeta
 
@@ -46,13 +54,16 @@ def default_block_n(d_outs: list[int]) -> int:
 
 @triton.jit
 def _base_module_tile(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, pid_n,
-    T, D_IN, D_OUT, R, S_LO, S_HI, stride_xt, stride_wn, stride_as, stride_ar, stride_bs, stride_bn, stride_ot,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, out_ptr, ranks_ptr, scales_ptr, weights_ptr, slots_ptr, counts_ptr, h_ptr,
+    g, pid_n, T, D_IN, D_OUT, R, S_LO, S_HI, stride_xt, stride_wn, stride_as, stride_ar, stride_bs, stride_bn,
+    stride_ot, G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """out[:, tile] = x @ w[tile].T + bias[tile] + sum over used slots s in [S_LO, S_HI) of
-    (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T."""
+    (coef[:, s] * scale[s] * (x @ lora_a[s, :r].T)) @ lora_b[s, tile, :r].T; h computed here
+    (SPLITS == 0: the first chunk's inside the base loop) or summed from the SPLITS partial
+    products `kernels.lora_dense.split_shrink` wrote."""
     BLOCK_SR: tl.constexpr = SLOTS_PER_CHUNK * BLOCK_R
     offs_t = tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
@@ -71,23 +82,34 @@ def _base_module_tile(
                      mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
         wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + k_j[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        at = tl.load(a_ptr + a_cols[None, :] + k_j[:, None],
-                     mask=mask_k[:, None] & live_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_SR]
         if DOT_FP32:
-            xf = xt.to(tl.float32)
-            acc += tl.dot(xf, wt.to(tl.float32), input_precision="ieee")
-            h += tl.dot(xf, at.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(xt.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(xt, wt)
-            h += tl.dot(xt, at)
-    acc += _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr, weights_ptr,
-                        slots_ptr, stride_bs, stride_bn, TOP_K, BLOCK_T, BLOCK_SR, DOT_FP32)
-    for s0 in range(S_LO + SLOTS_PER_CHUNK, S_HI, SLOTS_PER_CHUNK):
+        if SPLITS == 0:
+            at = tl.load(a_ptr + a_cols[None, :] + k_j[:, None],
+                         mask=mask_k[:, None] & live_j[None, :], other=0.0)  # [BLOCK_K, BLOCK_SR]
+            if DOT_FP32:
+                h += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+            else:
+                h += tl.dot(xt, at)
+    if SPLITS == 0:
+        acc += _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr, weights_ptr,
+                            slots_ptr, stride_bs, stride_bn, TOP_K, BLOCK_T, BLOCK_SR, DOT_FP32)
+        rest = S_LO + SLOTS_PER_CHUNK
+    else:
+        rest = S_LO  # every chunk from its partials (written only where a column is live)
+    num_chunks = tl.cdiv(S_HI - S_LO, SLOTS_PER_CHUNK)
+    for s0 in range(rest, S_HI, SLOTS_PER_CHUNK):
         slot_j, r_j, live_j, a_cols = _chunk_columns(ranks_ptr, counts_ptr, s0, R, S_HI, stride_as, stride_ar,
                                                      BLOCK_R, SLOTS_PER_CHUNK)
         if tl.max(live_j.to(tl.int32), axis=0) > 0:
-            h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, 0, 0, D_IN, D_IN, stride_xt, BLOCK_T, BLOCK_SR,
-                              BLOCK_K, DOT_FP32)
+            if SPLITS == 0:
+                h = _chunk_shrink(x_ptr, a_ptr, a_cols, live_j, T, 0, 0, D_IN, D_IN, stride_xt, BLOCK_T, BLOCK_SR,
+                                  BLOCK_K, DOT_FP32)
+            else:
+                h = _chunk_partials(h_ptr, g, (s0 - S_LO) // SLOTS_PER_CHUNK, num_chunks, 0, 1, G, SPLITS, BLOCK_T,
+                                    BLOCK_SR)
             acc += _chunk_delta(h, slot_j, r_j, live_j, offs_t, mask_t, offs_n, mask_n, b_ptr, scales_ptr,
                                 weights_ptr, slots_ptr, stride_bs, stride_bn, TOP_K, BLOCK_T, BLOCK_SR, DOT_FP32)
     if HAS_BIAS:
@@ -105,6 +127,7 @@ def _lora_dense_base_kernel(
     weights_ptr,  # float32[N]
     slots_ptr,  # int32[N]
     counts_ptr,  # int32[S]
+    h_ptr,  # float32 partial products of split_shrink (SPLITS > 0; unread otherwise)
     w0_ptr, bias0_ptr, stride_wn0,  # module 0: base weight [D_out, D_in] (rows of stride_wn0), bias [D_out]
     b0_ptr, out0_ptr, D_OUT0, stride_bs0, stride_bn0, stride_ot0,  # module 0: lora_b [S, D_out, R], out [T, D_out]
     w1_ptr, bias1_ptr, stride_wn1,
@@ -113,32 +136,33 @@ def _lora_dense_base_kernel(
     b2_ptr, out2_ptr, D_OUT2, stride_bs2, stride_bn2, stride_ot2,  # module 2 (G == 3)
     T, D_IN, R, S, S_LO, S_HI, stride_xt, stride_ag, stride_as, stride_ar,
     G: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    SLOTS_PER_CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     """Program = output tile; tiles run over module 0's columns, then 1's, 2's."""
     tile = tl.program_id(0)
     tiles0 = tl.cdiv(D_OUT0, BLOCK_N)
     if tile < tiles0:
         _base_module_tile(x_ptr, w0_ptr, bias0_ptr, a_ptr, b0_ptr, out0_ptr, ranks_ptr, scales_ptr, weights_ptr,
-                          slots_ptr, counts_ptr, tile, T, D_IN, D_OUT0, R, S_LO, S_HI, stride_xt, stride_wn0, stride_as,
-                          stride_ar, stride_bs0, stride_bn0, stride_ot0, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R,
-                          SLOTS_PER_CHUNK, BLOCK_K, HAS_BIAS, DOT_FP32)
+                          slots_ptr, counts_ptr, h_ptr, 0, tile, T, D_IN, D_OUT0, R, S_LO, S_HI, stride_xt, stride_wn0,
+                          stride_as, stride_ar, stride_bs0, stride_bn0, stride_ot0, G, TOP_K, BLOCK_T, BLOCK_N,
+                          BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, HAS_BIAS, DOT_FP32)
     else:
         if G > 1:
             tiles1 = tl.cdiv(D_OUT1, BLOCK_N)
             if tile < tiles0 + tiles1:
                 _base_module_tile(x_ptr, w1_ptr, bias1_ptr, a_ptr + stride_ag, b1_ptr, out1_ptr, ranks_ptr + S,
-                                  scales_ptr + S, weights_ptr, slots_ptr, counts_ptr, tile - tiles0, T, D_IN, D_OUT1, R,
-                                  S_LO, S_HI, stride_xt, stride_wn1, stride_as, stride_ar, stride_bs1, stride_bn1,
-                                  stride_ot1, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, HAS_BIAS,
-                                  DOT_FP32)
+                                  scales_ptr + S, weights_ptr, slots_ptr, counts_ptr, h_ptr, 1, tile - tiles0, T, D_IN,
+                                  D_OUT1, R, S_LO, S_HI, stride_xt, stride_wn1, stride_as, stride_ar, stride_bs1,
+                                  stride_bn1, stride_ot1, G, TOP_K, BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK,
+                                  BLOCK_K, SPLITS, HAS_BIAS, DOT_FP32)
             else:
                 if G > 2:
                     _base_module_tile(x_ptr, w2_ptr, bias2_ptr, a_ptr + 2 * stride_ag, b2_ptr, out2_ptr,
-                                      ranks_ptr + 2 * S, scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr,
-                                      tile - tiles0 - tiles1, T, D_IN, D_OUT2, R, S_LO, S_HI, stride_xt, stride_wn2,
-                                      stride_as, stride_ar, stride_bs2, stride_bn2, stride_ot2, TOP_K, BLOCK_T,
-                                      BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, HAS_BIAS, DOT_FP32)
+                                      ranks_ptr + 2 * S, scales_ptr + 2 * S, weights_ptr, slots_ptr, counts_ptr, h_ptr,
+                                      2, tile - tiles0 - tiles1, T, D_IN, D_OUT2, R, S_LO, S_HI, stride_xt,
+                                      stride_wn2, stride_as, stride_ar, stride_bs2, stride_bn2, stride_ot2, G, TOP_K,
+                                      BLOCK_T, BLOCK_N, BLOCK_R, SLOTS_PER_CHUNK, BLOCK_K, SPLITS, HAS_BIAS, DOT_FP32)
 
 
 def _check_base(op: str, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor] | None,
@@ -175,6 +199,7 @@ def lora_dense_base(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_k: int = 1,
 ) -> list[torch.Tensor]:
     """outs[g] = x @ weights[g].T + biases[g] + the per-token weighted LoRA delta of x, for G <= 3
     modules reading x, in one launch; a decode step (at most MAX_TOKENS tokens).
@@ -192,6 +217,11 @@ def lora_dense_base(
             contents are never read); returned.
         block_k, block_n, num_warps, num_stages: tile sizes and launch options; None takes the
             defaults.
+        split_k: 1 (the default) shrinks inside the one launch: the first slot chunk's in the
+            base loop, every output tile re-reading its lora_a from L2. k > 1 first runs
+            `lora_dense`'s split-K shrink over k ranges of D_in (fp32 partial products, lora_a read
+            once), then this kernel, which sums them: two launches a group instead of one, and the
+            base loop reads only x and the weight. Which wins where is not yet measured.
 
     Base and LoRA products accumulate in fp32, h is rounded to the weights' dtype after
     weighting (as `lora_dense` does) and each out is rounded once, so for 16-bit inputs the base
@@ -201,6 +231,8 @@ def lora_dense_base(
     check_group_args(op, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, MAX_MODULES)
     _check_base(op, x, weights, biases, outs)
     launch = launch_options(op, block_k, block_n, num_warps, num_stages)
+    if not 1 <= split_k <= 64:
+        raise ValueError(f"{op}: split_k must be 1 to 64; got {split_k}")
     rows = meta.num_tokens
     if rows > MAX_TOKENS:
         raise ValueError(f"{op}: decode steps only (at most {MAX_TOKENS} tokens); got {rows}")
@@ -216,6 +248,11 @@ def lora_dense_base(
     block_t, block_r, slots_per_chunk, default_k = _blocks(rows, rank, meta.num_slots, d_in, d_outs)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
     launch.setdefault("num_warps", 4)
+    splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call
+    if split_k > 1:
+        # The shrink launch with lora_dense's default warps (its tiles are lora_dense's).
+        splits, partials = split_shrink(x, lora_a_group, ranks_group, meta, (0, meta.num_slots), split_k,
+                                        (block_t, block_r, slots_per_chunk, block_k), {"num_warps": 8})
     base_args = []
     for g in range(MAX_MODULES):
         w = weights[min(g, len(weights) - 1)]
@@ -225,11 +262,11 @@ def lora_dense_base(
     args = [a for g in range(MAX_MODULES) for a in (*base_args[g], *lora_args[6 * g: 6 * g + 6])]
     tiles = sum(cdiv(d, block_n) for d in d_outs)
     _lora_dense_base_kernel[(tiles,)](
-        x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, *args,
+        x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, partials, *args,
         rows, d_in, rank, meta.num_slots, 0, meta.num_slots, x.stride(0), lora_a_group.stride(0),
         lora_a_group.stride(1), lora_a_group.stride(2),
         G=len(lora_b_list), TOP_K=meta.top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, HAS_BIAS=biases is not None,
+        SLOTS_PER_CHUNK=slots_per_chunk, BLOCK_K=block_k, SPLITS=splits, HAS_BIAS=biases is not None,
         DOT_FP32=dot_in_fp32(x.dtype, x.device), **launch,
     )
     return outs

@@ -68,17 +68,18 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
 
 
-def captured_launches(module, launcher, *args, **kwargs) -> list:
-    """Run `launcher` with every Triton kernel of `module` intercepted; returns its launches as
+def captured_launches(modules, launcher, *args, **kwargs) -> list:
+    """Run `launcher` with every Triton kernel of `modules` intercepted; returns its launches as
     (jit_fn, args, kwargs), in order."""
     launches = []
-    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, triton.runtime.jit.JITFunction)}
-    for name, fn in kernels.items():
+    kernels = [(module, name, fn) for module in modules for name, fn in vars(module).items()
+               if isinstance(fn, triton.runtime.jit.JITFunction)]
+    for module, name, fn in kernels:
         setattr(module, name, _Capture(fn, launches))
     try:
         launcher(*args, **kwargs)
     finally:
-        for name, fn in kernels.items():
+        for module, name, fn in kernels:
             setattr(module, name, fn)
     return launches
 
@@ -143,10 +144,12 @@ def dense_base(x, lora_a, lora_b, ranks, scales, meta, outs, **options):
     return base_module.lora_dense_base(x, weights, None, lora_a, lora_b, ranks, scales, meta, outs, **options)
 
 
-KERNELS = [("fused", fused_module, fused_module.lora_fused_decode, {}),
-           ("dense", dense_module, dense_module.lora_dense, {}),  # split-K from D_in 1024 (default_split_k)
-           ("dense split_k=1", dense_module, dense_module.lora_dense, {"split_k": 1}),
-           ("dense_base", base_module, dense_base, {})]
+# (call, the modules whose kernels it launches, launcher, options)
+KERNELS = [("fused", [fused_module], fused_module.lora_fused_decode, {}),
+           ("dense", [dense_module], dense_module.lora_dense, {}),  # split-K from D_in 1024 (default_split_k)
+           ("dense split_k=1", [dense_module], dense_module.lora_dense, {"split_k": 1}),
+           ("dense_base", [base_module], dense_base, {}),
+           ("dense_base split_k=4", [base_module, dense_module], dense_base, {"split_k": 4})]
 
 
 def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
@@ -157,9 +160,9 @@ def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     calls = [(shape, "decode", KERNELS) for shape in SHAPES]
     calls += [(shape, "prefill", KERNELS[1:2]) for shape in PREFILL_SHAPES]
     for (name, tokens, top_k, slots, rank, d_in, d_outs), step, kernels in calls:
-        for call, module, launcher, options in kernels:
+        for call, modules, launcher, options in kernels:
             problem_args = problem(tokens, top_k, slots, rank, d_in, d_outs, dtype)
-            for fn, launch_args, launch_kwargs in captured_launches(module, launcher, *problem_args, **options):
+            for fn, launch_args, launch_kwargs in captured_launches(modules, launcher, *problem_args, **options):
                 if "DOT_FP32" in launch_kwargs:  # the launcher saw CPU tensors; on CUDA only fp32 upcasts
                     launch_kwargs["DOT_FP32"] = dtype == torch.float32
                 compiled, tiles, launch = compile_launch(fn, launch_args, dict(launch_kwargs), target)
@@ -178,10 +181,10 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"compiled for sm_{args.arch} by triton {triton.__version__}, {args.dtype}, default tiles (not run)")
-    print(f"{'shape':<34}{'call':<17}{'kernel':<28}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}"
+    print(f"{'shape':<34}{'call':<22}{'kernel':<28}{'regs':>6}{'spill B':>9}{'smem B':>9}{'pipelined':>11}"
           f"{'mma':>10}  tiles")
     for r in rows:
-        print(f"{r['shape']:<34}{r['call']:<17}{r['kernel']:<28}{r['regs']:>6}{r['spill_bytes']:>9}"
+        print(f"{r['shape']:<34}{r['call']:<22}{r['kernel']:<28}{r['regs']:>6}{r['spill_bytes']:>9}"
               f"{r['shared_bytes']:>9}{str(r['pipelined']):>11}{r['mma']:>10}  {r['tiles']}")
 
 

@@ -44,6 +44,8 @@ def test_lora_kernels_compile_for_sm90_without_spills(tmp_path):
         # The base projection with its LoRA: one launch, its K loop (base and shrink) pipelined.
         fused = [r for r in rows if r["shape"] == shape and r["call"] == "dense_base"]
         assert [r["kernel"] for r in fused] == ["_lora_dense_base_kernel"] and fused[0]["pipelined"]
+        split = [r["kernel"] for r in rows if r["shape"] == shape and r["call"] == "dense_base split_k=4"]
+        assert split == ["_lora_dense_shrink_kernel", "_lora_dense_base_kernel"], (shape, split)
     for shape in prefill:
         assert [(r["call"], r["kernel"]) for r in rows if r["shape"] == shape] == [
             ("dense", "_lora_dense_shrink_kernel"), ("dense", "_lora_dense_kernel")]

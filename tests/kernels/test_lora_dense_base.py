@@ -64,6 +64,40 @@ def test_base_and_lora_match_the_oracle(case, dtype):
     check_base(group, dtype, bias=False)
 
 
+def nan_in_unwritten_partials(monkeypatch):
+    """Make the split-K shrink's partial products NaN wherever it writes nothing (slot chunks
+    with no live column, whose torch.empty contents are arbitrary): a kernel that reads them fails."""
+    import kernels.lora_dense_base as base_module
+
+    real = base_module.split_shrink
+
+    def shrink(x, lora_a_group, ranks_group, meta, slot_range, split_k, blocks, launch):
+        splits, partials = real(x, lora_a_group, ranks_group, meta, slot_range, split_k, blocks, launch)
+        _, block_r, per_chunk, _ = blocks
+        counts, ranks = meta.slot_counts.cpu(), ranks_group.cpu()
+        lo, hi = slot_range
+        for g in range(lora_a_group.shape[0]):
+            for chunk in range(partials.shape[2]):
+                slots = range(lo + chunk * per_chunk, min(lo + (chunk + 1) * per_chunk, hi))
+                if not any(counts[s] > 0 and ranks[g, s] > 0 for s in slots):
+                    partials[:, g, chunk] = float("nan")
+        return splits, partials
+
+    monkeypatch.setattr(base_module, "split_shrink", shrink)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=group_case_id)
+def test_split_k_shrink_then_base_and_lora_match_the_oracle(case, split_k, dtype, monkeypatch):
+    """The two-launch form: lora_dense's split-K shrink over uneven D_in ranges, then the base
+    kernel summing the partials of every live slot chunk (and no other: unwritten ones are NaN)."""
+    nan_in_unwritten_partials(monkeypatch)
+    group = BaseGroup(*case, dtype)
+    check_base(group, dtype, block_k=16, split_k=split_k)
+    check_base(group, dtype, bias=False, split_k=split_k)
+
+
 @pytest.mark.parametrize("blocks", [dict(block_k=16, block_n=16), dict(block_k=128, block_n=32, num_warps=8),
                                     dict(block_n=64, num_stages=2)], ids=["small-tiles", "wide-k", "wide-n"])
 def test_given_tile_sizes_give_the_same_result(blocks):
@@ -147,6 +181,8 @@ def test_bad_arguments_raise():
                         long_outs)
     with pytest.raises(ValueError, match="block_n must be a power of two"):
         lora_dense_base(group.x, group.base_weights, None, *lora, block_n=24)
+    with pytest.raises(ValueError, match="split_k must be 1 to 64"):
+        lora_dense_base(group.x, group.base_weights, None, *lora, split_k=0)
 
 
 # Real shapes on a GPU (skipped without CUDA by tests/conftest.py).

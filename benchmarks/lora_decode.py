@@ -16,8 +16,8 @@ Every layer has its own weights and adapters (as in a model), for two routings o
 adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 
     python benchmarks/lora_decode.py                 # CUDA
-    python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused and dense kernels' tile sweeps
-                                                     # (the dense one also tries its split-K form)
+    python benchmarks/lora_decode.py --sweep         # CUDA, plus the fused, dense and dense_base kernels'
+                                                     # tile sweeps (dense and dense_base also try split-K)
     TRITON_INTERPRET=1 python benchmarks/lora_decode.py --device cpu --layers 1 --repeats 1   # smoke run
 
 Prints a table, writes JSON and ends with ``auto_vs_split_decode: <split / auto LoRA time>``,
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_dense import lora_dense  # noqa: E402
+from kernels.lora_dense_base import lora_dense_base  # noqa: E402
 from kernels.lora_fused_decode import lora_fused_decode  # noqa: E402
 from kernels.meta import DispatchBuffers  # noqa: E402
 
@@ -133,6 +134,11 @@ SWEEPS = {
     "dense": (lora_dense,
               [dict(block_k=k, block_n=n, num_warps=w, split_k=1) for k in (64, 128) for n in (32, 64, 128, 256)
                for w in (4, 8) if n < 256 or w == 8] + [dict(split_k=k) for k in (1, 2, 4, 8, 16)]),
+    # The base projection with its LoRA (its layers carry base weights): output tiles and warps in
+    # the one-launch form, then a split-K shrink launch first at the default tiles.
+    "dense_base": (lora_dense_base,
+                   [dict(block_n=n, num_warps=w) for n in (16, 32, 64, 128) for w in (4, 8)]
+                   + [dict(split_k=k) for k in (2, 4, 8)]),
 }
 
 
@@ -146,11 +152,18 @@ def sweep_kernel(kernel, settings, layers_g, groups, tokens, top_k, num_adapters
         out = torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)
         outs = list(out.split(d_outs, dim=1))
 
-        def step_with(blocks, i=i, x=x, outs=outs):
+        # lora_dense_base also takes each layer's base weights (split per module once, here).
+        weights = [list(layer[i]["weight"].split(d_outs)) for layer in layers_g] if kernel is lora_dense_base else None
+
+        def step_with(blocks, i=i, x=x, outs=outs, weights=weights):
             def step():
-                for layer in layers_g:
+                for n, layer in enumerate(layers_g):
                     g = layer[i]
-                    kernel(x, g["lora_a"], g["lora_b"], g["ranks"], g["scales"], meta, outs, **blocks)
+                    lora = (g["lora_a"], g["lora_b"], g["ranks"], g["scales"], meta, outs)
+                    if weights is None:
+                        kernel(x, *lora, **blocks)
+                    else:
+                        kernel(x, weights[n], None, *lora, **blocks)
             return step
 
         default_ms = time_graph(step_with({}), repeats, device)
@@ -204,7 +217,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--skip-per-group", action="store_true", help="only the whole-layer table")
     parser.add_argument("--sweep", action="store_true",
-                        help="also time the fused and dense kernels per group over tile sizes and warps (SWEEPS)")
+                        help="also time the fused, dense and dense_base kernels per group over tile sizes and warps (SWEEPS)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_decode.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -291,7 +304,7 @@ def main(argv=None):
     if args.sweep:
         with torch.no_grad():
             for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
-                layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
+                layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups)
                 for kernel_name, (kernel, settings) in SWEEPS.items():
                     for row in sweep_kernel(kernel, settings, layers_g, groups, 16, 2, args.adapters, dtype, device,
                                             args.repeats):

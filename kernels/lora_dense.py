@@ -37,7 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora_launch import cdiv, check_group_args, dot_in_fp32, launch_options, module_args, next_pow2
+from kernels.lora_launch import (
+    cdiv, check_group_args, check_int32_extents, dot_in_fp32, launch_options, module_args, next_pow2,
+)
 from kernels.meta import DispatchMeta
 
 MAX_MODULES = 3
@@ -341,11 +343,10 @@ def lora_dense(
         raise ValueError(f"{op}: slot_range must satisfy 0 <= lo <= hi <= S={meta.num_slots}; got {slot_range}")
     # The kernels index every tensor with int32 offsets.
     rows = meta.num_tokens
-    for name, size in (("lora_a_group", lora_a_group.numel()), *((f"lora_b {g}", b.numel()) for g, b in
-                                                                 enumerate(lora_b_list)),
-                       ("x", rows * x.stride(0)), *((f"out {g}", rows * o.stride(0)) for g, o in enumerate(outs))):
-        if size >= 2**31:
-            raise ValueError(f"{op}: {name} spans 2**31 elements or more (the kernels' offsets are int32)")
+    check_int32_extents(op, [("lora_a_group", lora_a_group.numel()),
+                             *((f"lora_b {g}", b.numel()) for g, b in enumerate(lora_b_list)),
+                             ("x", rows * x.stride(0)),
+                             *((f"out {g}", rows * o.stride(0)) for g, o in enumerate(outs))])
     num_modules, rank = len(lora_b_list), lora_a_group.shape[2]
     if rows == 0 or rank == 0 or hi == lo or all(b.shape[1] == 0 for b in lora_b_list):
         return outs

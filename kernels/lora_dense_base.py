@@ -38,7 +38,7 @@ import triton.language as tl
 from kernels.lora_dense import (
     MAX_MODULES, MAX_TOKENS, _blocks, _chunk_columns, _chunk_delta, _chunk_partials, _chunk_shrink, split_shrink,
 )
-from kernels.lora_launch import cdiv, check_group_args, dot_in_fp32, launch_options, module_args
+from kernels.lora_launch import cdiv, check_group_args, check_int32_extents, dot_in_fp32, launch_options, module_args
 from kernels.meta import DispatchMeta
 
 
@@ -236,11 +236,9 @@ def lora_dense_base(
     rows = meta.num_tokens
     if rows > MAX_TOKENS:
         raise ValueError(f"{op}: decode steps only (at most {MAX_TOKENS} tokens); got {rows}")
-    for name, size in (("lora_a_group", lora_a_group.numel()),
-                       *((f"weight {g}", w.shape[0] * w.stride(0)) for g, w in enumerate(weights)),
-                       *((f"lora_b {g}", b.numel()) for g, b in enumerate(lora_b_list))):
-        if size >= 2**31:
-            raise ValueError(f"{op}: {name} spans 2**31 elements or more (the kernel's offsets are int32)")
+    check_int32_extents(op, [("lora_a_group", lora_a_group.numel()),
+                             *((f"weight {g}", w.shape[0] * w.stride(0)) for g, w in enumerate(weights)),
+                             *((f"lora_b {g}", b.numel()) for g, b in enumerate(lora_b_list))])
     d_outs = [b.shape[1] for b in lora_b_list]
     if rows == 0 or sum(d_outs) == 0:
         return outs
@@ -253,13 +251,13 @@ def lora_dense_base(
         # The shrink launch with lora_dense's default warps (its tiles are lora_dense's).
         splits, partials = split_shrink(x, lora_a_group, ranks_group, meta, (0, meta.num_slots), split_k,
                                         (block_t, block_r, slots_per_chunk, block_k), {"num_warps": 8})
-    base_args = []
+    # Per module: base weight, bias (the weight stands in for an unread one), row stride, then the
+    # LoRA arguments; slots past the group repeat the last module (never read).
+    lora_args, args = module_args(lora_b_list, outs, MAX_MODULES), []
     for g in range(MAX_MODULES):
-        w = weights[min(g, len(weights) - 1)]
-        bias = w if biases is None else biases[min(g, len(biases) - 1)]  # w stands in for an unread bias
-        base_args.append((w, bias, w.stride(0)))
-    lora_args = module_args(lora_b_list, outs, MAX_MODULES)
-    args = [a for g in range(MAX_MODULES) for a in (*base_args[g], *lora_args[6 * g: 6 * g + 6])]
+        m = min(g, len(weights) - 1)
+        w = weights[m]
+        args += [w, w if biases is None else biases[m], w.stride(0), *lora_args[6 * g: 6 * g + 6]]
     tiles = sum(cdiv(d, block_n) for d in d_outs)
     _lora_dense_base_kernel[(tiles,)](
         x, lora_a_group, ranks_group, scales_group, meta.weights, meta.slots, meta.slot_counts, partials, *args,

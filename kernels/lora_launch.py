@@ -220,6 +220,13 @@ def launch_options(op: str, block_k: int | None, block_n: int | None, num_warps:
     return {key: value for key, value in (("num_warps", num_warps), ("num_stages", num_stages)) if value is not None}
 
 
+def check_int32_extents(op: str, extents) -> None:
+    """Refuse any (name, elements spanned) of `extents` a kernel's int32 offsets cannot reach."""
+    for name, size in extents:
+        if size >= 2**31:
+            raise ValueError(f"{op}: {name} spans 2**31 elements or more (the kernels' offsets are int32)")
+
+
 def module_args(lora_b_list: list[torch.Tensor], outs: list[torch.Tensor], max_modules: int) -> list:
     """Per-module kernel arguments (lora_b, out, D_out, lora_b strides 0 and 1, out row stride)
     for `max_modules` slots; slots past the group repeat module 0 with D_out 0 (never read)."""

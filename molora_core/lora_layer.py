@@ -100,8 +100,9 @@ class MoLoRAGroup:
     Calling it returns each member's output, as the members would: base outputs come from one
     matmul over the members' concatenated weights (after construction each member's weight
     and bias are views of these, so loading a state dict still reaches them), and the LoRA
-    deltas from one backend call over the members' `BufferGroup`. A plain object, not an
-    nn.Module, so the model's state dict does not list the weights twice.
+    deltas from one backend call over the members' `BufferGroup`; `concat` returns the outputs
+    side by side, as the matmul made them. A plain object, not an nn.Module, so the model's
+    state dict does not list the weights twice.
     """
 
     def __init__(self, members: list[MoLoRALinear], group: BufferGroup, context: LoRAContext):
@@ -143,20 +144,25 @@ class MoLoRAGroup:
         return self.packed(x) if self.packed is not None else F.linear(x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each member's output [..., D_out_g]: column slices of `concat(x)`."""
+        return self.concat(x).split(self.sizes, dim=-1)
+
+    def concat(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, concatenated: [..., sum D_out]."""
         meta = self.context.meta
         if meta is None:
-            return self.base(x).split(self.sizes, dim=-1)
+            return self.base(x)
         g, tokens, backend = self.group, _tokens(x, meta), self.context.backend
         lora = (g.lora_a, self._lora_b, g.ranks, g.scales, meta)
         if self.weight is not None:  # not packed: the backend may run the base with the LoRA
             y = backend.base_and_apply_shared(tokens, self.weight, self.bias, self.sizes, *lora, g.rank_scales,
                                               self._backend_cache)
             if y is not None:
-                return y.view(*x.shape[:-1], -1).split(self.sizes, dim=-1)
-        outs = self.base(x).split(self.sizes, dim=-1)
-        backend.apply_shared(tokens, *lora, [o.view(-1, o.shape[-1]) for o in outs], g.rank_scales,
-                             self._backend_cache)
-        return outs
+                return y.view(*x.shape[:-1], -1)
+        y = self.base(x)
+        backend.apply_shared(tokens, *lora, [o.view(-1, o.shape[-1]) for o in y.split(self.sizes, dim=-1)],
+                             g.rank_scales, self._backend_cache)
+        return y
 
 
 class _PackedSlice(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from molora_core.model.batch import StepBatch
 from molora_core.model.config import DecoderConfig
 from molora_core.model.kv_cache import KVCache
-from molora_core.model.layers import RMSNorm
+from molora_core.model.layers import RMSNorm, rms_norm_heads
 from molora_core.model.rope import apply_rope
 
 # `enable_gqa` (torch >= 2.5) lets SDPA read H_kv heads without materializing the repeat.
@@ -164,17 +164,19 @@ class Attention(nn.Module):
         meta: AttentionMeta,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:  # [T, D]
-        t = x.shape[0]
+        t, heads, qk_heads = x.shape[0], self.num_heads, self.num_heads + self.num_kv_heads
+        # q's and k's heads side by side, [T, H + H_kv, D_h]: one norm and one rotation for both.
         if self.qkv_group is not None:
-            q, k, v = self.qkv_group(x)
+            qkv = self.qkv_group.concat(x)  # [T, (H + 2 H_kv) D_h]: q, k, v columns
+            qk, v = qkv[:, : qk_heads * self.head_dim], qkv[:, qk_heads * self.head_dim :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+            qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+        qk = qk.view(t, qk_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = rms_norm_heads(qk, heads, self.q_norm, self.k_norm)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             kv_cache.write(self.layer_idx, meta.kv_rows(kv_cache, positions), k, v)
 

@@ -23,6 +23,18 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rms_norm_heads(x: torch.Tensor, split: int, first: RMSNorm, second: RMSNorm) -> torch.Tensor:
+    """`first` over heads [:split] of x [T, H, D_h] and `second` over the rest, normalizing once:
+    Qwen3's q_norm and k_norm over q's and k's heads side by side. The same rounding as the two
+    norms run apart (which it falls back to where their eps or dtypes differ)."""
+    if first.eps != second.eps or not x.dtype == first.weight.dtype == second.weight.dtype:
+        return torch.cat((first(x[:, :split]), second(x[:, split:])), dim=1)
+    h = F.rms_norm(x if x.dtype == torch.float32 else x.float(), first.weight.shape, None, first.eps).to(x.dtype)
+    h[:, :split].mul_(first.weight)  # in place on views (`h[i] *= w` would add a copy back)
+    h[:, split:].mul_(second.weight)
+    return h
+
+
 class MLP(nn.Module):
     """down_proj(silu(gate_proj(x)) * up_proj(x)). Plain nn.Linear projections, so a LoRA-aware
     layer can replace each one by name; x is [T, D] flattened tokens."""

@@ -116,7 +116,8 @@ class RotaryEmbedding:
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype, seq_lens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (cos, sin), each [T, D_h] in `dtype`, for int64[T] `positions`.
+        """Return (cos, sin), each [T, D_h] in `dtype`, for int64[T] `positions`; sin's first
+        half is negated (rotate-half's sign, folded in once per step for `apply_rope`).
 
         `seq_lens` (int64[T], each token's sequence length after this step) is read only by the
         dynamic rope type.
@@ -126,18 +127,16 @@ class RotaryEmbedding:
             inv_freq = self._dynamic_inv_freq(seq_lens)
         else:
             inv_freq = self._on(positions.device)[None, :]
-        freqs = positions[:, None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        freqs = positions[:, None].float() * inv_freq  # [T, F]
+        cos = freqs.cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D_h] by cos/sin [T, D_h] (the half-split layout of HF checkpoints)."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+    """Rotate x [T, H, D_h] by (cos, sin) from `cos_sin` (the half-split layout of HF checkpoints).
+
+    transformers computes x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; here
+    the sign sits in sin, so rotate_half becomes a roll, [x2, x1]: the same products, rounded the
+    same way, in four ops instead of six."""
+    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None, :]

@@ -7,6 +7,8 @@ sequence's cached positions (causal, optionally a sliding window) through torch 
 - all single-token (decode) sequences run one SDPA call straight over the cache rows of the
   slot span they occupy (a view, never a copy of the cache), padded to the longest context and
   masked per row; slots in the span that are not decoding attend to position 0 and are dropped.
+  Decode rows already in the span's slot order (the common case) skip the scatter into the span
+  and the gather back.
 The masks depend only on the step, so `AttentionMeta` builds them once and every layer reuses them.
 
 Legend: T tokens, B sequences, H heads, H_kv key/value heads, D_h head dim, D hidden.
@@ -59,6 +61,8 @@ class AttentionMeta:
     decode_lens: torch.Tensor | None  # int64[hi - lo] context length per slot of the span (1 = not decoding)
     decode_length: int  # keys read per slot: the longest decode context (a bucket above it when static)
     decode_uniform: bool  # every slot of the span decodes at decode_length (no mask without a window)
+    decode_all: bool = False  # every token decodes, token t as decode row t
+    decode_direct: bool = False  # decode row i is in KV slot decode_span[0] + i and nothing else is in the span
     _step_cache: dict = field(default_factory=dict)  # tensors every layer of the step reuses (masks, KV rows)
 
     @classmethod
@@ -82,8 +86,10 @@ class AttentionMeta:
             lens = [by_slot.get(slot, 1) for slot in range(*span)]
             length, uniform = max(lens), len(by_slot) == len(lens) and min(lens) == max(lens)
             decode_lens = torch.tensor(lens, dtype=torch.int64).to(device)
+        every = not prefill and [batch.starts[b] for b in decode] == list(range(len(decode)))
+        direct = [batch.slots[b] for b in decode] == list(range(span[0], span[0] + len(decode)))
         return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span,
-                   decode_lens, length, uniform)
+                   decode_lens, length, uniform, every, direct)
 
     @classmethod
     def static_decode(cls, kv_slots: torch.Tensor, kv_lens: torch.Tensor, length: int) -> "AttentionMeta":
@@ -93,14 +99,14 @@ class AttentionMeta:
         share a slot (padding rows all write one scratch slot): their outputs are garbage."""
         rows = torch.arange(kv_slots.shape[0], device=kv_slots.device)
         return cls(None, kv_slots.device, True, kv_slots, [], rows, kv_slots, (0, kv_lens.shape[0]), kv_lens,
-                   length, False)
+                   length, False, True)
 
-    def kv_rows(self, kv_cache: KVCache, positions: torch.Tensor) -> torch.Tensor:
-        """Where this step's keys and values go in the cache (`KVCache.rows`), once per step."""
-        rows = self._step_cache.get("kv_rows")
-        if rows is None:
-            rows = self._step_cache["kv_rows"] = kv_cache.rows(self.token_slots, positions)
-        return rows
+    def kv_index(self, kv_cache: KVCache, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Where this step's keys and values go in the cache (`KVCache.index`), once per step."""
+        index = self._step_cache.get("kv_index")
+        if index is None:
+            index = self._step_cache["kv_index"] = kv_cache.index(self.token_slots, positions)
+        return index
 
     def prefill_mask(self, b: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(mask bool[n, ctx] or None, is_causal) for sequence b's queries against its keys."""
@@ -178,8 +184,10 @@ class Attention(nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
-            kv_cache.write(self.layer_idx, meta.kv_rows(kv_cache, positions), k, v)
+            kv_cache.write(self.layer_idx, meta.kv_index(kv_cache, positions), k, v)
 
+        if meta.decode_all:
+            return self.o_proj(self._decode(q.unsqueeze(2), meta, kv_cache).reshape(t, -1))
         out = torch.empty_like(q)  # [T, H, D_h]
         batch = meta.batch
         for b in meta.prefill:
@@ -193,10 +201,18 @@ class Attention(nn.Module):
             o = _sdpa(qs, ks[None], vs[None], mask, is_causal, self.scaling)
             out[start : start + n] = o[0].transpose(0, 1)
         if meta.decode_rows is not None:
-            lo, hi = meta.decode_span
-            kd, vd = kv_cache.span(self.layer_idx, lo, hi, meta.decode_length)  # views
-            qd = q.new_zeros(hi - lo, self.num_heads, 1, self.head_dim)  # [span, H, 1, D_h]
-            qd[meta.decode_index] = q[meta.decode_rows].unsqueeze(2)
-            od = _sdpa(qd, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)
-            out[meta.decode_rows] = od[meta.decode_index, :, 0, :]
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows].unsqueeze(2), meta, kv_cache)[:, :, 0]
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache) -> torch.Tensor:
+        """One SDPA call for every decode row, q [B_d, H, 1, D_h] -> [B_d, H, 1, D_h]: over the
+        decode span's cache rows, with each row's query at its slot's place in the span (rows
+        already in the span's slot order go in and come out as they are)."""
+        lo, hi = meta.decode_span
+        kd, vd = kv_cache.span(self.layer_idx, lo, hi, meta.decode_length)  # views
+        if not meta.decode_direct:
+            qd = q.new_zeros(hi - lo, *q.shape[1:])  # [span, H, 1, D_h]
+            qd[meta.decode_index] = q
+            q = qd
+        od = _sdpa(q, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)
+        return od if meta.decode_direct else od[meta.decode_index]

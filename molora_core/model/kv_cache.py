@@ -49,17 +49,17 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """int64[T * H_kv] row of each (token, head) in a layer's cache seen as [S * H_kv * N, D_h],
-        for token t at position positions[t] of slot slots[t] (both int64[T]). The same for every
-        layer: compute once per step."""
+    def index(self, slots: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(slot, head, position) index of each (token, head) in a layer's cache [S, H_kv, N, D_h],
+        for token t at position positions[t] of slot slots[t] (both int64[T]): three tensors that
+        broadcast to [T, H_kv]. The same for every layer: compute once per step."""
         heads = torch.arange(self.num_kv_heads, device=slots.device)
-        return ((slots[:, None] * self.num_kv_heads + heads[None, :]) * self.max_seq_len + positions[:, None]).reshape(-1)
+        return slots[:, None], heads[None, :], positions[:, None]
 
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v ([T, H_kv, D_h]) at `rows` (from `rows`): one index_copy_ per tensor."""
-        self.k[layer].view(-1, self.head_dim).index_copy_(0, rows, k.reshape(-1, self.head_dim))
-        self.v[layer].view(-1, self.head_dim).index_copy_(0, rows, v.reshape(-1, self.head_dim))
+    def write(self, layer: int, index: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor):
+        """Store k, v ([T, H_kv, D_h], any strides) at `index` (from `index`): one index_put_ each."""
+        self.k[layer].index_put_(index, k)
+        self.v[layer].index_put_(index, v)
 
     def view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of one slot's first `length` positions, each [H_kv, length, D_h]."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from molora_core.model import KVCache, StepBatch, load_model
+from molora_core.model.attention import AttentionMeta
 from tests.molora_core.test_decoder import FP32_ATOL, ids_for, make_checkpoint
 
 # Each step: (sequence, first new position, number of new tokens). Mixes two-chunk prefills, a
@@ -22,15 +23,18 @@ SCHEDULE = [
 ]
 LENGTHS = {"a": 11, "b": 15, "c": 10}
 SLOTS = {"a": 3, "b": 0, "c": 2}
+# Decode rows in their slots' order: steps 3 and 4 send them straight through one SDPA call,
+# with a prefill beside them and alone (AttentionMeta.decode_direct).
+IN_ORDER = {"a": 0, "b": 1, "c": 2}
 
 
-def run_schedule(model, seqs, cache, reorder_last=True):
+def run_schedule(model, seqs, cache, reorder_last=True, slots=SLOTS):
     """Run SCHEDULE through model.forward; return {seq: logits [len, V]} gathered per position."""
     out = {name: torch.full((n, model.config.vocab_size), float("nan")) for name, n in LENGTHS.items()}
     for step_no, step in enumerate(SCHEDULE):
         spans = step
         ids = torch.cat([seqs[name][pos : pos + n] for name, pos, n in spans])
-        batch = StepBatch.build([SLOTS[name] for name, _, _ in spans], [n for _, _, n in spans],
+        batch = StepBatch.build([slots[name] for name, _, _ in spans], [n for _, _, n in spans],
                                 [pos + n for _, pos, n in spans])
         if reorder_last and step_no == len(SCHEDULE) - 1:
             # Same tokens, spans listed in a different order than they lie in the flat batch.
@@ -70,12 +74,13 @@ def _copy(cache: KVCache) -> KVCache:
     ],
     ids=["llama3-rope", "qwen3", "qwen2-sliding", "mistral-sliding"],
 )
-def test_chunked_prefill_and_decode_match_dense(tmp_path, family, overrides):
+@pytest.mark.parametrize("slots", [SLOTS, IN_ORDER], ids=["slots-shuffled", "slots-in-row-order"])
+def test_chunked_prefill_and_decode_match_dense(tmp_path, family, overrides, slots):
     _, path = make_checkpoint(tmp_path, family, **overrides)
     model = load_model(path, dtype=torch.float32)
     seqs = {name: ids_for(1, n, seed=i)[0] for i, (name, n) in enumerate(LENGTHS.items())}
     cache = KVCache.for_model(model, max_seqs=4, max_seq_len=16)
-    got = run_schedule(model, seqs, cache)
+    got = run_schedule(model, seqs, cache, slots=slots)
     worst = 0.0
     for name, ids in seqs.items():
         with torch.no_grad():
@@ -164,3 +169,23 @@ def test_decode_reads_the_cache_in_place_past_idle_slots(tmp_path):
         for row, name in enumerate(["a", "b"]):
             want = model.forward_dense(seqs[name][None])[0, -1]
             assert (logits[row] - want).abs().max().item() <= FP32_ATOL
+
+
+def test_decode_rows_skip_the_span_scatter_only_when_in_slot_order():
+    """AttentionMeta says when decode rows are every token (decode_all) and when they already sit
+    in their span's slot order (decode_direct): the two shortcuts the attention takes."""
+    def flags(slots, num_new, context_lens):
+        meta = AttentionMeta.build(StepBatch.build(slots, num_new, context_lens), torch.device("cpu"), True)
+        return meta.decode_all, meta.decode_direct
+
+    assert flags([0, 1, 2], [1, 1, 1], [5, 3, 9]) == (True, True)
+    assert flags([4, 5], [1, 1], [5, 3]) == (True, True)  # a span that starts past slot 0
+    assert flags([1, 0, 2], [1, 1, 1], [5, 3, 9]) == (True, False)  # rows out of slot order
+    assert flags([0, 2], [1, 1], [5, 3]) == (True, False)  # an idle slot inside the span
+    assert flags([0, 1, 2], [1, 4, 1], [5, 4, 9]) == (False, False)  # a prefill between: slots 0 and 2
+    assert flags([0, 2, 1], [1, 4, 1], [5, 4, 9]) == (False, True)  # decode rows: slots 0 and 1
+    assert flags([0, 1], [1, 1], [1, 3]) == (False, True)  # a one-token prompt is a prefill; slot 1 decodes alone
+    # Listed out of flat order: sequence 0's token is flat token 1, so decode row 0 is not token 0.
+    batch = StepBatch((0, 1), (1, 0), (1, 1), (5, 3))
+    meta = AttentionMeta.build(batch, torch.device("cpu"), True)
+    assert (meta.decode_all, meta.decode_direct) == (False, True)

@@ -18,6 +18,7 @@ bucket (`molora_core.engine.graphs`) on CUDA. The engine schedules; `StepRunner`
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import threading
@@ -124,7 +125,9 @@ class Engine:
         self._router_fetches: dict[str, Future] = {}  # router name -> load in flight or finished
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._free_kv = list(range(config.max_batch - 1, -1, -1))
+        # Free KV slots as a min-heap: the lowest goes first, so running sequences stay packed at
+        # the low slots and a step's decode rows, sorted by slot, make one span in order.
+        self._free_kv = list(range(config.max_batch))
         self._aborts: set[str] = set()
         self._ids: set[str] = set()  # request ids waiting or running
         self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)
@@ -437,7 +440,7 @@ class Engine:
                 continue
             with self._lock:
                 self._waiting.remove(seq)
-            seq.kv_slot = self._free_kv.pop()
+            seq.kv_slot = heapq.heappop(self._free_kv)
             self._running.append(seq)
             self.counters.prompt_tokens += len(seq.prompt_ids)
 
@@ -448,7 +451,7 @@ class Engine:
             # Decode attention reads a slot's rows past its own length (masked, weight 0): zeroed,
             # an earlier occupant's inf or NaN values can never leak in as 0 * NaN.
             self.kv_cache.clear(seq.kv_slot, seq.num_computed)
-            self._free_kv.append(seq.kv_slot)
+            heapq.heappush(self._free_kv, seq.kv_slot)
             seq.kv_slot = -1
         if seq in self._running:
             self._running.remove(seq)
@@ -487,15 +490,18 @@ class Engine:
         """(sequence, new tokens) of this step: every decode first, then prompt chunks.
 
         Sequences are grouped by adapter slot, so each slot's tokens form contiguous runs that
-        the LoRA backend takes as views instead of gathering and scattering them.
+        the LoRA backend takes as views instead of gathering and scattering them; within a group
+        they go by KV slot, so decode rows that fill a span of the cache reach attention in its
+        order (`AttentionMeta.decode_direct`: no scatter into the span and gather back).
         """
         budget = self.config.step_tokens
         entries = []
-        for seq in sorted(self._running, key=_slot_order):
+        order = sorted(self._running, key=lambda seq: (_slot_order(seq), seq.kv_slot))
+        for seq in order:
             if seq.num_tokens - seq.num_computed == 1:
                 entries.append((seq, 1))
                 budget -= 1
-        for seq in sorted(self._running, key=_slot_order):
+        for seq in order:
             remaining = seq.num_tokens - seq.num_computed
             if remaining > 1 and budget > 0:
                 n = min(remaining, self.config.prefill_chunk, budget)

@@ -8,7 +8,8 @@ sequence's cached positions (causal, optionally a sliding window) through torch 
   slot span they occupy (a view, never a copy of the cache), padded to the longest context and
   masked per row; slots in the span that are not decoding attend to position 0 and are dropped.
   Decode rows already in the span's slot order (the common case) skip the scatter into the span
-  and the gather back.
+  and the gather back. A fixed-shape step over a cache with many more slots than rows copies its
+  rows' keys out instead (`GATHER_FACTOR`).
 The masks depend only on the step, so `AttentionMeta` builds them once and every layer reuses them.
 
 Legend: T tokens, B sequences, H heads, H_kv key/value heads, D_h head dim, D hidden.
@@ -27,6 +28,12 @@ from molora_core.model.config import DecoderConfig
 from molora_core.model.kv_cache import KVCache
 from molora_core.model.layers import RMSNorm, rms_norm_heads
 from molora_core.model.rope import apply_rope
+
+# A fixed-shape decode step copies its rows' keys and values out of the cache when the cache
+# holds more than this many times its rows; below that, SDPA reads every slot of the cache in place.
+# (A copy costs three passes over the rows' keys, write and two reads, against one pass over all
+# slots.) With max_batch 16, a one-sequence step's attention read 17 slots' keys, not 1.
+GATHER_FACTOR = 3
 
 # `enable_gqa` (torch >= 2.5) lets SDPA read H_kv heads without materializing the repeat.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -63,6 +70,7 @@ class AttentionMeta:
     decode_uniform: bool  # every slot of the span decodes at decode_length (no mask without a window)
     decode_all: bool = False  # every token decodes, token t as decode row t
     decode_direct: bool = False  # decode row i is in KV slot decode_span[0] + i and nothing else is in the span
+    decode_gather: bool = False  # static: read each row's slot (a copy) instead of the whole cache span
     _step_cache: dict = field(default_factory=dict)  # tensors every layer of the step reuses (masks, KV rows)
 
     @classmethod
@@ -98,8 +106,9 @@ class AttentionMeta:
         the step, 1 for slots that are not decoding; `length` >= the longest of them. Rows may
         share a slot (padding rows all write one scratch slot): their outputs are garbage."""
         rows = torch.arange(kv_slots.shape[0], device=kv_slots.device)
+        gather = kv_lens.shape[0] > GATHER_FACTOR * kv_slots.shape[0]
         return cls(None, kv_slots.device, True, kv_slots, [], rows, kv_slots, (0, kv_lens.shape[0]), kv_lens,
-                   length, False, True)
+                   length, False, True, False, gather)
 
     def kv_index(self, kv_cache: KVCache, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Where this step's keys and values go in the cache (`KVCache.index`), once per step."""
@@ -124,13 +133,14 @@ class AttentionMeta:
         return self._step_cache[key], False
 
     def decode_mask(self, window: int | None) -> torch.Tensor | None:
-        """bool[span, 1, 1, decode_length] over the decode span's KV slots: a decoding slot sees
-        its own context (and window); a slot that is not decoding sees position 0 only."""
+        """bool[span, 1, 1, decode_length] over the decode span's KV slots (over the decode rows
+        when `decode_gather`): a decoding slot sees its own context (and window); a slot that is
+        not decoding sees position 0 only."""
         if self.decode_uniform and (window is None or self.decode_length <= window):
             return None
         key = ("decode", window)
         if key not in self._step_cache:
-            ctx = self.decode_lens[:, None]
+            ctx = (self.decode_lens[self.decode_index] if self.decode_gather else self.decode_lens)[:, None]
             k_pos = torch.arange(self.decode_length, device=self.device)[None, :]
             mask = k_pos < ctx
             if window is not None:
@@ -207,7 +217,11 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache) -> torch.Tensor:
         """One SDPA call for every decode row, q [B_d, H, 1, D_h] -> [B_d, H, 1, D_h]: over the
         decode span's cache rows, with each row's query at its slot's place in the span (rows
-        already in the span's slot order go in and come out as they are)."""
+        already in the span's slot order go in and come out as they are), or over a copy of
+        each row's own slot (`decode_gather`)."""
+        if meta.decode_gather:  # each row's own slot, copied: [B_d, H_kv, length, D_h]
+            kd, vd = kv_cache.gather(self.layer_idx, meta.decode_index, meta.decode_length)
+            return _sdpa(q, kd, vd, meta.decode_mask(self.sliding_window), False, self.scaling)
         lo, hi = meta.decode_span
         kd, vd = kv_cache.span(self.layer_idx, lo, hi, meta.decode_length)  # views
         if not meta.decode_direct:

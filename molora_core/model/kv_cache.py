@@ -65,6 +65,11 @@ class KVCache:
         """Keys and values of one slot's first `length` positions, each [H_kv, length, D_h]."""
         return self.k[layer, slot, :, :length], self.v[layer, slot, :, :length]
 
+    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `slots` (int64[B], repeats allowed) up to `length`, each
+        [B, H_kv, length, D_h]: a copy."""
+        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+
     def clear(self, slot: int, length: int) -> None:
         """Zero the first `length` positions of `slot` in every layer (a sequence leaving it)."""
         self.k[:, slot, :, :length].zero_()

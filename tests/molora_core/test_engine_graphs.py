@@ -43,12 +43,15 @@ def test_buckets():
     assert length_buckets(512) == [64, 128, 256, 512]
 
 
-def test_static_decode_forward_matches_the_ordinary_step(tmp_path):
+@pytest.mark.parametrize("max_seqs", [5, 16], ids=["cache-span", "rows-gathered"])
+def test_static_decode_forward_matches_the_ordinary_step(tmp_path, max_seqs):
     """Rows padded to a bucket, a scratch slot, keys read up to a length bucket: the real rows'
-    logits equal an ordinary decode step's."""
+    logits equal an ordinary decode step's, whether attention reads the whole cache span (5
+    slots for 4 rows) or copies the rows' own slots out of a cache over 3x larger (16 slots)."""
     _, path = make_checkpoint(tmp_path, "qwen3")
     model = load_model(path, dtype=torch.float32)
-    cache = KVCache.for_model(model, max_seqs=5, max_seq_len=32)  # slot 4 is the scratch slot
+    cache = KVCache.for_model(model, max_seqs=max_seqs, max_seq_len=32)  # the last slot is the scratch slot
+    scratch = max_seqs - 1
     seqs = {3: ids_for(1, 9, seed=1)[0], 0: ids_for(1, 6, seed=2)[0], 1: ids_for(1, 12, seed=3)[0]}
     with torch.no_grad():
         for slot, ids in seqs.items():
@@ -63,10 +66,11 @@ def test_static_decode_forward_matches_the_ordinary_step(tmp_path):
         cache.k.copy_(snapshot[0])
         cache.v.copy_(snapshot[1])
 
-        kv_slots = torch.tensor(slots + [4], dtype=torch.int64)  # one padding row
-        kv_lens = torch.ones(5, dtype=torch.int64)
+        kv_slots = torch.tensor(slots + [scratch], dtype=torch.int64)  # one padding row
+        kv_lens = torch.ones(max_seqs, dtype=torch.int64)
         kv_lens[slots] = torch.tensor(lens)
         meta = AttentionMeta.static_decode(kv_slots, kv_lens, 16)
+        assert meta.decode_gather == (max_seqs > 12)
         ids = torch.cat([last, torch.zeros(1, dtype=torch.int64)])
         positions = torch.tensor([n - 1 for n in lens] + [0])
         got = model.forward_static_decode(ids, positions, meta, cache)

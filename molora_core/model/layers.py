@@ -9,7 +9,9 @@ from torch import nn
 
 class RMSNorm(nn.Module):
     """y = weight * (x / sqrt(mean(x^2) + eps)), normalized in fp32 and cast back before the
-    weight multiply, as transformers does (this order matters for bf16 parity)."""
+    weight multiply, as transformers does (this order matters for bf16 parity). F.rms_norm
+    normalizes 16-bit inputs in fp32 and rounds its output to their dtype, so without a weight it
+    is that first step in one op; with one, CUDA's fused kernel would multiply before rounding."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -19,8 +21,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
-        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
 def rms_norm_heads(x: torch.Tensor, split: int, first: RMSNorm, second: RMSNorm) -> torch.Tensor:
@@ -29,7 +30,7 @@ def rms_norm_heads(x: torch.Tensor, split: int, first: RMSNorm, second: RMSNorm)
     norms run apart (which it falls back to where their eps or dtypes differ)."""
     if first.eps != second.eps or not x.dtype == first.weight.dtype == second.weight.dtype:
         return torch.cat((first(x[:, :split]), second(x[:, split:])), dim=1)
-    h = F.rms_norm(x if x.dtype == torch.float32 else x.float(), first.weight.shape, None, first.eps).to(x.dtype)
+    h = F.rms_norm(x, first.weight.shape, None, first.eps)  # fp32 inside, rounded to x's dtype
     h[:, :split].mul_(first.weight)  # in place on views (`h[i] *= w` would add a copy back)
     h[:, split:].mul_(second.weight)
     return h

@@ -44,11 +44,12 @@ class StepBatch:
         return sum(self.num_new)
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """int64[T] position of every flat token (what `forward` expects as `positions`)."""
-        out = torch.empty(self.num_tokens, dtype=torch.int64)
+        """int64[T] position of every flat token (what `forward` expects as `positions`), built
+        as a host list and made a tensor once (not two ops per sequence)."""
+        out = [0] * self.num_tokens
         for start, n, ctx in zip(self.starts, self.num_new, self.context_lens):
-            out[start : start + n] = torch.arange(ctx - n, ctx)
-        return out.to(device)
+            out[start : start + n] = range(ctx - n, ctx)
+        return torch.tensor(out, dtype=torch.int64).to(device)
 
     def per_token(self, values) -> list[int]:
         """[T] list giving every flat token its sequence's entry of `values` ([B])."""

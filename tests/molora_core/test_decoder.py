@@ -222,3 +222,40 @@ def test_cuda_matches_cpu(tmp_path):
     with torch.no_grad():
         diff = (gpu.forward_dense(ids.cuda()).cpu() - cpu.forward_dense(ids)).abs().max()
     assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_joint_qk_norm_and_rope_equal_transformers_ops_bit_for_bit(dtype):
+    """q_norm/k_norm over q's and k's heads side by side (rms_norm_heads) and the roll form of
+    RoPE give exactly what transformers' Qwen3RMSNorm and apply_rotary_pos_emb give, in fp32 and
+    in both 16-bit dtypes (same ops, same rounding); mismatched eps takes the two-norm fallback."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb
+
+    from molora_core.model.config import from_hf_config
+    from molora_core.model.layers import RMSNorm, rms_norm_heads
+    from molora_core.model.rope import RotaryEmbedding, apply_rope
+
+    heads, kv_heads, head_dim, t = 8, 2, 32, 13
+    hf_cfg = Qwen3Config(**{**TINY, "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim})
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(t, (heads + kv_heads) * head_dim, generator=gen) * 3).to(dtype).view(t, heads + kv_heads, head_dim)
+    positions = torch.randint(0, 64, (t,), generator=gen)
+    ours, theirs = [], []
+    for eps in (1e-6, 1e-5):
+        norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, eps)
+        hf_norm = Qwen3RMSNorm(head_dim, 1e-6), Qwen3RMSNorm(head_dim, eps)
+        for a, b in zip(norm, hf_norm):
+            w = torch.rand(head_dim, generator=gen) + 0.5
+            a.weight.data.copy_(w)
+            b.weight.data.copy_(w)
+            a.to(dtype), b.to(dtype)
+        ours.append(rms_norm_heads(x, heads, *norm))
+        theirs.append(torch.cat((hf_norm[0](x[:, :heads]), hf_norm[1](x[:, heads:])), dim=1))
+    with torch.no_grad():
+        cos, sin = RotaryEmbedding(from_hf_config(hf_cfg)).cos_sin(positions, dtype)
+        hf_cos, hf_sin = Qwen3RotaryEmbedding(hf_cfg)(x, positions[None])
+        for got, want in zip(ours, theirs):
+            assert torch.equal(got, want)
+            q, k = apply_rotary_pos_emb(want[None, :, :heads].transpose(1, 2), want[None, :, heads:].transpose(1, 2),
+                                        hf_cos, hf_sin)
+            assert torch.equal(apply_rope(got, cos, sin), torch.cat((q, k), dim=1)[0].transpose(0, 1))

@@ -33,6 +33,7 @@ from deployments.bootstrap import engine_config, open_store
 from deployments.config import AppConfig
 from deployments.errors import ApiError, classify
 from deployments.resolve import parse_router_key
+from molora_core import cpu_threads
 from molora_core.engine import Engine, Request, RouterSpec, SamplingParams
 from molora_core.errors import RouterInvalid
 from molora_core.peft_io import load_peft_adapter
@@ -205,6 +206,7 @@ class ModelReplica:
                 log.warning("prefetch of %s failed: %r", key, exc)
 
     def _heartbeat_loop(self) -> None:
+        cpu_threads.confine()  # prefetches copy weights here: without a team of their own (see cpu_threads)
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self._beat()
@@ -226,6 +228,7 @@ class ModelReplica:
     def _event_loop(self) -> None:
         """Follow the registry's event stream from where this replica started. Reading the stream
         (not pub/sub) means events published while Redis or this loop was away are caught up."""
+        cpu_threads.confine()  # removals zero hot-set slots here
         last = None
         while not self._stop.is_set():
             try:

@@ -31,6 +31,7 @@ from typing import Callable, Iterable
 import torch
 
 from kernels import default_backend_name, get_backend
+from molora_core import cpu_threads
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
@@ -119,8 +120,10 @@ class Engine:
 
         self._routers: OrderedDict[str, GateRouter] = OrderedDict()
         # Cold adapter loads run here, off the step thread, so running requests keep decoding
-        # while a new request's adapters come from object storage.
-        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="molora-fetch")
+        # while a new request's adapters come from object storage. Confined to one CPU thread
+        # each: an OpenMP team of their own would slow every step's ops (see cpu_threads).
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="molora-fetch",
+                                           initializer=cpu_threads.confine)
         self._fetches: dict[str, Future] = {}  # hot-set key -> load in flight or finished
         self._router_fetches: dict[str, Future] = {}  # router name -> load in flight or finished
         self._waiting: deque[Sequence] = deque()
@@ -137,6 +140,9 @@ class Engine:
         self._fatal: BaseException | None = None
         self._thread: threading.Thread | None = None
         if background:
+            # The step thread's OpenMP team does the computing from now on; this thread's, which
+            # loaded the weights, would only throttle it (see cpu_threads).
+            cpu_threads.release()
             self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
             self._thread.start()
 

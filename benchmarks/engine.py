@@ -15,6 +15,10 @@ throughput does not depend on the weights' values.
 Every scenario (and the PEFT baseline) runs `--repeats` times, interleaved, so a slow spell of
 a shared machine hits them all alike; each row is the run with the median throughput.
 
+Each run also counts the process's voluntary context switches (`context_switches`): in a run of
+small CPU ops, thousands of them mean OpenMP workers sleeping and waking between ops (see
+`molora_core.cpu_threads`), not work.
+
 Prints a table, writes JSON (device, versions, command) and ends with
 ``vs_peft_throughput: <(b) ours / PEFT>`` and ``molora_vs_base_throughput: <(c) / (a)>``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import sys
 import tempfile
 import time
@@ -98,16 +103,24 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
     # (prefill tile heights) and captures the gate's decode graphs, which a timed run should not hold.
     engine.generate(copy.deepcopy(reqs))
     engine.counters.step_s.clear()
+    switches = _voluntary_switches()
     started = time.perf_counter()
     outs = engine.generate(reqs)
     wall = time.perf_counter() - started
+    switches = _voluntary_switches() - switches
     tokens = sum(o.completion_tokens for o in outs)
     steps = list(engine.counters.step_s)
     # The first step prefills the whole batch (max_step_tokens holds every prompt); what the
     # steps' sum leaves of the wall time is the engine's host work between steps.
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps),
-            "first_step_ms": 1e3 * steps[0], "between_steps_ms": 1e3 * (wall - sum(steps))}
+            "first_step_ms": 1e3 * steps[0], "between_steps_ms": 1e3 * (wall - sum(steps)),
+            "context_switches": switches}
+
+
+def _voluntary_switches() -> int:
+    """Voluntary context switches of every thread of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str) -> None:
@@ -163,6 +176,7 @@ def peft_runner(root: Path, s: dict, device, dtype):
     def run() -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
+        switches = _voluntary_switches()
         started = time.perf_counter()
         out = once(s["new"], ids, names)
         if device.type == "cuda":
@@ -170,7 +184,8 @@ def peft_runner(root: Path, s: dict, device, dtype):
         wall = time.perf_counter() - started
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
         return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-                "step_mean_ms": 1e3 * wall / (out.shape[1] - ids.shape[1])}
+                "step_mean_ms": 1e3 * wall / (out.shape[1] - ids.shape[1]),
+                "context_switches": _voluntary_switches() - switches}
 
     return run
 
@@ -252,12 +267,13 @@ def main() -> None:
     print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
           f"repeats={args.repeats} (median run shown)")
-    print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}")
+    print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}"
+          f"{'ctx sw':>8}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, r in results.items():
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
         print(f"{name:<36}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
-              f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}")
+              f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}{r['context_switches']:>8}")
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]

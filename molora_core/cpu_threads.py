@@ -47,23 +47,34 @@ _RUNTIMES = ("libgomp", "libiomp5", "libomp")
 def _runtime() -> ctypes.CDLL | None:
     """The OpenMP runtime loaded in this process (torch's), or None."""
     torch.get_num_threads()  # loads torch's CPU library, and OpenMP with it
-    candidates = [ctypes.CDLL(None)]
+    for lib in _loaded_libraries():
+        if hasattr(lib, "omp_set_num_threads"):
+            lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+            if hasattr(lib, "omp_pause_resource_all"):
+                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            return lib
+    log.debug("no OpenMP runtime found in this process; CPU threads are not confined")
+    return None
+
+
+def _loaded_libraries():
+    """The process's global symbols, then each loaded OpenMP runtime by path (opening an
+    already loaded library returns it, not a second copy)."""
+    try:
+        yield ctypes.CDLL(None)
+    except (OSError, TypeError):  # no global symbol table on this platform
+        pass
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
+            paths = sorted({line.split()[-1] for line in maps if "/" in line})
     except OSError:
-        paths = set()
-    for path in sorted(paths):
+        return
+    for path in paths:
         if os.path.basename(path).startswith(_RUNTIMES):
             try:
-                candidates.append(ctypes.CDLL(path))  # already loaded: the same runtime, not a second one
+                yield ctypes.CDLL(path)
             except OSError:
                 continue
-    for lib in candidates:
-        if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
-            return lib
-    log.debug("no OpenMP runtime found in this process; CPU thread confinement is off")
-    return None
 
 
 def confine() -> bool:
@@ -86,5 +97,4 @@ def release() -> bool:
     lib = _runtime()
     if lib is None or not hasattr(lib, "omp_pause_resource_all"):
         return False
-    lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
     return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft

@@ -94,3 +94,20 @@ def test_cold_loads_run_on_confined_threads(tmp_path_factory):
     assert out.completion_tokens == 3
     assert seen == [("molora-fetch", 1)]
     assert torch.get_num_threads() == threads  # the caller, which ran the steps, kept its threads
+
+
+def test_a_background_engine_releases_the_team_of_the_thread_that_built_it(tmp_path_factory, monkeypatch):
+    demo = ensure_demo_assets(tmp_path_factory.getbasetemp() / "demo-assets")
+    released = []
+    monkeypatch.setattr(cpu_threads, "release", lambda: released.append(threading.current_thread()) or True)
+    foreground = Engine(demo / "model", EngineConfig(max_batch=2, max_seq_len=64, hot_slots=2, max_rank=8))
+    foreground.close()
+    assert released == []  # the caller runs the steps: its team does the work
+    background = Engine(demo / "model", EngineConfig(max_batch=2, max_seq_len=64, hot_slots=2, max_rank=8),
+                        background=True)
+    try:
+        (out,) = background.generate([Request("Bonjour", SamplingParams(max_tokens=2))])
+    finally:
+        background.close()
+    assert out.completion_tokens == 2
+    assert released == [threading.current_thread()]

@@ -2,7 +2,8 @@
 
 Layers receive a backend and call `apply`; they never pick one or call a kernel themselves.
 `triton` runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
-`torch` runs the pure-torch twins (CPU deployments, and the reference in tests).
+`torch` runs the pure-torch twins (the reference in tests); `cpu` runs the twins plus a compiled
+kernel for decode steps (CPU deployments).
 """
 
 from __future__ import annotations
@@ -98,6 +99,38 @@ class TorchBackend(LoRABackend):
         return lora_apply_shared_ref(
             x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=rank_scales, cache=cache
         )
+
+
+class CpuBackend(TorchBackend):
+    """The torch twins plus a compiled kernel for decode-size steps (`kernels.lora_cpu`, at most
+    MAX_PAIRS pairs): each projection group's LoRA is one call over the pairs each slot is
+    routed, instead of the twins' few tiny matmuls per group. Larger steps, autograd, and
+    machines where the kernel cannot be built run the twins. What CPU engines run by default."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from kernels import lora_cpu
+
+        self._lora_cpu = lora_cpu
+        self.compiled = lora_cpu.available()  # builds on first use (about 30 s), then loads the cached build
+
+    def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
+                     cache=None):
+        if self.compiled and meta.num_pairs <= self._lora_cpu.MAX_PAIRS:
+            # Checked once per layer (the buffers keep their layout) and once per step (routes):
+            # per call, the Python around a ~30 us kernel call must stay small.
+            prepared = False if cache is None else cache.get("lora_cpu", False)
+            if prepared is False:
+                prepared = self._lora_cpu.Prepared.make(lora_a_group, lora_b_list, ranks_group, scales_group)
+                if cache is not None:
+                    cache["lora_cpu"] = prepared
+            routes = None if prepared is None else self._lora_cpu.step_routes(meta)
+            if routes is not None and x.dtype == prepared.dtype and x.is_contiguous() and not x.requires_grad:
+                self._lora_cpu.run_prepared(x, prepared, routes, outs, meta.top_k)
+                return outs
+        return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs,
+                                    rank_scales=rank_scales, cache=cache)
 
 
 class TritonBackend(LoRABackend):
@@ -212,7 +245,7 @@ class TritonBackend(LoRABackend):
         return meta.backend_cache[key]
 
 
-_BACKENDS: dict[str, Callable[[], LoRABackend]] = {"torch": TorchBackend, "triton": TritonBackend}
+_BACKENDS: dict[str, Callable[[], LoRABackend]] = {"cpu": CpuBackend, "torch": TorchBackend, "triton": TritonBackend}
 
 
 def available_backends() -> list[str]:
@@ -220,7 +253,7 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> LoRABackend:
-    """The backend registered under `name` ("torch" or "triton")."""
+    """The backend registered under `name` ("cpu", "torch" or "triton")."""
     try:
         factory = _BACKENDS[name]
     except KeyError:

@@ -1,0 +1,106 @@
+"""The CPU backend's compiled decode kernel against the torch twins (kernels.lora_ref), and the
+backend's choice between them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kernels import build_dispatch, get_backend, lora_cpu
+from kernels.lora_ref import lora_apply_shared_ref
+
+# Where a C++ compiler exists the kernel must build: a broken build fails here, not silently.
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def test_the_kernel_builds():
+    assert lora_cpu.available()
+
+
+def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator):
+    if kind == "one_adapter":
+        s = torch.full((tokens, top_k), 1, dtype=torch.int32)
+    elif kind == "per_request":  # contiguous runs, one slot each (the engine's grouped order)
+        s = (torch.arange(tokens, dtype=torch.int32) * slots // tokens).view(-1, 1).repeat(1, top_k)
+    else:  # per token: distinct slots per token, some tokens on no adapter, slot 0 left empty
+        s = torch.stack([torch.randperm(slots - 1, generator=gen)[:top_k] + 1 for _ in range(tokens)]).int()
+        s[::5, -1] = -1
+    w = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1)
+    return s, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["one_adapter", "per_request", "per_token"])
+@pytest.mark.parametrize("tokens,top_k,d_in,sizes", [
+    (1, 1, 16, [8]),
+    (5, 2, 64, [48, 16, 16]),
+    (16, 1, 256, [256, 128, 128]),
+    (16, 2, 1024, [3072, 3072]),
+    (40, 2, 200, [70]),  # column counts that are not a multiple of the kernel's 64-column tiles
+])
+def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
+    gen = torch.Generator().manual_seed(tokens * 7 + d_in)
+    groups, slots, max_rank = len(sizes), 4, 16
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+    lora_a = (torch.randn(groups, slots, max_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
+    # The torch backends' layout: lora_b stored [S, R, D_out], handed over as [S, D_out, R] views.
+    lora_b = [(torch.randn(slots, max_rank, n, generator=gen) / 4).to(dtype).transpose(1, 2) for n in sizes]
+    ranks = torch.tensor([[16, 8, 0, 4]] * groups, dtype=torch.int32)  # mixed ranks, one empty slot
+    ranks[-1, 1] = 12
+    scales = torch.tensor([[2.0, 0.5, 1.0, 1.5]] * groups)
+    s, w = _routes(kind, tokens, top_k, slots, gen)
+    meta = build_dispatch(s, w, slots)
+    y = torch.randn(tokens, sum(sizes), generator=gen).to(dtype)
+    want = y.double()
+    lora_apply_shared_ref(x.double(), lora_a.double(), [b.double() for b in lora_b], ranks, scales, meta,
+                          list(want.split(sizes, 1)))
+    got = y.clone()
+    lora_cpu.lora_cpu_shared(x, lora_a, lora_b, ranks, scales, meta, list(got.split(sizes, 1)))
+    assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0)
+    # Padding past a slot's rank is never read, whatever it holds.
+    padded_a, padded_b = lora_a.clone(), [b.clone() for b in lora_b]
+    padded_a[:, 1, 8:] = float("nan")
+    for b in padded_b:
+        b[1, :, 8:] = float("nan")
+    padded_a[-1, 1, 8:12], padded_b[-1][1, :, 8:12] = lora_a[-1, 1, 8:12], lora_b[-1][1, :, 8:12]
+    again = y.clone()
+    lora_cpu.lora_cpu_shared(x, padded_a, [b.transpose(1, 2).contiguous().transpose(1, 2) for b in padded_b],
+                             ranks, scales, meta, list(again.split(sizes, 1)))
+    assert torch.equal(again, got)
+
+
+def test_refuses_operands_it_does_not_take():
+    meta = build_dispatch(torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), 2)
+    x, a = torch.randn(2, 8), torch.randn(1, 2, 4, 8)
+    b_bad = [torch.randn(2, 6, 4)]  # stored [S, D_out, R]: not the rank-major layout
+    with pytest.raises(ValueError, match="lora_b stored"):
+        lora_cpu.lora_cpu_shared(x, a, b_bad, torch.ones(1, 2, dtype=torch.int32), torch.ones(1, 2), meta,
+                                 [torch.zeros(2, 6)])
+    b = [torch.randn(2, 4, 6).transpose(1, 2)]
+    with pytest.raises(ValueError, match="T \\* K pairs"):
+        lora_cpu.lora_cpu_shared(torch.randn(3, 8), a, b, torch.ones(1, 2, dtype=torch.int32), torch.ones(1, 2),
+                                 meta, [torch.zeros(3, 6)])
+
+
+def test_backend_runs_the_kernel_for_decode_steps_and_the_twins_elsewhere(monkeypatch):
+    backend = get_backend("cpu")
+    calls = []
+    monkeypatch.setattr(lora_cpu, "run_prepared", lambda x, prepared, routes, outs, top_k: calls.append(x.shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 2, 4, 8, generator=gen)
+    b = [torch.randn(2, 4, 6, generator=gen).transpose(1, 2)]
+    ranks, scales = torch.full((1, 2), 4, dtype=torch.int32), torch.ones(1, 2)
+    for tokens in (4, 600):  # a decode-size step, then a prefill-size one
+        meta = build_dispatch(torch.zeros(tokens, 1, dtype=torch.int32), torch.ones(tokens, 1), 2)
+        out = torch.zeros(tokens, 6)
+        backend.apply_shared(torch.randn(tokens, 8, generator=gen), a, b, ranks, scales, meta, [out])
+        assert out.abs().sum().item() == 0 if tokens == 4 else out.abs().sum().item() > 0
+    assert calls == [4]
+    # Autograd (router training) takes the twins too.
+    w = torch.ones(4, 1, requires_grad=True)
+    meta = build_dispatch(torch.zeros(4, 1, dtype=torch.int32), w, 2)
+    backend.apply_shared(torch.randn(4, 8, generator=gen), a, b, ranks, scales, meta, [torch.zeros(4, 6)])
+    assert calls == [4]

@@ -34,7 +34,8 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="model dtype; None = the checkpoint's (float32 on CPU)"
     )
-    backend: str | None = Field(None, description="LoRA backend ('torch' | 'triton'); None = torch on CPU, the device's default elsewhere")
+    backend: str | None = Field(None, description="LoRA backend ('cpu' | 'torch' | 'triton'); None = cpu on CPU (the torch "
+                                  "twins plus a compiled decode kernel), the device's default elsewhere")
     decode_kernel: Literal["auto", "fused", "dense", "split", "dense_base"] = Field(
         "auto",
         description="triton backend only: the kernel decode steps run LoRA with (kernels.backends.TritonBackend); "

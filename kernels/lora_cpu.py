@@ -28,6 +28,7 @@ import logging
 import os
 import platform
 import shutil
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -75,15 +76,12 @@ def _module():
 
 
 def _find_ninja() -> None:
-    """torch runs `ninja` from PATH; the ninja wheel (a dependency) puts it beside the
-    interpreter, which is not on PATH when a venv's python runs without activating it."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass  # load() then says ninja is missing
+    """torch runs `ninja` from PATH; the ninja wheel (a dependency) installs it among the
+    interpreter's scripts, which are not on PATH when a venv's python runs without activating
+    the venv. Where it is missing from both, load() says so."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 def available() -> bool:

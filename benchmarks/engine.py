@@ -19,7 +19,8 @@ Each run also counts the process's voluntary context switches (`context_switches
 small CPU ops, thousands of them mean OpenMP workers sleeping and waking between ops (see
 `molora_core.cpu_threads`), not work.
 
-Prints a table, writes JSON (device, versions, command) and ends with
+Prints a table, writes JSON (device, versions, command), prints each ratio repeat by repeat
+(runs back to back, so a slow spell of the machine moves both sides), and ends with
 ``vs_peft_throughput: <(b) ours / PEFT>`` and ``molora_vs_base_throughput: <(c) / (a)>``.
 """
 
@@ -116,6 +117,11 @@ def run_ours(engine: Engine, reqs: list[Request]) -> dict:
             "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps),
             "first_step_ms": 1e3 * steps[0], "between_steps_ms": 1e3 * (wall - sum(steps)),
             "context_switches": switches}
+
+
+def _paired(runs: dict, numerator: str, denominator: str) -> list[float]:
+    """numerator's tokens/s over denominator's, repeat by repeat."""
+    return [n["tokens_per_s"] / d["tokens_per_s"] for n, d in zip(runs[numerator], runs[denominator])]
 
 
 def _voluntary_switches() -> int:
@@ -277,11 +283,16 @@ def main() -> None:
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]
+    # The same ratios within each repeat, whose runs were back to back: on a machine whose speed
+    # drifts between repeats they vary less than the ratio of two medians taken from different ones.
+    per_repeat = {"molora_vs_base_throughput": _paired(runs, "c_gate_per_token", "a_base")}
+    if peft:
+        per_repeat["vs_peft_throughput"] = _paired(runs, "b_adapter_per_request", "peft_mixed_adapter_names")
     report = {
         "benchmark": "engine",
         "environment": environment(str(device)),
         "size": size, "sizes": s, "dtype": dtype_name, "repeats": args.repeats, "results": results,
-        "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base,
+        "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base, "per_repeat": per_repeat,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
     for step, kernel, suffix in compare:
@@ -289,6 +300,8 @@ def main() -> None:
             results[f"c_gate_per_token_{suffix}"]["tokens_per_s"] / results["a_base"]["tokens_per_s"])
     write_json(args.out, report)
     print(f"wrote {args.out}")
+    for key, ratios in per_repeat.items():
+        print(f"{key} per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
     print("vs_peft_throughput: " + ("n/a (--skip-peft)" if vs_peft is None else f"{vs_peft:.2f}"))
     for step, kernel, _ in compare:
         key = f"molora_vs_base_throughput_{kernel}_{step}"

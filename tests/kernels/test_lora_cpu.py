@@ -39,7 +39,7 @@ def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator
     (5, 2, 64, [48, 16, 16]),
     (16, 1, 256, [256, 128, 128]),
     (16, 2, 1024, [3072, 3072]),
-    (40, 2, 200, [70]),  # column counts that are not a multiple of the kernel's 64-column tiles
+    (40, 2, 200, [70]),  # a column count that is not a multiple of the kernel's 256-column expand tasks
 ])
 def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
     gen = torch.Generator().manual_seed(tokens * 7 + d_in)

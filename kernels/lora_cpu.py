@@ -1,4 +1,4 @@
-"""The CPU backend's compiled decode kernel (`kernels/csrc/lora_cpu.cpp`): launcher and build.
+"""The CPU backend's compiled decode kernel (`kernels/csrc/lora_cpu.cpp`): its launcher.
 
 Semantics as `kernels.lora_ref.lora_apply_shared_ref`, its oracle:
 
@@ -13,31 +13,18 @@ adapters, rank 16, fp32, caches flushed between steps) took 0.5 ms (one adapter 
 0.6 ms (top-2) against the twins' 3.0 ms at hidden 256, and 1.5 and 2.2 ms against 5.7 ms at
 Qwen3-0.6B's layer shapes.
 
-The source is compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja;
-about 30 s on 2 cores) for the CPU it runs on, into torch's extension cache, whose entry is
-keyed by the CPU's instruction-set flags so an image built elsewhere never runs code this CPU
-lacks; later processes load the cached build. Where it cannot be built, `available()` is False
-(logged once) and the backend keeps to the torch twins.
+Built with the decoder's CPU ops into one extension by `kernels.cpu_ext` (on first use, for the
+CPU it runs on); where it cannot be built, `available()` is False and the backend keeps to the
+torch twins.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sysconfig
-from pathlib import Path
-
 import torch
 
+from kernels import cpu_ext
 from kernels.meta import DispatchMeta
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).parent / "csrc" / "lora_cpu.cpp"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backend runs the kernel for steps of at most this many (token, k) pairs; above, the torch
 # twins' large matmuls are as fast (4 layers' 16 projection groups, 4 adapters, rank 16, fp32,
@@ -46,47 +33,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_PAIRS = 256
 
 
-def _cpu_key() -> str:
-    """A short hash of this CPU's instruction-set flags (and machine type)."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
-
-
-@functools.lru_cache(maxsize=None)
-def _module():
-    """The built extension, or None where it cannot be built (logged once)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        _find_ninja()
-        return load(
-            name=f"molora_lora_cpu_{_cpu_key()}",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-    except Exception as exc:  # no compiler or ninja, an unsupported platform: the torch twins run
-        log.warning("the CPU LoRA decode kernel could not be built, so CPU decode steps run the torch path: %s", exc)
-        return None
-
-
-def _find_ninja() -> None:
-    """torch runs `ninja` from PATH; the ninja wheel (a dependency) installs it among the
-    interpreter's scripts, which are not on PATH when a venv's python runs without activating
-    the venv. Where it is missing from both, load() says so."""
-    scripts = sysconfig.get_path("scripts")
-    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
-        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-
-
 def available() -> bool:
     """True once the kernel is built (building it now if needed)."""
-    return _module() is not None
+    return cpu_ext.available()
 
 
 class Prepared:
@@ -128,8 +77,8 @@ def run_prepared(x: torch.Tensor, prepared: Prepared, routes, outs: list[torch.T
     """`lora_cpu_shared` on operands already checked (`Prepared.make`, `step_routes`); x must be
     contiguous and of the prepared dtype, outs of unit column stride (the kernel checks both)."""
     lora_a_group, lora_b_rank_major, ranks_group, scales_group = prepared.args
-    _module().lora_shared(x, lora_a_group, lora_b_rank_major, outs, routes[0], routes[1], ranks_group, scales_group,
-                          top_k)
+    cpu_ext.module().lora_shared(x, lora_a_group, lora_b_rank_major, outs, routes[0], routes[1], ranks_group,
+                                 scales_group, top_k)
 
 
 def lora_cpu_shared(
@@ -162,7 +111,7 @@ def lora_cpu_shared(
     routes = step_routes(meta)
     if routes is None:
         raise ValueError("lora_cpu_shared: the routing weights need autograd, which the kernel does not record")
-    if _module() is None:
+    if cpu_ext.module() is None:
         raise RuntimeError("the CPU LoRA decode kernel is not built on this machine (see the log)")
     try:
         run_prepared(x, prepared, routes, outs, meta.top_k)

@@ -1,6 +1,6 @@
 // Per-token LoRA of a decode-size step on CPU, for G modules that read the same x (q/k/v,
 // gate/up): the compiled twin of kernels.lora_ref.lora_apply_shared_ref. Built on first use by
-// kernels/lora_cpu.py (torch.utils.cpp_extension).
+// kernels/cpu_ext.py (torch.utils.cpp_extension), with decode_cpu.cpp; launched by kernels/lora_cpu.py.
 //
 // Semantics: outs[g][t] += sum_k w[t*K+k] * scales[g, s] * (x[t] @ a[g, s, :r].T) @ b[g][s, :r, :]
 // with s = slots[t*K+k], r = ranks[g, s]; pairs with s == -1 add nothing.
@@ -186,6 +186,9 @@ void lora_shared(const torch::Tensor& x, const torch::Tensor& a, const std::vect
 
 }  // namespace
 
+void register_decode_ops(pybind11::module& m);  // decode_cpu.cpp, built into this extension
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_shared", &lora_shared, "per-token LoRA of G modules reading the same x (decode-size steps)");
+  register_decode_ops(m);
 }

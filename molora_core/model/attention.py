@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import decode_cpu
 from molora_core.model.batch import StepBatch
 from molora_core.model.config import DecoderConfig
 from molora_core.model.kv_cache import KVCache
@@ -71,6 +72,9 @@ class AttentionMeta:
     decode_all: bool = False  # every token decodes, token t as decode row t
     decode_direct: bool = False  # decode row i is in KV slot decode_span[0] + i and nothing else is in the span
     decode_gather: bool = False  # static: read each row's slot (a copy) instead of the whole cache span
+    # Each decode row's KV slot and context length, int64[B_d] (eager steps; the compiled CPU path reads them)
+    decode_row_slots: torch.Tensor | None = None
+    decode_row_lens: torch.Tensor | None = None
     _step_cache: dict = field(default_factory=dict)  # tensors every layer of the step reuses (masks, KV rows)
 
     @classmethod
@@ -96,8 +100,12 @@ class AttentionMeta:
             decode_lens = torch.tensor(lens, dtype=torch.int64).to(device)
         every = not prefill and [batch.starts[b] for b in decode] == list(range(len(decode)))
         direct = [batch.slots[b] for b in decode] == list(range(span[0], span[0] + len(decode)))
+        row_slots = row_lens = None
+        if decode:
+            row_slots = torch.tensor([batch.slots[b] for b in decode], dtype=torch.int64).to(device)
+            row_lens = torch.tensor([batch.context_lens[b] for b in decode], dtype=torch.int64).to(device)
         return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span,
-                   decode_lens, length, uniform, every, direct)
+                   decode_lens, length, uniform, every, direct, decode_row_slots=row_slots, decode_row_lens=row_lens)
 
     @classmethod
     def static_decode(cls, kv_slots: torch.Tensor, kv_lens: torch.Tensor, length: int) -> "AttentionMeta":
@@ -188,16 +196,31 @@ class Attention(nn.Module):
         else:
             qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
         qk = qk.view(t, qk_heads, self.head_dim)
-        if self.q_norm is not None:
-            qk = rms_norm_heads(qk, heads, self.q_norm, self.k_norm)
-        qk = apply_rope(qk, cos, sin)
+        compiled = self._compiled_ops(qk, cos)
+        if compiled:  # q/k norm and RoPE in one call
+            norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+            eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            qk = decode_cpu.qk_norm_rope(qk, heads, *norm, eps, cos, sin)
+        else:
+            if self.q_norm is not None:
+                qk = rms_norm_heads(qk, heads, self.q_norm, self.k_norm)
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, :heads], qk[:, heads:]
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
-            kv_cache.write(self.layer_idx, meta.kv_index(kv_cache, positions), k, v)
+            if compiled and kv_cache.dtype == qk.dtype:
+                decode_cpu.kv_write(kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], meta.token_slots, positions,
+                                    k, v)
+            else:
+                kv_cache.write(self.layer_idx, meta.kv_index(kv_cache, positions), k, v)
+        compiled_decode = compiled and meta.decode_row_lens is not None and kv_cache.dtype == q.dtype
 
         if meta.decode_all:
-            return self.o_proj(self._decode(q.unsqueeze(2), meta, kv_cache).reshape(t, -1))
+            if compiled_decode:
+                out = self._decode_compiled(q, meta, kv_cache, torch.empty_like(q))
+            else:
+                out = self._decode(q.unsqueeze(2), meta, kv_cache)
+            return self.o_proj(out.reshape(t, -1))
         out = torch.empty_like(q)  # [T, H, D_h]
         batch = meta.batch
         for b in meta.prefill:
@@ -211,8 +234,27 @@ class Attention(nn.Module):
             o = _sdpa(qs, ks[None], vs[None], mask, is_causal, self.scaling)
             out[start : start + n] = o[0].transpose(0, 1)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows].unsqueeze(2), meta, kv_cache)[:, :, 0]
+            if compiled_decode:
+                self._decode_compiled(q[meta.decode_rows], meta, kv_cache, out)
+            else:
+                out[meta.decode_rows] = self._decode(q[meta.decode_rows].unsqueeze(2), meta, kv_cache)[:, :, 0]
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))
+
+    def _compiled_ops(self, qk: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether this step's q/k norm, RoPE, cache write and decode attention run as compiled
+        CPU ops (`kernels.decode_cpu`): CPU, no autograd, one dtype throughout."""
+        if not decode_cpu.enabled(qk) or cos.dtype != qk.dtype:
+            return False
+        return self.q_norm is None or (
+            self.q_norm.eps == self.k_norm.eps and self.q_norm.weight.dtype == self.k_norm.weight.dtype == qk.dtype
+        )
+
+    def _decode_compiled(self, q: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache, out: torch.Tensor):
+        """The decode rows' attention as one compiled CPU call over each row's own cache slot,
+        q [B_d, H, D_h] -> written into out at the rows' flat indices; returns out."""
+        return decode_cpu.decode_attention(q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx],
+                                           meta.decode_row_slots, meta.decode_row_lens, meta.decode_rows,
+                                           self.scaling, self.sliding_window, out)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMeta, kv_cache: KVCache) -> torch.Tensor:
         """One SDPA call for every decode row, q [B_d, H, 1, D_h] -> [B_d, H, 1, D_h]: over the

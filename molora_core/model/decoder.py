@@ -33,9 +33,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, positions, cos, sin, meta, kv_cache):
-        h = h + self.self_attn(self.input_layernorm(h), positions, cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, positions, cos, sin, meta, kv_cache):
+        """(h, residual) -> (h, residual): the layer's input is h + residual (h alone where
+        residual is None), and its output the returned pair's sum, left unadded so that the next
+        norm adds it (one op on CPU, `RMSNorm.add_norm`). Rounded as transformers' layer is."""
+        x, residual = self.input_layernorm.add_norm(h, residual)
+        h = self.self_attn(x, positions, cos, sin, meta, kv_cache)
+        x, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -139,9 +144,10 @@ class DecoderForCausalLM(nn.Module):
     def _layers(self, h, positions, meta, kv_cache, seq_lens=None) -> torch.Tensor:
         """Every decoder layer, then the final norm: [T, D] -> [T, D]."""
         cos, sin = self.rotary.cos_sin(positions, h.dtype, seq_lens)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, positions, cos, sin, meta, kv_cache)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, positions, cos, sin, meta, kv_cache)
+        return self.model.norm.add_norm(h, residual)[0]
 
     def forward_dense(self, input_ids: torch.Tensor, on_embeddings: EmbeddingHook | None = None) -> torch.Tensor:
         """Logits [B, L, V] for B fresh sequences int64[B, L], no cache (parity tests, scoring)."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import decode_cpu
+
 
 class RMSNorm(nn.Module):
     """y = weight * (x / sqrt(mean(x^2) + eps)), normalized in fp32 and cast back before the
@@ -19,6 +21,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_norm(x)[0] if x.dim() == 2 else self._torch(x)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) with s = x + residual, rounded to the dtype (s = x where residual is None):
+        a decoder layer's residual add and the norm after it. x, residual [T, D]. On CPU one
+        compiled call (`kernels.decode_cpu`) where it applies."""
+        if self.weight.dtype == x.dtype and x.stride(-1) == 1 and decode_cpu.enabled(x):
+            if residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1):
+                out, total = decode_cpu.rms_norm(x, self.weight, self.eps, residual)
+                return out, x if total is None else total
+        total = x if residual is None else x + residual
+        return self._torch(total), total
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
@@ -27,7 +43,8 @@ class RMSNorm(nn.Module):
 def rms_norm_heads(x: torch.Tensor, split: int, first: RMSNorm, second: RMSNorm) -> torch.Tensor:
     """`first` over heads [:split] of x [T, H, D_h] and `second` over the rest, normalizing once:
     Qwen3's q_norm and k_norm over q's and k's heads side by side. The same rounding as the two
-    norms run apart (which it falls back to where their eps or dtypes differ)."""
+    norms run apart (which it falls back to where their eps or dtypes differ). Torch ops only:
+    the decoder's CPU path fuses this with RoPE (`molora_core.model.attention`)."""
     if first.eps != second.eps or not x.dtype == first.weight.dtype == second.weight.dtype:
         return torch.cat((first(x[:, :split]), second(x[:, split:])), dim=1)
     h = F.rms_norm(x, first.weight.shape, None, first.eps)  # fp32 inside, rounded to x's dtype

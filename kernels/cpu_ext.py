@@ -1,0 +1,71 @@
+"""The compiled CPU extension: `csrc/lora_cpu.cpp` (the LoRA decode kernel, `kernels.lora_cpu`)
+and `csrc/decode_cpu.cpp` (the decoder's per-token ops, `kernels.decode_cpu`), one build.
+
+The sources are compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja;
+about 40 s on 2 cores) for the CPU it runs on, into torch's extension cache, whose entry is keyed
+by the CPU's instruction-set flags, so an image built elsewhere never runs code this CPU lacks;
+later processes load the cached build (torch rebuilds it when a source changes). Where it cannot be built, or where
+MOLORA_CPU_KERNELS=0, `module()` is None (logged once) and callers keep to torch ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sysconfig
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_cpu.cpp", "decode_cpu.cpp")]
+ENV_SWITCH = "MOLORA_CPU_KERNELS"
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's instruction-set flags (and machine type)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The built extension, or None where it cannot be built or is switched off (logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("%s=0: the compiled CPU kernels are off, so CPU steps run torch ops", ENV_SWITCH)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        _find_ninja()
+        return load(
+            name=f"molora_cpu_{_cpu_key()}",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as exc:  # no compiler or ninja, an unsupported platform: torch ops run
+        log.warning("the compiled CPU kernels could not be built, so CPU steps run torch ops: %s", exc)
+        return None
+
+
+def _find_ninja() -> None:
+    """torch runs `ninja` from PATH; the ninja wheel (a dependency) installs it among the
+    interpreter's scripts, which are not on PATH when a venv's python runs without activating
+    the venv. Where it is missing from both, load() says so."""
+    scripts = sysconfig.get_path("scripts")
+    if shutil.which("ninja") is None and shutil.which("ninja", path=scripts) is not None:
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
+def available() -> bool:
+    """True once the extension is built (building it now if needed)."""
+    return module() is not None

@@ -2,7 +2,8 @@
 
 A decode step of a small model on CPU is bound by op count: RMSNorm is six torch ops, Qwen3's
 q/k norm and RoPE about ten, the KV-cache write two index_put_ calls, and SDPA's flash kernel
-tiles 32 or more queries where a decode row has one. Each of these is one call here, with the
+tiles 32 or more queries where a decode row has one; and torch's CPU argmax, which the greedy
+sampler runs over [B, V] logits, is 10-20x slower than a max. Each of these is one call here, with the
 rounding of the torch path it replaces (`molora_core.model` keeps that path as the fallback and
 for autograd). `enabled(x)` says whether a tensor may take them: a CPU tensor of fp32, bf16 or
 fp16, grad mode off (they record no autograd), and the extension built (`kernels.cpu_ext`).
@@ -53,3 +54,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv head h // (H / H_kv). slots, lens, rows int64[B]; out [R, H, D_h]. Returns out."""
     cpu_ext.module().decode_attention(q, k_cache, v_cache, slots, lens, rows, scale, window or 0, out)
     return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """int64[B]: each row's argmax of logits [B, V], as torch.argmax(-1) (the first of ties; a
+    row's first NaN where it has one); compiled, 10-20x faster, for CPU float32 rows (any grad
+    mode: an index records no autograd), torch.argmax for the rest."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] > 0:
+        module = cpu_ext.module()
+        if module is not None and logits.stride(1) == 1:
+            return module.argmax_rows(logits)
+    return logits.argmax(dim=-1)

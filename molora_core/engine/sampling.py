@@ -1,8 +1,9 @@
 """Next-token sampling for a batch of sequences with per-request parameters.
 
-Greedy rows take the argmax in one call. Other rows scale by temperature, keep the top_k
-logits and the smallest set whose probability reaches top_p, and draw with the request's own
-torch.Generator, so the same seed gives the same tokens whatever else shares the batch.
+Greedy rows take the argmax in one call (on CPU a compiled one: `kernels.decode_cpu.argmax`).
+Other rows scale by temperature, keep the top_k logits and the smallest set whose probability
+reaches top_p, and draw with the request's own torch.Generator, so the same seed gives the same
+tokens whatever else shares the batch.
 
 Legend: B sequences sampled this step, V vocabulary.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import decode_cpu
 from molora_core.engine.request import SamplingParams
 
 
@@ -33,7 +35,7 @@ def sample(
 ) -> list[int]:
     """One token per row of logits [B, V] (any float dtype), row b under params[b]."""
     logits = logits.float()
-    out = logits.argmax(dim=-1).tolist()
+    out = decode_cpu.argmax(logits).tolist()
     for b, p in enumerate(params):
         if p.greedy:
             continue

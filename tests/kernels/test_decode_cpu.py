@@ -198,3 +198,17 @@ def test_switched_off_by_the_environment():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.stdout.split() == ["False", "False", "False"]
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 4096, 151936])
+def test_argmax_matches_torch_ties_and_nan_included(vocab):
+    gen = _gen()
+    logits = torch.randn(5, vocab, generator=gen)
+    if vocab > 1:
+        logits[1, vocab // 3] = logits[1, vocab - 1] = 99.0  # a tie: the first index wins
+        logits[2, vocab // 2] = float("nan")  # NaN wins, as in torch
+        logits[2, vocab - 1] = float("nan")
+        logits[3] = float("-inf")
+    assert torch.equal(decode_cpu.argmax(logits), logits.argmax(-1))
+    strided = torch.randn(4, 2 * vocab, generator=gen)[:, ::2]  # no unit stride: torch's argmax
+    assert torch.equal(decode_cpu.argmax(strided), strided.argmax(-1))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import cpu_ext
+
 # At or below this many (token, k) pairs a step takes the decode path (per-pair gather), above it
 # the prefill path (grouped tiles over the sorted per-slot segments).
 DECODE_MAX_PAIRS = 64
@@ -94,7 +96,7 @@ def build_dispatch(
     n = num_tokens * top_k
     device = slots.device
     if out is None:
-        flat_slots = slots.reshape(-1).to(torch.int32)
+        flat_slots = slots.reshape(-1).to(torch.int32).contiguous()
         sorted_pairs = torch.empty(n, dtype=torch.int32, device=device)
         counts = torch.empty(num_slots, dtype=torch.int32, device=device)
         offsets = torch.empty(num_slots + 1, dtype=torch.int32, device=device)
@@ -109,6 +111,26 @@ def build_dispatch(
         flat_weights = out.weights[:n]
         flat_weights.copy_(weights.reshape(-1))
 
+    compiled = cpu_ext.module() if device.type == "cpu" else None
+    if compiled is not None:  # one call on CPU for the dozen small ops below
+        compiled.dispatch_sort(flat_slots, sorted_pairs, counts, offsets)
+    else:
+        _dispatch_sort(flat_slots, num_slots, sorted_pairs, counts, offsets)
+    return DispatchMeta(
+        num_tokens=num_tokens,
+        top_k=top_k,
+        num_slots=num_slots,
+        slots=flat_slots,
+        weights=flat_weights,
+        sorted_pairs=sorted_pairs,
+        slot_counts=counts,
+        slot_offsets=offsets,
+    )
+
+
+def _dispatch_sort(flat_slots, num_slots, sorted_pairs, counts, offsets) -> None:
+    """sorted_pairs, counts and offsets of `build_dispatch` from flat_slots, with device ops only."""
+    device = flat_slots.device
     # Slot -1 sorts after every real slot and falls outside the histogram.
     key = flat_slots.long().masked_fill(flat_slots < 0, num_slots)
     sorted_pairs.copy_(torch.argsort(key, stable=True))
@@ -121,16 +143,6 @@ def build_dispatch(
     # graph capture refuses.
     offsets[:1].zero_()
     torch.cumsum(counts, 0, dtype=torch.int32, out=offsets[1:])
-    return DispatchMeta(
-        num_tokens=num_tokens,
-        top_k=top_k,
-        num_slots=num_slots,
-        slots=flat_slots,
-        weights=flat_weights,
-        sorted_pairs=sorted_pairs,
-        slot_counts=counts,
-        slot_offsets=offsets,
-    )
 
 
 class DispatchBuffers:
@@ -167,19 +179,25 @@ class DispatchBuffers:
         if len(slots) != n or len(weights) != n:
             raise ValueError(f"expected {n} slots and weights for T={num_tokens}, K={top_k}; got {len(slots)} and {len(weights)}")
         self.check_fits(num_tokens, top_k, self.num_slots)
-        counts = [0] * self.num_slots
-        for slot in slots:
-            if slot >= self.num_slots or slot < -1:
-                raise ValueError(f"slot {slot} is outside [-1, {self.num_slots})")
-            if slot >= 0:
-                counts[slot] += 1
-        last = self.num_slots  # slot -1 sorts after every real slot, as in build_dispatch
-        order = sorted(range(n), key=lambda p: last if slots[p] < 0 else slots[p])
+        bad = [slot for slot in (min(slots), max(slots)) if not -1 <= slot < self.num_slots] if slots else []
+        if bad:
+            raise ValueError(f"slot {bad[0]} is outside [-1, {self.num_slots})")
         self.slots[:n].copy_(torch.tensor(slots, dtype=torch.int32))
         self.weights[:n].copy_(torch.tensor(weights, dtype=torch.float32))
-        self.sorted_pairs[:n].copy_(torch.tensor(order, dtype=torch.int32))
-        self.slot_counts.copy_(torch.tensor(counts, dtype=torch.int32))
-        self.slot_offsets.copy_(torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32))
+        compiled = cpu_ext.module() if self.slots.device.type == "cpu" else None
+        if compiled is not None:  # the sort in one call, its counts read back (host memory: no sync)
+            compiled.dispatch_sort(self.slots[:n], self.sorted_pairs[:n], self.slot_counts, self.slot_offsets)
+            counts = self.slot_counts.tolist()
+        else:
+            counts = [0] * self.num_slots
+            for slot in slots:
+                if slot >= 0:
+                    counts[slot] += 1
+            last = self.num_slots  # slot -1 sorts after every real slot, as in build_dispatch
+            order = sorted(range(n), key=lambda p: last if slots[p] < 0 else slots[p])
+            self.sorted_pairs[:n].copy_(torch.tensor(order, dtype=torch.int32))
+            self.slot_counts.copy_(torch.tensor(counts, dtype=torch.int32))
+            self.slot_offsets.copy_(torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32))
         return DispatchMeta(
             num_tokens=num_tokens, top_k=top_k, num_slots=self.num_slots, slots=self.slots[:n], weights=self.weights[:n],
             sorted_pairs=self.sorted_pairs[:n], slot_counts=self.slot_counts, slot_offsets=self.slot_offsets,

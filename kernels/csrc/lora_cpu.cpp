@@ -184,11 +184,36 @@ void lora_shared(const torch::Tensor& x, const torch::Tensor& a, const std::vect
   });
 }
 
+// The dispatch sort of kernels.meta.build_dispatch on CPU, one call for its dozen small torch
+// ops: pair ids ordered by slot (stable; slot -1 pairs last), pairs per slot, and the offsets of
+// each slot's segment. slots int32 [N] in [-1, S); outputs int32, sorted [N], counts [S],
+// offsets [S + 1], written in place.
+void dispatch_sort(const torch::Tensor& slots, torch::Tensor& sorted, torch::Tensor& counts, torch::Tensor& offsets) {
+  const int64_t n = slots.numel(), num_slots = counts.numel();
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&slots, &sorted, &counts, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous(),
+                "dispatch_sort takes contiguous int32 CPU vectors");
+  }
+  TORCH_CHECK(sorted.numel() == n && offsets.numel() == num_slots + 1, "sorted must hold N pairs, offsets S + 1");
+  const int32_t* sp = slots.data_ptr<int32_t>();
+  for (int64_t p = 0; p < n; ++p) TORCH_CHECK(sp[p] >= -1 && sp[p] < num_slots, "slot out of range");
+  std::vector<int64_t> next(num_slots + 2, 0);  // next[s + 1]: where slot s's next pair goes
+  for (int64_t p = 0; p < n; ++p) ++next[(sp[p] < 0 ? num_slots : sp[p]) + 1];
+  int32_t* cp = counts.data_ptr<int32_t>();
+  int32_t* op = offsets.data_ptr<int32_t>();
+  for (int64_t s = 0; s < num_slots; ++s) cp[s] = static_cast<int32_t>(next[s + 1]);
+  for (int64_t s = 0; s <= num_slots; ++s) next[s + 1] += next[s];
+  for (int64_t s = 0; s <= num_slots; ++s) op[s] = static_cast<int32_t>(next[s]);
+  int32_t* out = sorted.data_ptr<int32_t>();
+  for (int64_t p = 0; p < n; ++p) out[next[sp[p] < 0 ? num_slots : sp[p]]++] = static_cast<int32_t>(p);
+}
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m);  // decode_cpu.cpp, built into this extension
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_shared", &lora_shared, "per-token LoRA of G modules reading the same x (decode-size steps)");
+  m.def("dispatch_sort", &dispatch_sort, "pairs sorted by slot, per-slot counts and offsets");
   register_decode_ops(m);
 }

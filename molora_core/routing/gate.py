@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -41,8 +42,7 @@ class GateRouter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, A]."""
-        h = hidden.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(hidden.float(), (hidden.shape[-1],), None, self.eps)  # h * rsqrt(mean(h^2) + eps), one op
         return self.gate(h.to(self.gate.weight.dtype)).float()
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,3 +104,21 @@ def test_backend_runs_the_kernel_for_decode_steps_and_the_twins_elsewhere(monkey
     meta = build_dispatch(torch.zeros(4, 1, dtype=torch.int32), w, 2)
     backend.apply_shared(torch.randn(4, 8, generator=gen), a, b, ranks, scales, meta, [torch.zeros(4, 6)])
     assert calls == [4]
+
+
+@pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])
+def test_dispatch_sort_matches_the_torch_ops(pairs, slots):
+    """build_dispatch's compiled sort on CPU against its device-op form (what CUDA runs)."""
+    from kernels import cpu_ext
+    from kernels.meta import _dispatch_sort
+
+    gen = torch.Generator().manual_seed(pairs)
+    flat = torch.randint(-1, slots, (pairs,), generator=gen, dtype=torch.int32)
+    got = [torch.empty(pairs, dtype=torch.int32), torch.empty(slots, dtype=torch.int32),
+           torch.empty(slots + 1, dtype=torch.int32)]
+    want = [torch.empty_like(t) for t in got]
+    cpu_ext.module().dispatch_sort(flat, *got)
+    _dispatch_sort(flat, slots, *want)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        cpu_ext.module().dispatch_sort(torch.full((pairs,), slots, dtype=torch.int32), *got)

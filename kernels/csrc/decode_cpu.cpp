@@ -231,7 +231,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * d), scores, acc(group * d);
+    std::vector<float> qf(group * d), scores, acc(group * d), denom(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
       const int64_t len = lp[b], lo = window > 0 ? std::max<int64_t>(0, len - window) : 0, keys = len - lo;
@@ -253,12 +253,13 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
         }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> denom(group);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * keys;
         float m = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < keys; ++j) m = std::max(m, sg[j]);
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < keys; ++j) m = sg[j] > m ? sg[j] : m;
         float total = 0.f;
+#pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < keys; ++j) {
           sg[j] = std::exp(sg[j] - m);
           total += sg[j];

@@ -21,6 +21,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# The compiled CPU kernels (kernels/cpu_ext.py) are not what this run checks; building them would
+# cost the first CPU forward of every test worker a shared compile out of the stages' time limits.
+export MOLORA_CPU_KERNELS=${MOLORA_CPU_KERNELS:-0}
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
     python3 -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,

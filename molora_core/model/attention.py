@@ -11,6 +11,8 @@ sequence's cached positions (causal, optionally a sliding window) through torch 
   and the gather back. A fixed-shape step over a cache with many more slots than rows copies its
   rows' keys out instead (`GATHER_FACTOR`).
 The masks depend only on the step, so `AttentionMeta` builds them once and every layer reuses them.
+On CPU with autograd off, q/k norm + RoPE, the cache write and the decode rows' attention (each
+row over its own slot, no span or mask) run as compiled ops instead (`kernels.decode_cpu`).
 
 Legend: T tokens, B sequences, H heads, H_kv key/value heads, D_h head dim, D hidden.
 """
@@ -196,7 +198,7 @@ class Attention(nn.Module):
         else:
             qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
         qk = qk.view(t, qk_heads, self.head_dim)
-        compiled = self._compiled_ops(qk, cos)
+        compiled = self._compiled_ops(qk, cos, sin)
         if compiled:  # q/k norm and RoPE in one call
             norm = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
             eps = self.q_norm.eps if self.q_norm is not None else 0.0
@@ -240,10 +242,10 @@ class Attention(nn.Module):
                 out[meta.decode_rows] = self._decode(q[meta.decode_rows].unsqueeze(2), meta, kv_cache)[:, :, 0]
         return self.o_proj(out.view(t, self.num_heads * self.head_dim))
 
-    def _compiled_ops(self, qk: torch.Tensor, cos: torch.Tensor) -> bool:
+    def _compiled_ops(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Whether this step's q/k norm, RoPE, cache write and decode attention run as compiled
         CPU ops (`kernels.decode_cpu`): CPU, no autograd, one dtype throughout."""
-        if not decode_cpu.enabled(qk) or cos.dtype != qk.dtype:
+        if not decode_cpu.enabled(qk) or cos.dtype != qk.dtype or not (cos.is_contiguous() and sin.is_contiguous()):
             return False
         return self.q_norm is None or (
             self.q_norm.eps == self.k_norm.eps and self.q_norm.weight.dtype == self.k_norm.weight.dtype == qk.dtype

@@ -4,8 +4,9 @@ and `csrc/decode_cpu.cpp` (the decoder's per-token ops, `kernels.decode_cpu`), o
 The sources are compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja;
 about 40 s on 2 cores) for the CPU it runs on, into torch's extension cache, whose entry is keyed
 by the CPU's instruction-set flags, so an image built elsewhere never runs code this CPU lacks;
-later processes load the cached build (torch rebuilds it when a source changes). Where it cannot be built, or where
-MOLORA_CPU_KERNELS=0, `module()` is None (logged once) and callers keep to torch ops.
+later processes load the cached build (torch rebuilds it when a source changes). Where it cannot
+be built, or where MOLORA_CPU_KERNELS=0, `module()` is None (logged once) and callers keep to
+torch ops.
 """
 
 from __future__ import annotations

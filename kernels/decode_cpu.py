@@ -3,9 +3,9 @@
 A decode step of a small model on CPU is bound by op count: RMSNorm is six torch ops, Qwen3's
 q/k norm and RoPE about ten, the KV-cache write two index_put_ calls, and SDPA's flash kernel
 tiles 32 or more queries where a decode row has one; and torch's CPU argmax, which the greedy
-sampler runs over [B, V] logits, is 10-20x slower than a max. Each of these is one call here, with the
-rounding of the torch path it replaces (`molora_core.model` keeps that path as the fallback and
-for autograd). `enabled(x)` says whether a tensor may take them: a CPU tensor of fp32, bf16 or
+sampler runs over [B, V] logits, is 10-20x slower than a max. Each of these is one call here,
+with the rounding of the torch path it replaces (`molora_core.model` keeps that path as the
+fallback and for autograd). `enabled(x)` says whether a tensor may take them: a CPU tensor of fp32, bf16 or
 fp16, grad mode off (they record no autograd), and the extension built (`kernels.cpu_ext`).
 """
 
@@ -19,6 +19,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def enabled(x: torch.Tensor) -> bool:
+    """Whether x may take the compiled ops (see above)."""
     return (x.device.type == "cpu" and x.dtype in DTYPES and not torch.is_grad_enabled()
             and cpu_ext.module() is not None)
 

@@ -20,10 +20,13 @@ import shutil
 import sysconfig
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lora_cpu.cpp", "decode_cpu.cpp")]
 ENV_SWITCH = "MOLORA_CPU_KERNELS"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled ops take
 
 
 def _cpu_key() -> str:

@@ -15,12 +15,10 @@ import torch
 
 from kernels import cpu_ext
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether x may take the compiled ops (see above)."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and not torch.is_grad_enabled()
+    return (x.device.type == "cpu" and x.dtype in cpu_ext.DTYPES and not torch.is_grad_enabled()
             and cpu_ext.module() is not None)
 
 

@@ -25,7 +25,6 @@ import torch
 from kernels import cpu_ext
 from kernels.meta import DispatchMeta
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backend runs the kernel for steps of at most this many (token, k) pairs; above, the torch
 # twins' large matmuls are as fast (4 layers' 16 projection groups, 4 adapters, rank 16, fp32,
 # 2-core CPU: 64 tokens, kernel 1.5-2.3x faster; 256 tokens top-1, 1.0-2.1x; 256 top-2 and 512
@@ -53,7 +52,7 @@ class Prepared:
         tensors = [lora_a_group, *lora_b_list]
         fits = (
             lora_a_group.device.type == "cpu"
-            and lora_a_group.dtype in DTYPES
+            and lora_a_group.dtype in cpu_ext.DTYPES
             and all(t.device.type == "cpu" and t.dtype == lora_a_group.dtype for t in tensors)
             and lora_a_group.is_contiguous()
             and all(b.transpose(1, 2).is_contiguous() for b in lora_b_list)
@@ -104,7 +103,8 @@ def lora_cpu_shared(
     """
     prepared = Prepared.make(lora_a_group, lora_b_list, ranks_group, scales_group)
     if prepared is None:
-        raise ValueError(f"lora_cpu_shared: lora_a and lora_b must be CPU tensors of one dtype in {list(DTYPES)}, "
+        raise ValueError(f"lora_cpu_shared: lora_a and lora_b must be CPU tensors of one dtype in "
+                         f"{list(cpu_ext.DTYPES)}, "
                          "lora_a contiguous, lora_b stored [S, R, D_out]; ranks int32 and scales float32, contiguous")
     if x.dtype != prepared.dtype or not x.is_contiguous():
         raise ValueError(f"lora_cpu_shared: x must be contiguous {prepared.dtype}; got {x.dtype}")

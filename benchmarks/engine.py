@@ -205,8 +205,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per scenario (median kept)")
     parser.add_argument("--compare-decode", default="", metavar="KERNELS",
-                        help="comma-separated decode kernels (split, fused, dense) to also run (b) and (c) with, "
-                             "each on a second engine whose Triton backend uses that kernel in decode steps")
+                        help="comma-separated decode kernels (split, fused, dense, dense_base) to also run (b) and "
+                             "(c) with, each on a second engine whose Triton backend uses that kernel in decode steps")
     parser.add_argument("--compare-prefill", default="", metavar="KERNELS",
                         help="comma-separated prefill kernels (grouped, dense) to also run (b) and (c) with, each on "
                              "a second engine whose Triton backend uses that kernel in prefill steps")

@@ -7,11 +7,12 @@ decoder (q/k/v, o, gate/up, down), captured in one CUDA graph each and replayed:
   split  separate shrink and expand launches (14 per layer; decode_kernel="split"),
   fused  the fused decode kernel for every group (one launch per group of up to 3 modules: 4),
   dense  the slot-dense decode kernel for every group (4 launches, tensor-core dots),
-  auto   the Triton backend as the engine runs it (decode_kernel="auto": the dense kernel for
-         bf16/fp16, fused or split per group for fp32),
-  base+auto    the base matmul, then auto, per group: the projections as the engine runs them,
+  auto   the Triton backend's LoRA alone, after a caller's matmul (`apply_shared` with
+         decode_kernel="auto": the dense kernel for bf16/fp16, fused or split per group for fp32),
+  base+auto    the base matmul, then auto, per group (decode_kernel="dense" in the engine),
   dense_base   the base projection and the slot-dense LoRA in one launch per group
-         (decode_kernel="dense_base", `kernels.lora_dense_base`).
+         (`kernels.lora_dense_base`): the engine's projections on bf16/fp16 decode steps
+         (decode_kernel="auto" or "dense_base").
 Every layer has its own weights and adapters (as in a model), for two routings of 16 tokens:
 adapter per request (top-1 of 4 adapters) and gate-like top-2 of 4.
 

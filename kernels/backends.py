@@ -137,20 +137,23 @@ class TritonBackend(LoRABackend):
     """The Triton kernels. Decode steps (`meta.is_decode`) run groups of up to 3 modules that
     read the same x (q/k/v, gate/up) through the kernel `decode_kernel` names:
 
-    - "auto" (default): for 16-bit inputs, `kernels.lora_dense` (every token through
-      every used slot, tensor-core dots); on an H200 in bf16 it beat the fused and split kernels
-      for every Qwen3-0.6B and 7B projection group timed but one (0.6B o at 64 tokens x top-1,
-      4% behind fused), and end to end. For fp32 inputs, whose
-      dots it runs on CUDA cores (5-10x slower there), one fused shrink + expand launch
-      (`kernels.lora_fused_decode`) for a group of 2 or 3 modules where that measured faster
-      (`use_fused`), separate shrink and expand launches for the rest
-      (benchmarks/results/lora_decode-h200*.json);
-    - "dense", "fused", "split": that kernel for every group;
+    - "auto" (default): for 16-bit inputs, "dense_base" where the caller hands over the base
+      weights, "dense" where it runs the base itself. `kernels.lora_dense` (every token through
+      every used slot, tensor-core dots) beat the fused and split kernels on an H200 in bf16 for
+      every Qwen3-0.6B and 7B projection group timed but one (0.6B o at 64 tokens x top-1, 4%
+      behind fused), and end to end; `kernels.lora_dense_base` took a step's base projections
+      and their LoRA in 1.09 ms against 1.51 for the matmuls then the dense kernel (Qwen3-0.6B
+      shapes, 28 layers, 16 tokens), and gate-routed generation from 0.62 / 0.70 of the base
+      engine's throughput to 0.75 / 0.78 in two runs (benchmarks/results/*-h200-dense-base*.json;
+      7B shapes not yet timed with it). For fp32 inputs, whose dots both run on CUDA cores (5-10x
+      slower there), one fused shrink + expand launch (`kernels.lora_fused_decode`) for a group
+      of 2 or 3 modules where that measured faster (`use_fused`), separate shrink and expand
+      launches for the rest, after the caller's matmul (benchmarks/results/lora_decode-h200*.json);
+    - "dense", "fused", "split": that kernel for every group, after the caller's matmul;
     - "dense_base": `kernels.lora_dense_base` where the caller hands over the base weights too
-      (`base_and_apply_shared`; the decoder's projections on CUDA do): the base projection and
-      the slot-dense LoRA in one launch per group of up to 3 modules, instead of a matmul and
-      the LoRA launches. Not yet timed on a GPU, so not the default; "dense" where a caller
-      runs the base itself.
+      (`base_and_apply_shared`; the decoder's projections on CUDA do), whatever the dtype: the
+      base projection and the slot-dense LoRA in one launch per group of up to 3 modules,
+      instead of a matmul and the LoRA launches; "dense" where a caller runs the base itself.
 
     Prefill steps take the kernels `prefill_kernel` names:
 
@@ -160,8 +163,10 @@ class TritonBackend(LoRABackend):
     - "dense": `kernels.lora_dense` over the slots in use, per group of up to 3 modules (two
       launches a group, no atomics or fp32 scratch for tokens with two choices) where that costs
       at most DENSE_PREFILL_WASTE times the LoRA FLOPs of routing each pair alone (span / K),
-      the grouped kernels elsewhere. Not yet timed on a GPU, so not the default:
-      `benchmarks/engine.py --compare-prefill dense` times it against "grouped".
+      the grouped kernels elsewhere. Timed end to end once on an H200 (engine-h200-dense-base.json):
+      the gate-routed batch's 4096-token prefill 114 ms against 139, the adapter-per-request
+      one 84 against 82, throughput within 3% either way; one run of a noisy first step is not
+      enough to change the default (`benchmarks/engine.py --compare-prefill dense`).
     """
 
     name = "triton"
@@ -221,7 +226,8 @@ class TritonBackend(LoRABackend):
 
     def base_and_apply_shared(self, x, weight, bias, sizes, lora_a_group, lora_b_list, ranks_group, scales_group,
                               meta, rank_scales=None, cache=None):
-        if not (meta.is_decode and self.decode_kernel == "dense_base"):
+        kind = self.decode_kernel
+        if not (meta.is_decode and (kind == "dense_base" or (kind == "auto" and x.dtype != torch.float32))):
             return None
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         outs, weights = list(y.split(sizes, dim=1)), list(weight.split(sizes))

@@ -160,6 +160,31 @@ def test_backend_runs_groups_of_three_modules_in_one_launch_each(num_modules, mo
     assert len(launches) == len({1: [1], 2: [2], 3: [3], 4: [3, 1], 5: [3, 2]}[num_modules])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_auto_takes_it_for_16_bit_decode_steps_and_not_for_fp32_or_prefill(dtype, monkeypatch):
+    """decode_kernel="auto" (the default): a 16-bit decode step's base and LoRA in one launch per
+    group; an fp32 step, or a prefill step, leaves the base matmul to the caller (None)."""
+    import kernels.lora_dense_base as base_module
+
+    launches = []
+    real = base_module.lora_dense_base
+    monkeypatch.setattr(base_module, "lora_dense_base", lambda *a: launches.append(a[0].dtype) or real(*a))
+    backend = TritonBackend()
+    assert backend.decode_kernel == "auto"
+    for group_dtype in (dtype, torch.float32):
+        group = BaseGroup(6, 2, 5, 64, [48, 32, 16], 16, "with_none", group_dtype)
+        args = (group.x, group.weight, group.bias, group.d_outs, group.lora_a, group.lora_b, group.ranks, group.scales)
+        y = backend.base_and_apply_shared(*args, group.meta)
+        if group_dtype == torch.float32:
+            assert y is None
+        else:
+            assert_close(y, group.expected_base(bias=True), dtype, "auto base_and_apply_shared")
+    prefill = BaseGroup(70, 1, 5, 64, [48, 32], 16, "uniform", dtype)
+    assert backend.base_and_apply_shared(prefill.x, prefill.weight, prefill.bias, prefill.d_outs, prefill.lora_a,
+                                         prefill.lora_b, prefill.ranks, prefill.scales, prefill.meta) is None
+    assert launches == [dtype]
+
+
 def test_bad_arguments_raise():
     group = BaseGroup(4, 2, 3, 32, (16, 8), 8, "uniform", torch.float32)
     _, outs = group.empty_outs()

@@ -126,9 +126,10 @@ class RoutingPlan:
             key = entry[2].batch_key()
             batches.setdefault(("single", i) if key is None else key, []).append(entry)
         for entries in batches.values():
-            router = entries[0][2]
-            ids = [token_ids.to(self.device) for _, _, _, token_ids in entries]
-            token_ids = ids[0] if len(ids) == 1 else torch.cat(ids)
+            router, token_ids = entries[0][2], None
+            if router.reads_ids:  # (the gate reads only the hidden state: no per-request ids to gather)
+                ids = [token_ids.to(self.device) for _, _, _, token_ids in entries]
+                token_ids = ids[0] if len(ids) == 1 else torch.cat(ids)
             spans = [(start, end) for start, end, _, _ in entries]
             if all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:])):
                 # One request, or adjacent ones (the engine schedules a router's requests together): views.

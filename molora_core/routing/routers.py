@@ -24,6 +24,7 @@ from molora_core.routing.gate import GateRouter
 class Router:
     top_k: int = 1
     needs_hidden: bool = False
+    reads_ids: bool = True  # False: `route` reads only the hidden state, and the plan passes no ids
 
     def route(self, token_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """token_ids long[n] (and hidden [n, D] if needs_hidden) -> (slots int32[n, k], weights float32[n, k])."""
@@ -100,7 +101,7 @@ class VocabRouter(Router):
 class GateSlotRouter(Router):
     """A GateRouter whose adapters are resident at `slots` (same order as gate.adapters)."""
 
-    needs_hidden = True
+    needs_hidden, reads_ids = True, False
 
     def __init__(self, gate: GateRouter, slots: Sequence[int]):
         if len(slots) != len(gate.adapters):

@@ -27,7 +27,8 @@ class Router:
     reads_ids: bool = True  # False: `route` reads only the hidden state, and the plan passes no ids
 
     def route(self, token_ids: torch.Tensor, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """token_ids long[n] (and hidden [n, D] if needs_hidden) -> (slots int32[n, k], weights float32[n, k])."""
+        """token_ids long[n] (None where reads_ids is False) and hidden [n, D] (if needs_hidden) ->
+        (slots int32[n, k], weights float32[n, k])."""
         raise NotImplementedError
 
     def constant(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:

@@ -210,8 +210,8 @@ class TritonBackend(LoRABackend):
         kind = self.decode_kernel
         if kind == "split":
             return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
-        if kind == "dense_base" or (kind == "auto" and x.dtype != torch.float32):
-            kind = "dense"  # dense_base: the caller ran the base matmul itself
+        if self._slot_dense(x):
+            kind = "dense"  # dense_base (or auto in 16 bits) here: the caller ran the base matmul itself
         for start in range(0, len(lora_b_list), self._max_group):
             chunk = slice(start, start + self._max_group)
             args = (x, lora_a_group[chunk], lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta,
@@ -226,8 +226,7 @@ class TritonBackend(LoRABackend):
 
     def base_and_apply_shared(self, x, weight, bias, sizes, lora_a_group, lora_b_list, ranks_group, scales_group,
                               meta, rank_scales=None, cache=None):
-        kind = self.decode_kernel
-        if not (meta.is_decode and (kind == "dense_base" or (kind == "auto" and x.dtype != torch.float32))):
+        if not (meta.is_decode and self._slot_dense(x)):
             return None
         y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         outs, weights = list(y.split(sizes, dim=1)), list(weight.split(sizes))
@@ -237,6 +236,11 @@ class TritonBackend(LoRABackend):
             self._dense_base(x, weights[chunk], None if biases is None else biases[chunk], lora_a_group[chunk],
                              lora_b_list[chunk], ranks_group[chunk], scales_group[chunk], meta, outs[chunk])
         return y
+
+    def _slot_dense(self, x: torch.Tensor) -> bool:
+        """Whether decode steps take the slot-dense kernels: with the base projection where the
+        caller hands it over, the LoRA alone where it does not ("dense_base", or "auto" in 16 bits)."""
+        return self.decode_kernel == "dense_base" or (self.decode_kernel == "auto" and x.dtype != torch.float32)
 
     @staticmethod
     def _dense_prefill_span(meta: DispatchMeta) -> tuple[int, int] | None:

@@ -157,16 +157,19 @@ class TritonBackend(LoRABackend):
 
     Prefill steps take the kernels `prefill_kernel` names:
 
-    - "auto" (default) and "grouped": per module, the grouped shrink and expand kernels over each
-      slot's segment of sorted pairs (`kernels.lora_shrink`, `kernels.lora_expand`); the ones
-      timed end to end on an H200;
-    - "dense": `kernels.lora_dense` over the slots in use, per group of up to 3 modules (two
-      launches a group, no atomics or fp32 scratch for tokens with two choices) where that costs
-      at most DENSE_PREFILL_WASTE times the LoRA FLOPs of routing each pair alone (span / K),
-      the grouped kernels elsewhere. Timed end to end once on an H200 (engine-h200-dense-base.json):
-      the gate-routed batch's 4096-token prefill 114 ms against 139, the adapter-per-request
-      one 84 against 82, throughput within 3% either way; one run of a noisy first step is not
-      enough to change the default (`benchmarks/engine.py --compare-prefill dense`).
+    - "auto" (default) and "dense": `kernels.lora_dense` over the slots in use, per group of up
+      to 3 modules (two launches a group, no atomics or fp32 scratch for tokens with two choices)
+      where those slots span at most DENSE_PREFILL_WASTE * top-k (`_dense_prefill_span`; a gate
+      over 4 adapters with top-2 qualifies, 16 requests on 4 single adapters do not), the grouped
+      kernels elsewhere and in steps with a fixed `meta.block_m` (captured in a CUDA graph: the span
+      is a host read). On an H200 (Qwen3-0.6B shapes, 28 layers, bf16, benchmarks/results/logs/
+      engine_profile-h200.txt) the gate-routed batch's 4096-token prefill took 23.7 ms of device
+      time with it against the grouped kernels' 33.2 (of which 7.9 zero-filled and added fp32
+      scratch), and 114 ms of wall time against 139 in one engine run
+      (engine-h200-dense-base.json); with the launches stubbed out, the launchers' Python for
+      that step is 5.3 ms against 13.0 on this project's 2-core CPU. Default since 2026-11-26;
+    - "grouped": per module, the grouped shrink and expand kernels over each slot's segment of
+      sorted pairs (`kernels.lora_shrink`, `kernels.lora_expand`), for every prefill step.
     """
 
     name = "triton"
@@ -195,10 +198,18 @@ class TritonBackend(LoRABackend):
     def expand(self, h, lora_b_stacked, slot_ranks, slot_scales, meta, out):
         return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
 
+    def apply(self, x, lora_a_stacked, lora_b_stacked, slot_ranks, slot_scales, meta, out):
+        # h goes to the expand alone, which never reads what the shrink leaves unwritten: no zero-fill launch.
+        h = self._shrink(x, lora_a_stacked, slot_ranks, meta, zero_fill=False)
+        return self._expand(h, lora_b_stacked, slot_ranks, slot_scales, meta, out)
+
     def apply_shared(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs, rank_scales=None,
                      cache=None):
         if not meta.is_decode:
-            span = self._dense_prefill_span(meta) if self.prefill_kernel == "dense" else None
+            # A fixed tile height marks a step inside a CUDA graph (a decode bucket past DECODE_MAX_PAIRS
+            # pairs): no host read of the slot counts, so the grouped kernels.
+            dense = self.prefill_kernel != "grouped" and meta.block_m is None
+            span = self._dense_prefill_span(meta) if dense else None
             if span is None:
                 return super().apply_shared(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, outs)
             if span[0] < span[1]:
@@ -245,15 +256,15 @@ class TritonBackend(LoRABackend):
     @staticmethod
     def _dense_prefill_span(meta: DispatchMeta) -> tuple[int, int] | None:
         """(lo, hi) of the slots a prefill step uses when the dense kernel may take it (at most
-        DENSE_PREFILL_WASTE * K of them, so at most that many times the LoRA FLOPs of routing
-        each pair alone), else None. One host read per step (`host_counts`), cached in meta."""
+        DENSE_PREFILL_WASTE * K of them: for a step whose every token is routed, at most that many
+        times the LoRA FLOPs of routing each pair alone; tokens on the base model go through the
+        span too), else None. One host read per step (`host_counts`), cached in meta."""
         key = "triton_dense_prefill_span"
         if key not in meta.backend_cache:
             used = [slot for slot, count in enumerate(meta.host_counts()) if count]
             lo, hi = (used[0], used[-1] + 1) if used else (0, 0)
             meta.backend_cache[key] = (lo, hi) if hi - lo <= DENSE_PREFILL_WASTE * meta.top_k else None
         return meta.backend_cache[key]
-
 
 _BACKENDS: dict[str, Callable[[], LoRABackend]] = {"cpu": CpuBackend, "torch": TorchBackend, "triton": TritonBackend}
 

@@ -88,6 +88,7 @@ def lora_shrink(
     block_m: int | None = None,
     *,
     path: str = "auto",
+    zero_fill: bool = True,
 ) -> torch.Tensor:
     """Project every (token, k) pair onto its slot's lora_a.
 
@@ -105,6 +106,9 @@ def lora_shrink(
             captured in a CUDA graph.
         path: "auto" (decode kernel when `meta.is_decode`, else grouped), "decode" or "prefill"
             to force one kernel (tests, benchmarks).
+        zero_fill: False leaves the grouped kernel's h unwritten (not zero) in the rows of pairs
+            on slot -1 and past each slot's rank, which `lora_expand` never reads: one launch
+            fewer for a caller that hands h to it and nowhere else (`TritonBackend.apply`).
     Returns:
         h: float32[N, R].
     """
@@ -115,8 +119,8 @@ def lora_shrink(
     check_shrink_args("lora_shrink", x, lora_a_stacked, slot_ranks, meta)
     num_pairs, rank = meta.num_pairs, lora_a_stacked.shape[1]
     # Pairs of slot -1 belong to no segment, and columns past a slot's rank are never
-    # written: both stay zero.
-    h = torch.zeros(num_pairs, rank, dtype=torch.float32, device=x.device)
+    # written: both stay zero (or unwritten, without zero_fill).
+    h = (torch.zeros if zero_fill else torch.empty)(num_pairs, rank, dtype=torch.float32, device=x.device)
     if num_pairs == 0 or rank == 0:
         return h
     block_m = pick_block_m(meta, block_m if block_m is not None else meta.block_m)

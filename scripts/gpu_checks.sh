@@ -56,13 +56,14 @@ if want prefill; then
     timeout 90 python3 benchmarks/lora_prefill.py --out "$out/lora_prefill-gpu.json" 2>&1 | tee -a "$out/bench.log" || status=1
 fi
 if want engine; then
-    # The default prefill kernels (grouped, per module) against the slot-dense ones (two launches a
-    # group of modules, no atomics), and the default 16-bit decode kernel (base projection and LoRA
-    # in one launch, dense_base) against the base matmul then the slot-dense LoRA (dense), each on
-    # a second engine, end to end, and where each scenario's time goes, prefill alone and whole run
-    # (PEFT, slow at this size, was measured before: --skip-peft); three runs each, so the row kept
-    # is a true median (of two, the lower run was kept, slow steps and all).
-    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft --compare-prefill dense \
+    # The default prefill kernels (slot-dense, two launches a group of modules, no atomics, where
+    # the slots in use allow) against the grouped ones (per module, every step), and the default
+    # 16-bit decode kernel (base projection and LoRA in one launch, dense_base) against the base
+    # matmul then the slot-dense LoRA (dense), each on a second engine, end to end, and where each
+    # scenario's time goes, prefill alone and whole run (PEFT, slow at this size, was measured
+    # before: --skip-peft); three runs each, so the row kept is a true median (of two, the lower
+    # run was kept, slow steps and all).
+    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft --compare-prefill grouped \
         --compare-decode dense --out "$out/engine-gpu.json" --profile "$out/engine_profile.txt" 2>&1 |
         tee -a "$out/bench.log" || status=1
 fi

@@ -141,6 +141,34 @@ def test_dispatch_buffers_meta_and_backend_apply():
         assert_close(triton_backend.apply(*args, p.out.clone()), expected, torch.bfloat16)
 
 
+def test_backend_apply_hands_the_expand_an_unfilled_h(monkeypatch):
+    """TritonBackend.apply skips the shrink's zero-fill on the prefill path: h comes from
+    torch.empty (poisoned with NaN here) and the expand reads only what the shrink wrote, so the
+    result still equals the torch backend's (which reads the lora padding: zero here); the written
+    entries equal the reference h."""
+    import kernels.lora_shrink as shrink_module
+
+    class NaNEmpty:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def empty(self, *shape, **kwargs):
+            NaNEmpty.calls += 1
+            return torch.full(shape, float("nan"), **kwargs)
+
+    monkeypatch.setattr(shrink_module, "torch", NaNEmpty())
+    p = make_problem(90, 2, 6, 64, 96, 32, torch.float32, "with_none", device=DEVICE, pad_value=0.0)
+    args = (p.x, p.lora_a, p.lora_b, p.ranks, p.scales, p.meta)
+    got = get_backend("triton").apply(*args, p.out.clone())
+    assert NaNEmpty.calls == 1
+    assert_close(got, get_backend("torch").apply(*args, p.out.clone()), torch.float32)
+    h = lora_shrink(p.x, p.lora_a, p.ranks, p.meta, zero_fill=False)
+    written = ~poisoned_h(p).isnan()
+    assert_close(h[written], lora_shrink_ref(p.x, p.lora_a, p.ranks, p.meta)[written], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_tokens", [5, 90], ids=["decode", "prefill"])
 def test_apply_shared_into_column_slices_with_fixed_block_m(num_tokens, dtype, monkeypatch):

@@ -348,10 +348,10 @@ def test_dense_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
 
 
 def test_dense_prefill_kernel_engine_matches_the_torch_engine(demo, monkeypatch):
-    """EngineConfig(prefill_kernel="dense"): a prefill step of a gate request (top-2) beside an
-    adapter request, whose slots span at most 2 x top-k, runs its LoRA through the slot-dense
-    kernel over token tiles (the Triton interpreter on CPU); tokens equal the torch engine's. On
-    the torch backend the option is refused."""
+    """EngineConfig(prefill_kernel="dense"), and the default "auto": a prefill step of a gate
+    request (top-2) beside an adapter request, whose slots span at most 2 x top-k, runs its LoRA
+    through the slot-dense kernel over token tiles (the Triton interpreter on CPU); tokens equal
+    the torch engine's. On the torch backend "dense" is refused."""
     launches = _record_dense_launches(monkeypatch)
     long_prompts = [" ".join([PROMPTS[0]] * 6), " ".join([PROMPTS[1]] * 8)]
     requests = lambda: [Request(long_prompts[0], greedy(3), RouterSpec("demo-gate")),  # noqa: E731
@@ -360,6 +360,13 @@ def test_dense_prefill_kernel_engine_matches_the_torch_engine(demo, monkeypatch)
                                                    max_batch=2, prefill_chunk=128)
     prefills = [tokens for _, tokens, slot_range in launches if slot_range is not None]
     assert prefills and min(prefills) > 64, launches  # token tiles: more rows than one tile
+    # The default ("auto") takes the same kernel for this step.
+    launches.clear()
+    engine = make_engine(demo, backend="triton", decode_graphs="off", max_batch=2, prefill_chunk=128)
+    assert engine.context.backend.prefill_kernel == "auto"
+    engine.generate(requests())
+    engine.close()
+    assert [tokens for _, tokens, slot_range in launches if slot_range is not None] == prefills
 
 
 def test_dense_base_decode_kernel_engine_matches_the_torch_engine(demo, monkeypatch):

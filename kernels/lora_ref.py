@@ -216,7 +216,6 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
             return "prefill"
     if meta.is_decode:
         return "dense"
-    segments = _segments(meta)
     span = used[-1] - used[0] + 1
     # Prefill-size steps: tokens scattered over slots (per-token routing) are cheaper as a few
     # large dense matmuls than as a gather, two matmuls and a scatter per slot. Contiguous runs
@@ -224,7 +223,8 @@ def _auto_path(meta: DispatchMeta, x: torch.Tensor) -> str:
     # DENSE_PREFILL_WASTE: 512 prompt tokens over 4 rank-16 adapters, one adapter per request,
     # prefill 14% faster walking the runs than dense at hidden 256 and alike at hidden 1024 (2-core
     # CPU machine, 15 interleaved runs).
-    scattered = any(seg.runs is None for seg in segments)
+    # (Tokens with several choices have no runs: no need to build the segments to know.)
+    scattered = meta.top_k > 1 or any(seg.runs is None for seg in _segments(meta))
     return "dense" if scattered or span <= DENSE_PREFILL_WASTE * meta.top_k else "prefill"
 
 

@@ -129,13 +129,21 @@ def _voluntary_switches() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
+# Host calls that wait for the device (or read a device value back): in an eager step each one
+# stops the host queueing launches until the device has caught up.
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
+               "aten::item")
+
+
 def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str) -> None:
     """Per scenario, the ops with the most self time (device time on CUDA) over its prefill
-    alone and over a whole run, as torch.profiler tables in one text file."""
+    alone and over a whole run, as torch.profiler tables in one text file; for the prefill on
+    CUDA also the ops with the most host time, and per part the count of each SYNC_EVENTS call."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     tables = []
     for name, (ours, routing) in scenarios.items():
         for part, new in (("prefill (max_tokens=1)", 1), ("whole run", s["new"])):
@@ -143,9 +151,15 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
             ours.generate(copy.deepcopy(reqs))  # this length's shapes warm, as in the timed runs
             with profile(activities=activities) as prof:
                 ours.generate(reqs)
-                if device.type == "cuda":
+                if cuda:
                     torch.cuda.synchronize()
-            tables.append(f"== {name}: {part}\n{prof.key_averages().table(sort_by=sort_by, row_limit=20)}")
+            events = prof.key_averages()
+            calls = {e.key: e.count for e in events}
+            syncs = ", ".join(f"{key} {calls.get(key, 0)}" for key in SYNC_EVENTS)
+            tables.append(f"== {name}: {part}\nhost syncs: {syncs}\n{events.table(sort_by=sort_by, row_limit=20)}")
+            if cuda and new == 1:
+                tables.append(f"== {name}: {part}, by host time\n"
+                              f"{events.table(sort_by='self_cpu_time_total', row_limit=20)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(tables))
     print(f"wrote {path}")
@@ -215,7 +229,8 @@ def main() -> None:
     parser.add_argument("--profile", metavar="PATH",
                         help="after the timed runs, profile each of our scenarios once (torch.profiler, CUDA "
                              "activity too on a GPU): its prefill alone (max_tokens=1) and its whole run; the "
-                             "top ops by self time go to PATH")
+                             "top ops by self time (and on a GPU, for the prefill, by host time) and the count "
+                             "of host syncs go to PATH")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "full")

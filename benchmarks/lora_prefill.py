@@ -8,10 +8,10 @@ tokens over 4 adapters: adapter per request (16 requests, each a contiguous run 
 top-1) and gate-like top-2. Variants:
   base           the base projections alone (one matmul per group),
   grouped        LoRA alone, prefill_kernel="grouped" (per module: shrink and expand over each
-                 adapter's sorted tokens, plus zero-fills, and fp32 scratch and atomics for top-2),
-  dense          LoRA alone, prefill_kernel="dense" (the slot-dense kernel over token tiles, two
-                 launches per group; only where the slots in use span at most 2 x top-k, so the
-                 top-1 routing over 4 adapters falls back to grouped),
+                 adapter's sorted tokens, plus zero-filled fp32 scratch and atomics for top-2),
+  dense          LoRA alone, prefill_kernel="dense", what the default "auto" runs (the slot-dense
+                 kernel over token tiles, two launches per group; only where the slots in use span
+                 at most 2 x top-k, so the top-1 routing over 4 adapters falls back to grouped),
   base+grouped, base+dense   each group's base matmul then its LoRA, as a model runs them,
   base+dense_any_span        the same with `kernels.lora_dense` called for every step whatever
                  the span (top-1 over 4 adapters: 4x the routed LoRA FLOPs), to see where the

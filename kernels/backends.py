@@ -167,7 +167,8 @@ class TritonBackend(LoRABackend):
       time with it against the grouped kernels' 33.2 (of which 7.9 zero-filled and added fp32
       scratch), and 114 ms of wall time against 139 in one engine run
       (engine-h200-dense-base.json); with the launches stubbed out, the launchers' Python for
-      that step is 5.3 ms against 13.0 on this project's 2-core CPU. Default since 2026-11-26;
+      that step is about 5.5 ms against 13-15 on this project's 2-core CPU
+      (benchmarks/prefill_host.py). Default since 2026-11-26;
     - "grouped": per module, the grouped shrink and expand kernels over each slot's segment of
       sorted pairs (`kernels.lora_shrink`, `kernels.lora_expand`), for every prefill step.
     """

@@ -267,6 +267,7 @@ class TritonBackend(LoRABackend):
             meta.backend_cache[key] = (lo, hi) if hi - lo <= DENSE_PREFILL_WASTE * meta.top_k else None
         return meta.backend_cache[key]
 
+
 _BACKENDS: dict[str, Callable[[], LoRABackend]] = {"cpu": CpuBackend, "torch": TorchBackend, "triton": TritonBackend}
 
 

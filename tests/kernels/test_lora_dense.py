@@ -199,8 +199,14 @@ def test_backend_dense_decode_equals_separate_kernels(num_modules, monkeypatch):
 def test_backend_dense_prefill_runs_steps_whose_slots_span_at_most_twice_top_k(num_modules, top_k, monkeypatch):
     """prefill_kernel "auto" (the default) and "dense": a prefill step on 4 adjacent slots (2 x
     top-2, or twice 2 x top-1) runs chunks of 3 modules through the dense kernel over those
-    slots when they span at most DENSE_PREFILL_WASTE x top-k, and the grouped kernels otherwise; "grouped" always runs the grouped kernels. Every result equals the oracle."""
-    launches = _record_dense_prefill(monkeypatch)
+    slots when they span at most DENSE_PREFILL_WASTE x top-k, and the grouped kernels otherwise;
+    "grouped" always runs the grouped kernels. Every result equals the oracle."""
+    import kernels.lora_dense as dense_module
+
+    launches = []
+    real = dense_module.lora_dense
+    monkeypatch.setattr(dense_module, "lora_dense",
+                        lambda *a, **k: launches.append((len(a[2]), k.get("slot_range"))) or real(*a, **k))
     group = Group(100, top_k, 8, 64, [48, 32, 16, 40, 24][:num_modules], 16, "uniform", torch.float32)
     group.slots = torch.where(group.slots >= 0, group.slots % 4 + 3, group.slots)  # slots 3 to 6
     group.meta = build_dispatch(group.slots, group.weights, 8)
@@ -213,17 +219,6 @@ def test_backend_dense_prefill_runs_steps_whose_slots_span_at_most_twice_top_k(n
                                                           group.scales, group.meta, outs)
         assert_close(out, group.expected(), torch.float32, f"prefill_kernel={kernel}")
         assert launches == ([(n, (3, 7)) for n in chunks] if top_k == 2 and kernel != "grouped" else []), kernel
-
-
-def _record_dense_prefill(monkeypatch) -> list:
-    """(modules, slot_range) of every lora_dense call from now on."""
-    import kernels.lora_dense as dense_module
-
-    launches = []
-    real = dense_module.lora_dense
-    monkeypatch.setattr(dense_module, "lora_dense",
-                        lambda *a, **k: launches.append((len(a[2]), k.get("slot_range"))) or real(*a, **k))
-    return launches
 
 
 def test_every_decode_step_fits_the_kernel():

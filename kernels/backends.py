@@ -102,10 +102,11 @@ class TorchBackend(LoRABackend):
 
 
 class CpuBackend(TorchBackend):
-    """The torch twins plus a compiled kernel for decode-size steps (`kernels.lora_cpu`, at most
-    MAX_PAIRS pairs): each projection group's LoRA is one call over the pairs each slot is
-    routed, instead of the twins' few tiny matmuls per group. Larger steps, autograd, and
-    machines where the kernel cannot be built run the twins. What CPU engines run by default."""
+    """The torch twins plus a compiled kernel for steps of at most MAX_PAIRS (token, k) pairs
+    (`kernels.lora_cpu`; decode steps and prefill steps up to 1024 pairs): each projection
+    group's LoRA is one call over the pairs each slot is routed, instead of the twins' matmuls
+    and scalings per group. Larger steps, autograd, and machines where the kernel cannot be
+    built run the twins. What CPU engines run by default."""
 
     name = "cpu"
 

@@ -1,4 +1,4 @@
-"""The compiled CPU extension: `csrc/lora_cpu.cpp` (the LoRA decode kernel, `kernels.lora_cpu`)
+"""The compiled CPU extension: `csrc/lora_cpu.cpp` (the LoRA kernel, `kernels.lora_cpu`)
 and `csrc/decode_cpu.cpp` (the decoder's per-token ops, `kernels.decode_cpu`), one build.
 
 The sources are compiled on first use with torch.utils.cpp_extension (a C++ compiler and ninja;

@@ -1,17 +1,20 @@
-"""The CPU backend's compiled decode kernel (`kernels/csrc/lora_cpu.cpp`): its launcher.
+"""The CPU backend's compiled LoRA kernel (`kernels/csrc/lora_cpu.cpp`): its launcher.
 
 Semantics as `kernels.lora_ref.lora_apply_shared_ref`, its oracle:
 
     outs[g][t] += sum_k w[t,k] * scales[g, s] * (x[t] @ lora_a[g, s, :r].T) @ lora_b[g][s, :, :r].T
     with s = slots[t*K+k], r = ranks[g, s]
 
-The torch twins run a decode step's LoRA as a few tiny matmuls and scalings per projection
-group, every token through every slot in use (`_apply_dense`); here a group is one call that
-walks each slot's own pairs, streams each slot's lora_a and lora_b rows once, and accumulates in
-fp32. On this project's 2-core CPU, the 16 group calls of a 4-layer, 16-token decode step (4
-adapters, rank 16, fp32, caches flushed between steps) took 0.5 ms (one adapter per token) and
-0.6 ms (top-2) against the twins' 3.0 ms at hidden 256, and 1.5 and 2.2 ms against 5.7 ms at
-Qwen3-0.6B's layer shapes.
+The torch twins run a step's LoRA as a few matmuls and scalings per projection group, in a
+decode step every token through every slot in use (`_apply_dense`); here a group is one call
+that walks each slot's own pairs in register-blocked tiles (four pairs by four ranks in the
+shrink, four pairs by 32 columns in the expand) and accumulates in fp32.
+`benchmarks/lora_cpu.py` on this project's 2-core CPU (4 layers' 16 group calls, 4 adapters,
+rank 16, fp32; benchmarks/results/lora_cpu-cpu-2core.json): a 16-token decode step, caches
+flushed before each call, 0.70 ms (one adapter per token) and 0.78 ms (top-2) against the twins'
+3.5 ms at hidden 256, and 1.9 and 2.3 ms against 6.7 and 6.5 ms at Qwen3-0.6B's layer shapes.
+The kernel before 2026-11-26's register-blocked tiles took 0.83 and 1.00 ms at hidden 256 in the
+same benchmark, and lost to the twins from 512 pairs up.
 
 Built with the decoder's CPU ops into one extension by `kernels.cpu_ext` (on first use, for the
 CPU it runs on); where it cannot be built, `available()` is False and the backend keeps to the
@@ -25,11 +28,12 @@ import torch
 from kernels import cpu_ext
 from kernels.meta import DispatchMeta
 
-# The backend runs the kernel for steps of at most this many (token, k) pairs; above, the torch
-# twins' large matmuls are as fast (4 layers' 16 projection groups, 4 adapters, rank 16, fp32,
-# 2-core CPU: 64 tokens, kernel 1.5-2.3x faster; 256 tokens top-1, 1.0-2.1x; 256 top-2 and 512
-# top-1 or top-2, even to 20% slower).
-MAX_PAIRS = 256
+# The backend runs the kernel for steps of at most this many (token, k) pairs, prefill included;
+# above, the twins' large matmuls over each adapter's run of tokens catch up
+# (benchmarks/lora_cpu.py, one adapter per request: 1.14x and 0.93x the twins' speed at 1024
+# pairs, 1.03x and 0.82x at 2048, hidden 256 and Qwen3-0.6B shapes; top-2 per token, 1.24-1.36x
+# at 2048).
+MAX_PAIRS = 1024
 
 
 def available() -> bool:
@@ -112,7 +116,7 @@ def lora_cpu_shared(
     if routes is None:
         raise ValueError("lora_cpu_shared: the routing weights need autograd, which the kernel does not record")
     if cpu_ext.module() is None:
-        raise RuntimeError("the CPU LoRA decode kernel is not built on this machine (see the log)")
+        raise RuntimeError("the CPU LoRA kernel is not built on this machine (see the log)")
     try:
         run_prepared(x, prepared, routes, outs, meta.top_k)
     except RuntimeError as exc:  # the kernel's own checks: shapes and layouts that disagree

@@ -1,5 +1,6 @@
-// Per-token LoRA of a decode-size step on CPU, for G modules that read the same x (q/k/v,
-// gate/up): the compiled twin of kernels.lora_ref.lora_apply_shared_ref. Built on first use by
+// Per-token LoRA of a step of up to kernels.lora_cpu.MAX_PAIRS (token, k) pairs on CPU, for G
+// modules that read the same x (q/k/v, gate/up): the compiled twin of
+// kernels.lora_ref.lora_apply_shared_ref. Built on first use by
 // kernels/cpu_ext.py (torch.utils.cpp_extension), with decode_cpu.cpp; launched by kernels/lora_cpu.py.
 //
 // Semantics: outs[g][t] += sum_k w[t*K+k] * scales[g, s] * (x[t] @ a[g, s, :r].T) @ b[g][s, :r, :]
@@ -7,42 +8,142 @@
 //
 // Why: a decode step's LoRA in eager torch is a few tiny matmuls and scalings per projection
 // group, each an op with its own dispatch, and (dense path) every token through every slot in
-// use. Here each group is one call that walks each slot's own pairs: the work of the routed
-// pairs only, accumulated in fp32, rounded once into out.
+// use. Here each group is one call that walks each slot's own pairs in register-blocked tiles:
+// the work of the routed pairs only, accumulated in fp32, rounded once into out. Two parallel
+// regions a call (shrink tasks per (module, slot), expand tasks per 64 output columns of a
+// module), none below kSerialFlops.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
 
+// fp32 rows for the micro-kernels: fp32 operands as they are, 16-bit ones converted into `buf`.
 template <typename scalar_t>
-inline float dot(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += static_cast<float>(a[i]) * static_cast<float>(b[i]);
-  return acc;
-}
-
-// Four dot products of one row with four others at once: four independent accumulator chains,
-// and each load of `row` serves four multiply-adds.
-template <typename scalar_t>
-inline void dot4(const scalar_t* __restrict row, const scalar_t* __restrict x0, const scalar_t* __restrict x1,
-                 const scalar_t* __restrict x2, const scalar_t* __restrict x3, int64_t n, float* out) {
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(row[i]);
-    a0 += v * static_cast<float>(x0[i]);
-    a1 += v * static_cast<float>(x1[i]);
-    a2 += v * static_cast<float>(x2[i]);
-    a3 += v * static_cast<float>(x3[i]);
+const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf.data();
   }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
-constexpr int64_t kCols = 256;  // output columns of one expand task
+// Sixteen fp32 lanes (one AVX-512 register; two AVX2 ones where the CPU has no AVX-512): GCC and
+// Clang vector extensions, so the micro-kernels below hold their accumulators in registers
+// (OpenMP SIMD reductions of many variables go through memory, and GCC vectorizes an inner
+// rank loop instead of the columns).
+typedef float vf __attribute__((vector_size(64)));
+typedef int vi __attribute__((vector_size(64)));
+constexpr int64_t kW = 16;
+
+inline vf loadu(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// Folds two vectors whose lanes form groups of 2n summing to one value each into one whose
+// groups of n do (a's groups first): sixteen dot products' partial sums reduce to one vector of
+// the sixteen totals in 15 folds, instead of 16 horizontal sums.
+inline vf fold8(vf a, vf b) {
+  return __builtin_shuffle(a, b, vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
+         __builtin_shuffle(a, b, vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+}
+inline vf fold4(vf a, vf b) {
+  return __builtin_shuffle(a, b, vi{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
+         __builtin_shuffle(a, b, vi{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
+}
+inline vf fold2(vf a, vf b) {
+  return __builtin_shuffle(a, b, vi{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
+         __builtin_shuffle(a, b, vi{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
+}
+inline vf fold1(vf a, vf b) {
+  return __builtin_shuffle(a, b, vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
+         __builtin_shuffle(a, b, vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+}
+
+// out[q * 4 + k] = x_q . a_k for four rows of x and four of a: sixteen vector accumulators, each
+// load of x or a serving four multiply-adds.
+inline void dot4x4(const float* const* x, const float* const* a, int64_t n, float* out) {
+  vf acc[16] = {};
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    const vf x0 = loadu(x[0] + i), x1 = loadu(x[1] + i), x2 = loadu(x[2] + i), x3 = loadu(x[3] + i);
+    const vf a0 = loadu(a[0] + i), a1 = loadu(a[1] + i), a2 = loadu(a[2] + i), a3 = loadu(a[3] + i);
+    acc[0] += x0 * a0, acc[1] += x0 * a1, acc[2] += x0 * a2, acc[3] += x0 * a3;
+    acc[4] += x1 * a0, acc[5] += x1 * a1, acc[6] += x1 * a2, acc[7] += x1 * a3;
+    acc[8] += x2 * a0, acc[9] += x2 * a1, acc[10] += x2 * a2, acc[11] += x2 * a3;
+    acc[12] += x3 * a0, acc[13] += x3 * a1, acc[14] += x3 * a2, acc[15] += x3 * a3;
+  }
+  const vf u0 = fold8(acc[0], acc[1]), u1 = fold8(acc[2], acc[3]), u2 = fold8(acc[4], acc[5]),
+           u3 = fold8(acc[6], acc[7]), u4 = fold8(acc[8], acc[9]), u5 = fold8(acc[10], acc[11]),
+           u6 = fold8(acc[12], acc[13]), u7 = fold8(acc[14], acc[15]);
+  const vf w0 = fold4(u0, u1), w1 = fold4(u2, u3), w2 = fold4(u4, u5), w3 = fold4(u6, u7);
+  storeu(out, fold1(fold2(w0, w1), fold2(w2, w3)));
+  for (; i < n; ++i) {
+    for (int q = 0; q < 4; ++q) {
+      for (int k = 0; k < 4; ++k) out[q * 4 + k] += x[q][i] * a[k][i];
+    }
+  }
+}
+
+// dst_q[c] += sum_j h_q[j] * b[j * ld + c] for four pairs q over cols columns: per column block,
+// the pairs' accumulators stay in registers over the whole rank loop, each load of b serving four.
+inline void expand4(const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols, float* const* dst) {
+  int64_t c = 0;
+  for (; c + 2 * kW <= cols; c += 2 * kW) {
+    vf s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
+    for (int64_t j = 0; j < r; ++j) {
+      const vf v = loadu(b + j * ld + c), w = loadu(b + j * ld + c + kW);
+      const float h0 = h[0][j], h1 = h[1][j], h2 = h[2][j], h3 = h[3][j];
+      s0 += h0 * v, s1 += h1 * v, s2 += h2 * v, s3 += h3 * v;
+      t0 += h0 * w, t1 += h1 * w, t2 += h2 * w, t3 += h3 * w;
+    }
+    const vf s[4] = {s0, s1, s2, s3}, t[4] = {t0, t1, t2, t3};
+    for (int q = 0; q < 4; ++q) {  // in order: two copies of a short block share one dummy row
+      storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
+      storeu(dst[q] + c + kW, loadu(dst[q] + c + kW) + t[q]);
+    }
+  }
+  for (; c + kW <= cols; c += kW) {
+    vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t j = 0; j < r; ++j) {
+      const vf v = loadu(b + j * ld + c);
+      s0 += h[0][j] * v, s1 += h[1][j] * v, s2 += h[2][j] * v, s3 += h[3][j] * v;
+    }
+    const vf s[4] = {s0, s1, s2, s3};
+    for (int q = 0; q < 4; ++q) storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
+  }
+  for (; c < cols; ++c) {
+    for (int q = 0; q < 4; ++q) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < r; ++j) acc += h[q][j] * b[j * ld + c];
+      dst[q][c] += acc;
+    }
+  }
+}
+
+constexpr int64_t kCols = 64;  // output columns of one expand task
+
+// Asks for `rows` rows of `bytes` bytes, `ld_bytes` apart, to come into L2, one request per
+// cache line. In a decode step the base weights between two LoRA calls evict the hot-set's rows,
+// and one slot's tile is too short for the hardware prefetchers to ramp up: each thread asks for
+// every tile it will read before it computes, so the misses overlap instead of queueing one by
+// one (4 layers, 16 tokens, top-2, caches flushed between calls: 0.45 against 0.48 ms a step).
+inline void prefetch_rows(const void* p, int64_t rows, int64_t bytes, int64_t ld_bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t j = 0; j < rows; ++j) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + j * ld_bytes + off, 0, 2);
+  }
+}
 
 template <typename scalar_t>
 void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<torch::Tensor>& b,
@@ -50,101 +151,145 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
            const torch::Tensor& ranks, const torch::Tensor& scales, int64_t top_k) {
   const int64_t d_in = x.size(1), groups = a.size(0), num_slots = a.size(1), max_rank = a.size(2);
   const int64_t pairs = slots.size(0), tokens = x.size(0);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* ap = a.data_ptr<scalar_t>();
   const int32_t* sp = slots.data_ptr<int32_t>();
   const float* wp = weights.data_ptr<float>();
   const int32_t* rp = ranks.data_ptr<int32_t>();
   const float* cp = scales.data_ptr<float>();
 
-  std::vector<std::vector<int64_t>> by_slot(num_slots);  // pair ids per slot
+  // Pair ids grouped by slot (a counting sort): slot s's pairs are order[start[s] : start[s + 1]].
+  std::vector<int64_t> start(num_slots + 1, 0), order(pairs);
   for (int64_t p = 0; p < pairs; ++p) {
-    if (sp[p] >= 0) by_slot[sp[p]].push_back(p);
+    if (sp[p] >= 0) ++start[sp[p] + 1];
   }
-  // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32
+  for (int64_t s = 0; s < num_slots; ++s) start[s + 1] += start[s];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < pairs; ++p) {
+      if (sp[p] >= 0) order[next[sp[p]]++] = p;
+    }
+  }
+  std::vector<float> x_buf;
+  const float* xf = as_float(x.data_ptr<scalar_t>(), tokens * d_in, x_buf);
+  // Tasks with work: (g, s) for the shrink; the flop count decides whether a second thread pays.
+  std::vector<int64_t> shrink_tasks;
+  int64_t flops = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t s = 0; s < num_slots; ++s) {
+      const int64_t r = rp[g * num_slots + s], n = start[s + 1] - start[s];
+      if (r == 0 || n == 0) continue;
+      shrink_tasks.push_back(g * num_slots + s);
+      flops += n * r * (d_in + b[g].size(2));
+    }
+  }
+  if (shrink_tasks.empty()) return;
+  constexpr int64_t kSerialFlops = 1 << 17;  // below, one thread (a region's start costs more)
+
+  // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32. Blocks of four pairs by four
+  // ranks; a short block repeats its last pair or rank (valid rows only) and drops the copies.
   std::vector<float> h(pairs * groups * max_rank, 0.f);
-  at::parallel_for(0, num_slots * groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size());
+  at::parallel_for(0, n_shrink, flops < kSerialFlops ? n_shrink : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a_buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / groups, g = task % groups;
-      const int64_t r = rp[g * num_slots + s];
-      if (by_slot[s].empty() || r == 0) continue;
-      const float scale = cp[g * num_slots + s];
-      const scalar_t* rows = ap + (g * num_slots + s) * max_rank * d_in;
-      const auto& ps = by_slot[s];
-      const int64_t n = static_cast<int64_t>(ps.size());
-      for (int64_t j = 0; j < r; ++j) {
-        const scalar_t* row = rows + j * d_in;
-        int64_t i = 0;
-        for (; i + 4 <= n; i += 4) {
-          float d[4];
-          dot4(row, xp + (ps[i] / top_k) * d_in, xp + (ps[i + 1] / top_k) * d_in, xp + (ps[i + 2] / top_k) * d_in,
-               xp + (ps[i + 3] / top_k) * d_in, d_in, d);
-          for (int64_t q = 0; q < 4; ++q) h[(ps[i + q] * groups + g) * max_rank + j] = d[q] * wp[ps[i + q]] * scale;
+      const int64_t gs = shrink_tasks[task];
+      prefetch_rows(ap + gs * max_rank * d_in, 1, rp[gs] * d_in * sizeof(scalar_t), 0);
+    }
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t gs = shrink_tasks[task], g = gs / num_slots, s = gs % num_slots;
+      const int64_t r = rp[gs], first = start[s], n = start[s + 1] - first;
+      const float scale = cp[gs];
+      const float* rows = as_float(ap + gs * max_rank * d_in, r * d_in, a_buf);
+      for (int64_t i = 0; i < n; i += 4) {
+        const float* xs[4];
+        int64_t ps[4];
+        for (int64_t q = 0; q < 4; ++q) {
+          ps[q] = order[first + std::min(i + q, n - 1)];
+          xs[q] = xf + (ps[q] / top_k) * d_in;
         }
-        for (; i < n; ++i) {
-          h[(ps[i] * groups + g) * max_rank + j] = dot(xp + (ps[i] / top_k) * d_in, row, d_in) * wp[ps[i]] * scale;
+        for (int64_t j = 0; j < r; j += 4) {
+          const float* as[4];
+          for (int64_t q = 0; q < 4; ++q) as[q] = rows + std::min(j + q, r - 1) * d_in;
+          float d[16];
+          dot4x4(xs, as, d_in, d);
+          for (int64_t q = 0; q < std::min<int64_t>(4, n - i); ++q) {
+            const float f = wp[ps[q]] * scale;
+            float* hp = h.data() + (ps[q] * groups + g) * max_rank;
+            for (int64_t k = 0; k < std::min<int64_t>(4, r - j); ++k) hp[j + k] = d[q * 4 + k] * f;
+          }
         }
       }
     }
   });
-  // out[t, c] += sum_j h[p, g, j] * b[g][s, j, c]. Tasks split the columns (no two write one
-  // element); within a task, each slot's lora_b rows stream in order, four at a time, into fp32
-  // accumulators of the task's columns for every token, rounded into out once.
+
+  // out[t, c] += sum_j h[p, g, j] * b[g][s, j, c]. A task is one module's kCols columns (no two
+  // write one element): every slot's pairs add into fp32 accumulators of the task's columns for
+  // each token, rounded into out once.
+  std::vector<std::pair<int64_t, int64_t>> expand_tasks;  // (g, first column)
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t d_out = b[g].size(2), ld = outs[g].stride(0);
-    const scalar_t* bp = b[g].data_ptr<scalar_t>();
-    scalar_t* op = outs[g].data_ptr<scalar_t>();
-    at::parallel_for(0, (d_out + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(tokens * kCols);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t c0 = chunk * kCols, cols = std::min(kCols, d_out - c0);
-        std::vector<bool> touched(tokens, false);
-        for (int64_t s = 0; s < num_slots; ++s) {
-          const int64_t r = rp[g * num_slots + s];
-          if (by_slot[s].empty() || r == 0) continue;
-          const scalar_t* rows = bp + s * max_rank * d_out + c0;
-          for (int64_t p : by_slot[s]) {
-            const int64_t tok = p / top_k;
-            if (!touched[tok]) {
-              touched[tok] = true;
-              const scalar_t* out = op + tok * ld + c0;
-              float* a = acc.data() + tok * kCols;
-              for (int64_t c = 0; c < cols; ++c) a[c] = static_cast<float>(out[c]);
-            }
+    for (int64_t c0 = 0; c0 < b[g].size(2); c0 += kCols) expand_tasks.emplace_back(g, c0);
+  }
+  const int64_t n_expand = static_cast<int64_t>(expand_tasks.size());
+  at::parallel_for(0, n_expand, flops < kSerialFlops ? n_expand : 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(tokens * kCols + kCols), b_buf;  // the last row: where a short block's copies go
+    const std::vector<float> zeros(max_rank, 0.f);
+    std::vector<char> touched(tokens);
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [g, c0] = expand_tasks[task];
+      const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0);
+      for (int64_t s = 0; s < num_slots; ++s) {
+        const int64_t r = rp[g * num_slots + s];
+        if (r == 0 || start[s + 1] == start[s]) continue;
+        prefetch_rows(b[g].data_ptr<scalar_t>() + s * max_rank * d_out + c0, r, cols * sizeof(scalar_t),
+                      d_out * sizeof(scalar_t));
+      }
+    }
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [g, c0] = expand_tasks[task];
+      const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0), ld = outs[g].stride(0);
+      const scalar_t* bp = b[g].data_ptr<scalar_t>();
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(touched.begin(), touched.end(), 0);
+      for (int64_t s = 0; s < num_slots; ++s) {
+        const int64_t r = rp[g * num_slots + s], first = start[s], n = start[s + 1] - first;
+        if (r == 0 || n == 0) continue;
+        const scalar_t* rows = bp + s * max_rank * d_out + c0;
+        const float* bf;
+        int64_t ldb = d_out;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          bf = rows;
+        } else {
+          b_buf.resize(r * kCols);
+          for (int64_t j = 0; j < r; ++j) {
+            for (int64_t c = 0; c < cols; ++c) b_buf[j * kCols + c] = static_cast<float>(rows[j * d_out + c]);
           }
-          int64_t j = 0;
-          for (; j + 4 <= r; j += 4) {
-            const scalar_t *b0 = rows + j * d_out, *b1 = b0 + d_out, *b2 = b1 + d_out, *b3 = b2 + d_out;
-            for (int64_t p : by_slot[s]) {
-              const float* hp = h.data() + (p * groups + g) * max_rank + j;
-              const float h0 = hp[0], h1 = hp[1], h2 = hp[2], h3 = hp[3];
-              float* __restrict a = acc.data() + (p / top_k) * kCols;
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) {
-                a[c] += h0 * static_cast<float>(b0[c]) + h1 * static_cast<float>(b1[c]) +
-                        h2 * static_cast<float>(b2[c]) + h3 * static_cast<float>(b3[c]);
-              }
-            }
-          }
-          for (; j < r; ++j) {
-            const scalar_t* b0 = rows + j * d_out;
-            for (int64_t p : by_slot[s]) {
-              const float h0 = h[(p * groups + g) * max_rank + j];
-              float* __restrict a = acc.data() + (p / top_k) * kCols;
-#pragma omp simd
-              for (int64_t c = 0; c < cols; ++c) a[c] += h0 * static_cast<float>(b0[c]);
-            }
-          }
+          bf = b_buf.data(), ldb = kCols;
         }
-        for (int64_t tok = 0; tok < tokens; ++tok) {
-          if (!touched[tok]) continue;
-          scalar_t* out = op + tok * ld + c0;
-          const float* a = acc.data() + tok * kCols;
-          for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(a[c]);
+        for (int64_t i = 0; i < n; i += 4) {
+          const float* hs[4];
+          float* dst[4];
+          for (int64_t q = 0; q < 4; ++q) {
+            if (i + q < n) {
+              const int64_t p = order[first + i + q], tok = p / top_k;
+              hs[q] = h.data() + (p * groups + g) * max_rank;
+              dst[q] = acc.data() + tok * kCols;
+              touched[tok] = 1;
+            } else {
+              hs[q] = zeros.data(), dst[q] = acc.data() + tokens * kCols;
+            }
+          }
+          expand4(bf, ldb, r, hs, cols, dst);
         }
       }
-    });
-  }
+      scalar_t* op = outs[g].data_ptr<scalar_t>() + c0;
+      for (int64_t tok = 0; tok < tokens; ++tok) {
+        if (!touched[tok]) continue;
+        scalar_t* out = op + tok * ld;
+        const float* add = acc.data() + tok * kCols;
+        for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(static_cast<float>(out[c]) + add[c]);
+      }
+    }
+  });
 }
 
 // x [T, D_in]; a [G, S, R, D_in]; b: G tensors [S, R, D_out_g]; outs: G tensors [T, D_out_g]

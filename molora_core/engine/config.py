@@ -35,7 +35,7 @@ class EngineConfig(BaseModel):
         None, description="model dtype; None = the checkpoint's (float32 on CPU)"
     )
     backend: str | None = Field(None, description="LoRA backend ('cpu' | 'torch' | 'triton'); None = cpu on CPU (the torch "
-                                  "twins plus a compiled decode kernel), the device's default elsewhere")
+                                  "twins plus a compiled LoRA kernel), the device's default elsewhere")
     decode_kernel: Literal["auto", "fused", "dense", "split", "dense_base"] = Field(
         "auto",
         description="triton backend only: the kernel decode steps run LoRA with (kernels.backends.TritonBackend); "

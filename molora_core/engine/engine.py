@@ -152,7 +152,7 @@ class Engine:
         return self.runner.graphs
 
     def _default_backend(self) -> str:
-        # On CPU the torch twins with the compiled decode kernel. (TRITON_INTERPRET=1, set by the
+        # On CPU the torch twins with the compiled LoRA kernel. (TRITON_INTERPRET=1, set by the
         # test suite for kernel tests, would make default_backend_name pick the Triton
         # interpreter on CPU, far too slow to serve with.)
         return "cpu" if self.device.type == "cpu" else default_backend_name(self.device)

@@ -39,7 +39,8 @@ def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator
     (5, 2, 64, [48, 16, 16]),
     (16, 1, 256, [256, 128, 128]),
     (16, 2, 1024, [3072, 3072]),
-    (40, 2, 200, [70]),  # a column count that is not a multiple of the kernel's 256-column expand tasks
+    (40, 2, 200, [70]),  # column counts that are not multiples of the kernel's 64-column expand tasks
+    (301, 2, 96, [80, 40]),  # a prefill-size step (602 pairs), and a token count that is not a multiple of 4
 ])
 def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
     gen = torch.Generator().manual_seed(tokens * 7 + d_in)
@@ -85,7 +86,7 @@ def test_refuses_operands_it_does_not_take():
                                  meta, [torch.zeros(3, 6)])
 
 
-def test_backend_runs_the_kernel_for_decode_steps_and_the_twins_elsewhere(monkeypatch):
+def test_backend_runs_the_kernel_up_to_max_pairs_and_the_twins_above(monkeypatch):
     backend = get_backend("cpu")
     calls = []
     monkeypatch.setattr(lora_cpu, "run_prepared", lambda x, prepared, routes, outs, top_k: calls.append(x.shape[0]))
@@ -93,17 +94,18 @@ def test_backend_runs_the_kernel_for_decode_steps_and_the_twins_elsewhere(monkey
     a = torch.randn(1, 2, 4, 8, generator=gen)
     b = [torch.randn(2, 4, 6, generator=gen).transpose(1, 2)]
     ranks, scales = torch.full((1, 2), 4, dtype=torch.int32), torch.ones(1, 2)
-    for tokens in (4, 600):  # a decode-size step, then a prefill-size one
+    # a decode-size step, a prefill at the limit, then one past it
+    for tokens in (4, lora_cpu.MAX_PAIRS, lora_cpu.MAX_PAIRS + 1):
         meta = build_dispatch(torch.zeros(tokens, 1, dtype=torch.int32), torch.ones(tokens, 1), 2)
         out = torch.zeros(tokens, 6)
         backend.apply_shared(torch.randn(tokens, 8, generator=gen), a, b, ranks, scales, meta, [out])
-        assert out.abs().sum().item() == 0 if tokens == 4 else out.abs().sum().item() > 0
-    assert calls == [4]
+        assert out.abs().sum().item() == 0 if tokens <= lora_cpu.MAX_PAIRS else out.abs().sum().item() > 0
+    assert calls == [4, lora_cpu.MAX_PAIRS]
     # Autograd (router training) takes the twins too.
     w = torch.ones(4, 1, requires_grad=True)
     meta = build_dispatch(torch.zeros(4, 1, dtype=torch.int32), w, 2)
     backend.apply_shared(torch.randn(4, 8, generator=gen), a, b, ranks, scales, meta, [torch.zeros(4, 6)])
-    assert calls == [4]
+    assert calls == [4, lora_cpu.MAX_PAIRS]
 
 
 @pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])

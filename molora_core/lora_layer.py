@@ -160,8 +160,10 @@ class MoLoRAGroup:
             if y is not None:
                 return y.view(*x.shape[:-1], -1)
         y = self.base(x)
-        backend.apply_shared(tokens, *lora, [o.view(-1, o.shape[-1]) for o in y.split(self.sizes, dim=-1)],
-                             g.rank_scales, self._backend_cache)
+        outs = list(y.split(self.sizes, dim=-1))  # the decoder's [T, D] rows need no reshaping (a few us a call)
+        if y.dim() != 2:
+            outs = [o.view(-1, o.shape[-1]) for o in outs]
+        backend.apply_shared(tokens, *lora, outs, g.rank_scales, self._backend_cache)
         return y
 
 

@@ -65,8 +65,18 @@ class StepRunner:
             self.context.meta = None
             return None
         self.plan.begin(ids.shape[0], max(r.top_k for r in routers if r is not None))
+        # Adjacent requests whose routers route alike (one gate router, one adapter) go to the
+        # plan as one run of rows: one entry for the plan to resolve, not one per request.
+        run: list | None = None  # [start, end, router, key]
         for (seq, n), start in zip(entries, batch.starts):
-            self.plan.assign(start, seq.router, ids[start : start + n])
+            key = None if seq.router is None else seq.router.route_key
+            if run is not None and key is not None and key == run[3] and start == run[1]:
+                run[1] = start + n
+                continue
+            if run is not None:
+                self.plan.assign(run[0], run[2], ids[run[0] : run[1]])
+            run = [start, start + n, seq.router, key]
+        self.plan.assign(run[0], run[2], ids[run[0] : run[1]])
         if not self.plan.needs_hidden:
             self.context.meta = self.plan.finalize()
             return None

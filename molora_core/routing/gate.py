@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from kernels import decode_cpu
 from molora_core.errors import RouterInvalid
 
 CONFIG_NAME = "router.json"
@@ -39,10 +40,15 @@ class GateRouter(nn.Module):
         self.gate = nn.Linear(hidden_size, len(adapters), bias=True)
         nn.init.normal_(self.gate.weight, std=0.02)
         nn.init.zeros_(self.gate.bias)
+        self.register_buffer("_unit", torch.ones(hidden_size), persistent=False)  # the compiled norm's weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, D] -> float32 logits [T, A]."""
-        h = F.rms_norm(hidden.float(), (hidden.shape[-1],), None, self.eps)  # h * rsqrt(mean(h^2) + eps), one op
+        h = hidden.float()
+        if decode_cpu.enabled(h):  # CPU, no autograd: one compiled call (2 us against torch's 19 at 16 x 256)
+            h = decode_cpu.rms_norm(h.contiguous(), self._unit.float(), self.eps)[0]
+        else:
+            h = F.rms_norm(h, (h.shape[-1],), None, self.eps)  # h * rsqrt(mean(h^2) + eps), one op
         return self.gate(h.to(self.gate.weight.dtype)).float()
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ A task-embedding router (LORAUTER) fits the same interface: per-sequence, from t
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -40,6 +41,12 @@ class Router:
         """Routers with equal keys route any token alike, so the plan routes all their tokens in
         one call (e.g. every request on one gate router). None: never batched."""
         return None
+
+    @functools.cached_property
+    def route_key(self) -> object | None:
+        """The batch key, or a constant router's route: routers with equal keys route any token
+        alike (None: no other router is known to). Made once; a router does not change."""
+        return self.batch_key() or self.constant()
 
 
 class SequenceRouter(Router):

@@ -224,3 +224,68 @@ def test_route_static_matches_finalize():
     for field in ("slots", "sorted_pairs", "slot_counts", "slot_offsets"):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     assert got.host_counts() == want.host_counts() and got.host_route is None
+
+
+def test_a_step_assigns_adjacent_requests_on_alike_routers_as_one_run(monkeypatch):
+    """The engine's step hands the plan one run of rows per group of adjacent requests whose
+    routers route alike (one gate, one adapter, one vocab spec), and the routes equal those of
+    assigning each request alone."""
+    from types import SimpleNamespace
+
+    from molora_core.engine.step import StepRunner
+    from molora_core.lora_layer import LoRAContext
+    from molora_core.model import StepBatch
+
+    torch.manual_seed(5)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code", "image"], top_k=2)
+    vocab = VocabSpec(((0, 50, "code"),), default="math")
+    requests = [(GateSpec(gate), 2), (GateSpec(gate), 1), (GateSpec(gate), 3), (AdapterSpec("code"), 1),
+                (AdapterSpec("code"), 1), (AdapterSpec("math"), 2), (BaseSpec(), 1), (GateSpec(gate), 1),
+                (vocab, 2), (vocab, 2)]
+    entries = [(SimpleNamespace(router=spec.bind(SLOT_OF), kv_slot=i, num_computed=0), n)
+               for i, (spec, n) in enumerate(requests)]
+    lengths = [n for _, n in requests]
+    batch = StepBatch.build(range(len(lengths)), lengths, lengths)
+    hidden, ids = torch.randn(16, 8), torch.randint(0, 100, (16,))
+    runs = []
+    real_assign = RoutingPlan.assign
+    monkeypatch.setattr(RoutingPlan, "assign", lambda self, start, router, token_ids: runs.append(
+        (start, token_ids.shape[0])) or real_assign(self, start, router, token_ids))
+    runner = StepRunner(None, None, RoutingPlan(max_tokens=16, max_k=2, num_slots=4), LoRAContext(backend=None),
+                        None, max_top_k=2)
+    runner._route(entries, ids, batch)(hidden)
+    assert runs == [(0, 6), (6, 2), (8, 2), (10, 1), (11, 1), (12, 4)]
+    monkeypatch.setattr(RoutingPlan, "assign", real_assign)
+
+    alone = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
+    alone.begin(16, 2)
+    for (seq, n), start in zip(entries, batch.starts):
+        alone.assign(start, seq.router, ids[start : start + n])
+    want = alone.finalize(hidden)
+    assert torch.equal(runner.plan.slots, alone.slots)
+    torch.testing.assert_close(runner.plan.weights, alone.weights)
+    assert torch.equal(runner.context.meta.sorted_pairs, want.sorted_pairs)
+
+
+def test_gate_logits_take_the_compiled_norm_without_autograd(monkeypatch):
+    """On CPU without autograd the gate normalizes with the compiled RMSNorm (one call), to the
+    logits torch's rms_norm gives; with autograd (training) it keeps torch's."""
+    import torch.nn.functional as F
+
+    from kernels import decode_cpu
+
+    torch.manual_seed(6)
+    gate = GateRouter(hidden_size=64, adapters=["math", "code", "image"], top_k=2)
+    hidden = torch.randn(16, 64) * 3
+    with torch.no_grad():
+        if not decode_cpu.enabled(hidden):
+            pytest.skip("the compiled CPU ops are not built here")
+        calls = []
+        real = decode_cpu.rms_norm
+        monkeypatch.setattr(decode_cpu, "rms_norm", lambda *a: calls.append(a[0].shape) or real(*a))
+        got = gate.logits(hidden)
+        want = gate.gate(F.rms_norm(hidden, (64,), None, gate.eps))
+    assert calls == [hidden.shape]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    trained = gate.logits(hidden)
+    assert trained.requires_grad and len(calls) == 1

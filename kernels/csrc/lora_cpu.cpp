@@ -40,7 +40,7 @@ const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
 // rank loop instead of the columns).
 typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
-constexpr int64_t kW = 16;
+constexpr int kW = 16;
 
 inline vf loadu(const float* p) {
   vf v;
@@ -50,24 +50,19 @@ inline vf loadu(const float* p) {
 
 inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// Folds two vectors whose lanes form groups of 2n summing to one value each into one whose
-// groups of n do (a's groups first): sixteen dot products' partial sums reduce to one vector of
-// the sixteen totals in 15 folds, instead of 16 horizontal sums.
-inline vf fold8(vf a, vf b) {
-  return __builtin_shuffle(a, b, vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}) +
-         __builtin_shuffle(a, b, vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+// Folds two vectors whose lanes form groups of 2n summing to one value each into one whose groups of
+// n do (a's groups first): sixteen dot products' partial sums reduce to one vector of the sixteen
+// totals in 15 folds, instead of 16 horizontal sums. Lane i of the result adds lanes `lanes<n, 0>[i]`
+// and `lanes<n, 1>[i]` of a:b (b's lanes numbered from kW): the first and the second n of its group.
+template <int n, int half, int... i>
+constexpr vi lanes(std::integer_sequence<int, i...>) {
+  return vi{((i / 8) * 16 + ((i % 8) / n) * 2 * n + i % n + half * n)...};
 }
-inline vf fold4(vf a, vf b) {
-  return __builtin_shuffle(a, b, vi{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27}) +
-         __builtin_shuffle(a, b, vi{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31});
-}
-inline vf fold2(vf a, vf b) {
-  return __builtin_shuffle(a, b, vi{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29}) +
-         __builtin_shuffle(a, b, vi{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31});
-}
-inline vf fold1(vf a, vf b) {
-  return __builtin_shuffle(a, b, vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30}) +
-         __builtin_shuffle(a, b, vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+
+template <int n>
+inline vf fold(vf a, vf b) {
+  constexpr auto all = std::make_integer_sequence<int, kW>{};
+  return __builtin_shuffle(a, b, lanes<n, 0>(all)) + __builtin_shuffle(a, b, lanes<n, 1>(all));
 }
 
 // out[q * 4 + k] = x_q . a_k for four rows of x and four of a: sixteen vector accumulators, each
@@ -83,11 +78,10 @@ inline void dot4x4(const float* const* x, const float* const* a, int64_t n, floa
     acc[8] += x2 * a0, acc[9] += x2 * a1, acc[10] += x2 * a2, acc[11] += x2 * a3;
     acc[12] += x3 * a0, acc[13] += x3 * a1, acc[14] += x3 * a2, acc[15] += x3 * a3;
   }
-  const vf u0 = fold8(acc[0], acc[1]), u1 = fold8(acc[2], acc[3]), u2 = fold8(acc[4], acc[5]),
-           u3 = fold8(acc[6], acc[7]), u4 = fold8(acc[8], acc[9]), u5 = fold8(acc[10], acc[11]),
-           u6 = fold8(acc[12], acc[13]), u7 = fold8(acc[14], acc[15]);
-  const vf w0 = fold4(u0, u1), w1 = fold4(u2, u3), w2 = fold4(u4, u5), w3 = fold4(u6, u7);
-  storeu(out, fold1(fold2(w0, w1), fold2(w2, w3)));
+  vf u[8];
+  for (int k = 0; k < 8; ++k) u[k] = fold<8>(acc[2 * k], acc[2 * k + 1]);
+  const vf w0 = fold<4>(u[0], u[1]), w1 = fold<4>(u[2], u[3]), w2 = fold<4>(u[4], u[5]), w3 = fold<4>(u[6], u[7]);
+  storeu(out, fold<1>(fold<2>(w0, w1), fold<2>(w2, w3)));
   for (; i < n; ++i) {
     for (int q = 0; q < 4; ++q) {
       for (int k = 0; k < 4; ++k) out[q * 4 + k] += x[q][i] * a[k][i];

@@ -124,3 +124,30 @@ def test_dispatch_sort_matches_the_torch_ops(pairs, slots):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(RuntimeError, match="slot out of range"):
         cpu_ext.module().dispatch_sort(torch.full((pairs,), slots, dtype=torch.int32), *got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,top_k,d_in,sizes,max_rank,ranks", [
+    (6, 3, 37, [19, 5, 33], 13, [13, 5, 0, 1]),  # no size a multiple of the kernel's tiles (4, 16, 32)
+    (3, 1, 16, [64], 7, [7, 6, 2, 3]),
+    (9, 2, 50, [40, 96], 32, [32, 17, 31, 0]),
+])
+def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k, d_in, sizes, max_rank, ranks):
+    """Short pair, rank and column tiles (a rank that is not a multiple of 4, widths that are not
+    multiples of 16 or 32): the kernel against the float64 twin."""
+    gen = torch.Generator().manual_seed(tokens + d_in + max_rank)
+    groups, slots = len(sizes), 4
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+    lora_a = (torch.randn(groups, slots, max_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
+    lora_b = [(torch.randn(slots, max_rank, n, generator=gen) / 4).to(dtype).transpose(1, 2) for n in sizes]
+    ranks_group = torch.tensor([ranks] * groups, dtype=torch.int32)
+    scales = torch.rand(groups, slots, generator=gen) + 0.5
+    s, w = _routes("per_token", tokens, top_k, slots, gen)
+    meta = build_dispatch(s, w, slots)
+    y = torch.randn(tokens, sum(sizes), generator=gen).to(dtype)
+    want = y.double()
+    lora_apply_shared_ref(x.double(), lora_a.double(), [b.double() for b in lora_b], ranks_group, scales, meta,
+                          list(want.split(sizes, 1)))
+    got = y.clone()
+    lora_cpu.lora_cpu_shared(x, lora_a, lora_b, ranks_group, scales, meta, list(got.split(sizes, 1)))
+    assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0)

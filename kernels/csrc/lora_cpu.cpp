@@ -11,7 +11,7 @@
 // use. Here each group is one call that walks each slot's own pairs in register-blocked tiles:
 // the work of the routed pairs only, accumulated in fp32, rounded once into out. Two parallel
 // regions a call (shrink tasks per (module, slot), expand tasks per 64 output columns of a
-// module), none below kSerialFlops.
+// module), none below kSerialMacs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -165,25 +165,25 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   }
   std::vector<float> x_buf;
   const float* xf = as_float(x.data_ptr<scalar_t>(), tokens * d_in, x_buf);
-  // Tasks with work: (g, s) for the shrink; the flop count decides whether a second thread pays.
+  // Tasks with work: (g, s) for the shrink; their multiply-adds decide whether a second thread pays.
   std::vector<int64_t> shrink_tasks;
-  int64_t flops = 0;
+  int64_t macs = 0;
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t s = 0; s < num_slots; ++s) {
       const int64_t r = rp[g * num_slots + s], n = start[s + 1] - start[s];
       if (r == 0 || n == 0) continue;
       shrink_tasks.push_back(g * num_slots + s);
-      flops += n * r * (d_in + b[g].size(2));
+      macs += n * r * (d_in + b[g].size(2));
     }
   }
   if (shrink_tasks.empty()) return;
-  constexpr int64_t kSerialFlops = 1 << 17;  // below, one thread (a region's start costs more)
+  constexpr int64_t kSerialMacs = 1 << 17;  // below, one thread (a region's start costs more)
 
   // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32. Blocks of four pairs by four
   // ranks; a short block repeats its last pair or rank (valid rows only) and drops the copies.
   std::vector<float> h(pairs * groups * max_rank, 0.f);
   const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size());
-  at::parallel_for(0, n_shrink, flops < kSerialFlops ? n_shrink : 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_shrink, macs < kSerialMacs ? n_shrink : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> a_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t gs = shrink_tasks[task];
@@ -224,7 +224,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
     for (int64_t c0 = 0; c0 < b[g].size(2); c0 += kCols) expand_tasks.emplace_back(g, c0);
   }
   const int64_t n_expand = static_cast<int64_t>(expand_tasks.size());
-  at::parallel_for(0, n_expand, flops < kSerialFlops ? n_expand : 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_expand, macs < kSerialMacs ? n_expand : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(tokens * kCols + kCols), b_buf;  // the last row: where a short block's copies go
     const std::vector<float> zeros(max_rank, 0.f);
     std::vector<char> touched(tokens);

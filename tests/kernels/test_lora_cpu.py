@@ -32,6 +32,25 @@ def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator
     return s, w
 
 
+def _operands(dtype, tokens: int, d_in: int, sizes: list[int], slots: int, max_rank: int, gen: torch.Generator):
+    """x [T, D_in], lora_a [G, S, R, D_in] and lora_b in the torch backends' layout (stored [S, R,
+    D_out], handed over as [S, D_out, R] views), and the base output y [T, sum D_out]."""
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
+    lora_a = (torch.randn(len(sizes), slots, max_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
+    lora_b = [(torch.randn(slots, max_rank, n, generator=gen) / 4).to(dtype).transpose(1, 2) for n in sizes]
+    return x, lora_a, lora_b, torch.randn(tokens, sum(sizes), generator=gen).to(dtype)
+
+
+def _kernel_and_twin(x, lora_a, lora_b, ranks, scales, meta, y, sizes):
+    """y plus the kernel's delta, and y plus the float64 twin's."""
+    want = y.double()
+    lora_apply_shared_ref(x.double(), lora_a.double(), [b.double() for b in lora_b], ranks, scales, meta,
+                          list(want.split(sizes, 1)))
+    got = y.clone()
+    lora_cpu.lora_cpu_shared(x, lora_a, lora_b, ranks, scales, meta, list(got.split(sizes, 1)))
+    return got, want
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["one_adapter", "per_request", "per_token"])
 @pytest.mark.parametrize("tokens,top_k,d_in,sizes", [
@@ -44,22 +63,14 @@ def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator
 ])
 def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
     gen = torch.Generator().manual_seed(tokens * 7 + d_in)
-    groups, slots, max_rank = len(sizes), 4, 16
-    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
-    lora_a = (torch.randn(groups, slots, max_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
-    # The torch backends' layout: lora_b stored [S, R, D_out], handed over as [S, D_out, R] views.
-    lora_b = [(torch.randn(slots, max_rank, n, generator=gen) / 4).to(dtype).transpose(1, 2) for n in sizes]
+    groups, slots = len(sizes), 4
+    x, lora_a, lora_b, y = _operands(dtype, tokens, d_in, sizes, slots, 16, gen)
     ranks = torch.tensor([[16, 8, 0, 4]] * groups, dtype=torch.int32)  # mixed ranks, one empty slot
     ranks[-1, 1] = 12
     scales = torch.tensor([[2.0, 0.5, 1.0, 1.5]] * groups)
     s, w = _routes(kind, tokens, top_k, slots, gen)
     meta = build_dispatch(s, w, slots)
-    y = torch.randn(tokens, sum(sizes), generator=gen).to(dtype)
-    want = y.double()
-    lora_apply_shared_ref(x.double(), lora_a.double(), [b.double() for b in lora_b], ranks, scales, meta,
-                          list(want.split(sizes, 1)))
-    got = y.clone()
-    lora_cpu.lora_cpu_shared(x, lora_a, lora_b, ranks, scales, meta, list(got.split(sizes, 1)))
+    got, want = _kernel_and_twin(x, lora_a, lora_b, ranks, scales, meta, y, sizes)
     assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0)
     # Padding past a slot's rank is never read, whatever it holds.
     padded_a, padded_b = lora_a.clone(), [b.clone() for b in lora_b]
@@ -137,17 +148,9 @@ def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k
     multiples of 16 or 32): the kernel against the float64 twin."""
     gen = torch.Generator().manual_seed(tokens + d_in + max_rank)
     groups, slots = len(sizes), 4
-    x = torch.randn(tokens, d_in, generator=gen).to(dtype)
-    lora_a = (torch.randn(groups, slots, max_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
-    lora_b = [(torch.randn(slots, max_rank, n, generator=gen) / 4).to(dtype).transpose(1, 2) for n in sizes]
+    x, lora_a, lora_b, y = _operands(dtype, tokens, d_in, sizes, slots, max_rank, gen)
     ranks_group = torch.tensor([ranks] * groups, dtype=torch.int32)
     scales = torch.rand(groups, slots, generator=gen) + 0.5
     s, w = _routes("per_token", tokens, top_k, slots, gen)
-    meta = build_dispatch(s, w, slots)
-    y = torch.randn(tokens, sum(sizes), generator=gen).to(dtype)
-    want = y.double()
-    lora_apply_shared_ref(x.double(), lora_a.double(), [b.double() for b in lora_b], ranks_group, scales, meta,
-                          list(want.split(sizes, 1)))
-    got = y.clone()
-    lora_cpu.lora_cpu_shared(x, lora_a, lora_b, ranks_group, scales, meta, list(got.split(sizes, 1)))
+    got, want = _kernel_and_twin(x, lora_a, lora_b, ranks_group, scales, build_dispatch(s, w, slots), y, sizes)
     assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0)

@@ -67,16 +67,15 @@ class StepRunner:
         self.plan.begin(ids.shape[0], max(r.top_k for r in routers if r is not None))
         # Adjacent requests whose routers route alike (one gate router, one adapter) go to the
         # plan as one run of rows: one entry for the plan to resolve, not one per request.
-        run: list | None = None  # [start, end, router, key]
+        runs: list[list] = []  # [start, end, router, key]
         for (seq, n), start in zip(entries, batch.starts):
             key = None if seq.router is None else seq.router.route_key
-            if run is not None and key is not None and key == run[3] and start == run[1]:
-                run[1] = start + n
-                continue
-            if run is not None:
-                self.plan.assign(run[0], run[2], ids[run[0] : run[1]])
-            run = [start, start + n, seq.router, key]
-        self.plan.assign(run[0], run[2], ids[run[0] : run[1]])
+            if runs and key is not None and key == runs[-1][3] and start == runs[-1][1]:
+                runs[-1][1] = start + n
+            else:
+                runs.append([start, start + n, seq.router, key])
+        for start, end, router, _ in runs:
+            self.plan.assign(start, router, ids[start:end])
         if not self.plan.needs_hidden:
             self.context.meta = self.plan.finalize()
             return None

@@ -138,7 +138,8 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str) -> None:
     """Per scenario, the ops with the most self time (device time on CUDA) over its prefill
     alone and over a whole run, as torch.profiler tables in one text file; for the prefill on
-    CUDA also the ops with the most host time, and per part the count of each SYNC_EVENTS call."""
+    CUDA also the ops with the most host time, and per part the count of each SYNC_EVENTS call;
+    then the prefill's wall times and its Python by host time (`_prefill_host_profile`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -160,9 +161,36 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
             if cuda and new == 1:
                 tables.append(f"== {name}: {part}, by host time\n"
                               f"{events.table(sort_by='self_cpu_time_total', row_limit=20)}")
+        tables.append(_prefill_host_profile(name, ours, requests({**s, "new": 1}, routing), cuda))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(tables))
     print(f"wrote {path}")
+
+
+def _prefill_host_profile(name: str, engine: Engine, reqs: list[Request], cuda: bool, runs: int = 5) -> str:
+    """The prefill alone (max_tokens=1): its wall time over `runs` unprofiled runs, then the
+    Python functions with the most host time in one run under cProfile (where torch.profiler
+    sees only ops, this sees the launchers' and the engine's own Python), as text."""
+    import cProfile
+    import io
+    import pstats
+
+    def once(batch: list[Request]) -> float:
+        started = time.perf_counter()
+        engine.generate(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - started)
+
+    walls = sorted(once(copy.deepcopy(reqs)) for _ in range(runs))
+    profiler = cProfile.Profile()
+    profiler.runcall(once, reqs)
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
+    stats.print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return (f"== {name}: prefill (max_tokens=1), host Python (cProfile)\n"
+            f"prefill wall ms, {runs} unprofiled runs: " + " ".join(f"{w:.1f}" for w in walls) + f"\n{text.getvalue()}")
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -229,8 +257,9 @@ def main() -> None:
     parser.add_argument("--profile", metavar="PATH",
                         help="after the timed runs, profile each of our scenarios once (torch.profiler, CUDA "
                              "activity too on a GPU): its prefill alone (max_tokens=1) and its whole run; the "
-                             "top ops by self time (and on a GPU, for the prefill, by host time) and the count "
-                             "of host syncs go to PATH")
+                             "top ops by self time (and on a GPU, for the prefill, by host time), the count "
+                             "of host syncs, and the prefill's wall times and Python functions by host time "
+                             "(cProfile) go to PATH")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "engine.json"))
     args = parser.parse_args()
     size = args.size or ("quick" if args.quick else "full")

@@ -54,6 +54,7 @@ GROUPS = [("qkv", 1024, (1024, 512, 512)), ("o", 1024, (1024,)), ("gate_up", 102
 # shrink (once per output tile) starts to cost more than the launch it saves.
 GROUPS_7B = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4096, (14336, 14336)),
              ("down", 14336, (4096,))]
+SHAPES = {"qwen3-0.6b": GROUPS, "7b": GROUPS_7B}
 
 
 def make_layers(num_layers, num_adapters, rank, dtype, device, groups=GROUPS, base=True):
@@ -136,18 +137,20 @@ SWEEPS = {
               [dict(block_k=k, block_n=n, num_warps=w, split_k=1) for k in (64, 128) for n in (32, 64, 128, 256)
                for w in (4, 8) if n < 256 or w == 8] + [dict(split_k=k) for k in (1, 2, 4, 8, 16)]),
     # The base projection with its LoRA (its layers carry base weights): output tiles and warps in
-    # the one-launch form, then a split-K shrink launch first at the default tiles.
+    # the one-launch form, its K steps and pipeline depth, then a split-K shrink launch first, at
+    # the default tiles and at other output tiles (the base loop then reads no lora_a, so narrow
+    # tiles cost no extra reads).
     "dense_base": (lora_dense_base,
                    [dict(block_n=n, num_warps=w) for n in (16, 32, 64, 128) for w in (4, 8)]
-                   + [dict(split_k=k) for k in (2, 4, 8)]),
+                   + [dict(block_k=k) for k in (64, 256)] + [dict(num_stages=n) for n in (2, 4, 5)]
+                   + [dict(split_k=k) for k in (2, 4, 8)] + [dict(split_k=4, block_n=n) for n in (16, 64, 128)]),
 }
 
 
 def sweep_kernel(kernel, settings, layers_g, groups, tokens, top_k, num_adapters, dtype, device, repeats):
-    """Per group at `tokens` x `top_k`: `kernel`'s time with its default tiles and with each of
-    `settings`, and the best of them."""
+    """Per group at `tokens` x `top_k`, one row as each group finishes: `kernel`'s time with its
+    default tiles and with each of `settings`, and the best of them."""
     meta = top_k_meta(tokens, top_k, num_adapters, device, seed=3)
-    rows = []
     for i, (name, d_in, d_outs) in enumerate(groups):
         x = torch.randn(tokens, d_in, device=device).to(dtype)
         out = torch.zeros(tokens, sum(d_outs), device=device, dtype=dtype)
@@ -170,10 +173,9 @@ def sweep_kernel(kernel, settings, layers_g, groups, tokens, top_k, num_adapters
         default_ms = time_graph(step_with({}), repeats, device)
         timed = [(time_graph(step_with(blocks), repeats, device), blocks) for blocks in settings]
         best_ms, best = min(timed, key=lambda t: t[0])
-        rows.append({"group": name, "d_in": d_in, "d_outs": list(d_outs), "default_ms": default_ms,
-                     "best_ms": best_ms, "best": best, "speedup": default_ms / best_ms,
-                     "all": [{"ms": ms, **blocks} for ms, blocks in timed]})
-    return rows
+        yield {"group": name, "d_in": d_in, "d_outs": list(d_outs), "default_ms": default_ms,
+               "best_ms": best_ms, "best": best, "speedup": default_ms / best_ms,
+               "all": [{"ms": ms, **blocks} for ms, blocks in timed]}
 
 
 def time_graph(step, repeats, device):
@@ -219,8 +221,15 @@ def main(argv=None):
     parser.add_argument("--skip-per-group", action="store_true", help="only the whole-layer table")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the fused, dense and dense_base kernels per group over tile sizes and warps (SWEEPS)")
+    parser.add_argument("--sweep-kernels", default=",".join(SWEEPS), metavar="KERNELS",
+                        help=f"comma-separated kernels --sweep times (default: all of {', '.join(SWEEPS)})")
+    parser.add_argument("--sweep-shapes", default="qwen3-0.6b,7b", metavar="SHAPES",
+                        help="comma-separated shapes --sweep times: qwen3-0.6b, 7b (default: both)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_decode.json"))
     args = parser.parse_args(argv)
+    sweep_kernels, sweep_shapes = args.sweep_kernels.split(","), args.sweep_shapes.split(",")
+    if set(sweep_kernels) - set(SWEEPS) or set(sweep_shapes) - set(SHAPES):
+        parser.error(f"--sweep-kernels takes {sorted(SWEEPS)}, --sweep-shapes {sorted(SHAPES)}")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
 
@@ -285,7 +294,7 @@ def main(argv=None):
     # Per group, across shapes and step sizes: where fusing stops paying.
     if not args.skip_per_group:
         with torch.no_grad():
-            for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
+            for shapes_name, groups in SHAPES.items():
                 layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups, base=False)
                 for tokens, top_k in ((16, 2), (64, 1)):
                     meta = top_k_meta(tokens, top_k, args.adapters, device, seed=2)
@@ -304,9 +313,11 @@ def main(argv=None):
 
     if args.sweep:
         with torch.no_grad():
-            for shapes_name, groups in (("qwen3-0.6b", GROUPS), ("7b", GROUPS_7B)):
+            for shapes_name in sweep_shapes:
+                groups = SHAPES[shapes_name]
                 layers_g = make_layers(args.layers, args.adapters, args.rank, dtype, device, groups)
-                for kernel_name, (kernel, settings) in SWEEPS.items():
+                for kernel_name in sweep_kernels:
+                    kernel, settings = SWEEPS[kernel_name]
                     for row in sweep_kernel(kernel, settings, layers_g, groups, 16, 2, args.adapters, dtype, device,
                                             args.repeats):
                         sweep.append({"kernel": kernel_name, "shapes": shapes_name, **row})

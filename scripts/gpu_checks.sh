@@ -6,7 +6,10 @@
 # STAGES (default "tests bench"): "tests" runs the GPU-marked kernel and decoder tests beside the
 # engine suite on CUDA (graph capture included); "bench" runs the layer, decode, prefill and engine
 # benchmarks after them, alone on the GPU ("layer", "decode", "prefill" and "engine" run one of them
-# each). Each stage has its own time limit, so one hang costs only itself.
+# each); "sweep", never part of "bench", times the dense_base decode kernel's tile settings at
+# Qwen3-0.6B shapes (`lora_decode.py --sweep`). ENGINE_COMPARE, if set, replaces the engine stage's
+# second-engine options (empty: none, the three scenarios alone). Each stage has its own time
+# limit, so one hang costs only itself.
 # Wheels of missing pure-Python packages (pydantic for the engine) can be carried in .whl/ and are
 # installed into /tmp/site first. Results go to OUT_DIR (default: $OUT, else benchmarks/out): at most
 # 8 files: the machine, versions and the benchmarks' output in one bench.log, each benchmark's JSON,
@@ -34,11 +37,12 @@ if [[ $stages == *tests* ]]; then
     # Kernels against their torch twins at real shapes (compiles spread over workers), and beside
     # them the engine suite on CUDA, where every decode step with at most one gate router replays
     # a captured graph.
-    # (On an H200 on 2026-11-26: 171 s for the first, and over 200 s for the second, 38 tests.)
+    # (On an H200 on 2026-11-26: 171 s for the first, and over 200 s for the second, 38 tests, in
+    # one worker; four now.)
     timeout 240 python3 -m pytest -q -n 8 -m gpu tests/kernels tests/molora_core/test_decoder.py \
         >"$out/gpu_tests.log" 2>&1 &
     kernels=$!
-    timeout 320 python3 -m pytest -q tests/molora_core/test_engine.py tests/molora_core/test_engine_streaming.py \
+    timeout 240 python3 -m pytest -q -n 4 tests/molora_core/test_engine.py tests/molora_core/test_engine_streaming.py \
         tests/molora_core/test_engine_graphs.py >"$out/engine_tests_cuda.log" 2>&1 &
     engine=$!
     wait $kernels || status=1
@@ -63,8 +67,15 @@ if want engine; then
     # scenario's time goes, prefill alone and whole run (PEFT, slow at this size, was measured
     # before: --skip-peft); three runs each, so the row kept is a true median (of two, the lower
     # run was kept, slow steps and all).
-    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft --compare-prefill grouped \
-        --compare-decode dense --out "$out/engine-gpu.json" --profile "$out/engine_profile.txt" 2>&1 |
+    # shellcheck disable=SC2086  # the options are words
+    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft \
+        ${ENGINE_COMPARE---compare-prefill grouped --compare-decode dense} \
+        --out "$out/engine-gpu.json" --profile "$out/engine_profile.txt" 2>&1 | tee -a "$out/bench.log" || status=1
+fi
+if [[ " $stages " == *" sweep "* ]]; then
+    # Its JSON is written after each group, so a run the limit stops keeps what it finished.
+    timeout "${SWEEP_LIMIT:-200}" python3 benchmarks/lora_decode.py --repeats 10 --skip-per-group --sweep \
+        --sweep-kernels dense_base --sweep-shapes qwen3-0.6b --out "$out/lora_decode-sweep-gpu.json" 2>&1 |
         tee -a "$out/bench.log" || status=1
 fi
 exit $status

@@ -20,20 +20,22 @@ Every output tile re-reads the first chunk's lora_a, so narrow tiles over a wide
 down: 16-wide tiles over 3072) read more lora_a than weight. `split_k` > 1 moves the shrink to
 `lora_dense`'s split-K launch first (lora_a read once, fp32 partial products), and the base loop
 reads only x and the weight: two launches a group instead of one. The default is the one-launch
-form; which wins where is for a GPU to say (`benchmarks/lora_decode.py --sweep`).
+form: on an H200 (bf16, Qwen3-0.6B shapes, 16 tokens x top-2) split-K over 2 to 8 ranges took
+1.1-1.4x its time in every group (`benchmarks/lora_decode.py --sweep`).
 
 Decode steps only (at most MAX_TOKENS tokens, one tile of rows); the grid, (sum over modules of
 cdiv(D_out_g, BLOCK_N),), depends only on shapes and nothing is read on the host, so the launch
 is captured in a CUDA graph. On an H200 (bf16, Qwen3-0.6B shapes, 28 layers, 16 tokens, gate-like
 top-2) the one-launch form took 1.09 ms a step against 1.51 for the base matmuls (0.64) then the
 slot-dense LoRA (0.84, split-K): benchmarks/results/lora_decode-h200-dense-base.json. The
-backend's "auto" takes it for 16-bit decode steps; 7B shapes and the split-K form are not yet
-timed (`benchmarks/lora_decode.py --sweep`).
+backend's "auto" takes it for 16-bit decode steps; 7B shapes are not yet timed.
 
 Legend: T tokens, K choices, G modules, S slots, R max rank, D_in / D_out features.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -45,11 +47,36 @@ from kernels.lora_dense import (
 from kernels.lora_launch import cdiv, check_group_args, check_int32_extents, dot_in_fp32, launch_options, module_args
 from kernels.meta import DispatchMeta
 
+# Depth of the K loop's software pipeline where it fits the device's shared memory (else
+# Triton's default, 3). On an H200 (bf16, Qwen3-0.6B shapes, 16 tokens x top-2, 28 layers
+# replayed as a CUDA graph; benchmarks/results/lora_decode-h200-sweep-dense-base.json) 4 stages
+# took 0.200 / 0.182 / 0.247 / 0.344 ms for q/k/v, o, gate/up and down against 0.215 / 0.210 /
+# 0.250 / 0.435 with 3: the best of 19 settings for o, gate/up and down, within 2% of the best
+# (256-wide K steps) for q/k/v.
+PIPELINE_STAGES = 4
+# Shared memory left for what the loop's tiles do not take (the expand's lora_b tiles, layout
+# conversions).
+SHARED_MEMORY_SPARE = 16 * 1024
+
+
+def pipeline_stages(stage_bytes: int, shared_memory: int) -> int | None:
+    """PIPELINE_STAGES where that many stages of `stage_bytes` each (one K step's x, weight and
+    lora_a tiles) fit `shared_memory` bytes with SHARED_MEMORY_SPARE to spare, else None
+    (Triton's default: an L4's 100 KB, or fp32 tiles on an H100, get what worked before)."""
+    return PIPELINE_STAGES if PIPELINE_STAGES * stage_bytes + SHARED_MEMORY_SPARE <= shared_memory else None
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device_index: int) -> int:
+    """Shared memory one program may opt in to on that CUDA device, in bytes (0 if unknown)."""
+    return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0)
+
 
 def default_block_n(d_outs: list[int]) -> int:
     """Output tiles narrow enough that a group has at least 64 programs where it can (16 wide at
     least, for the dots): one program streams its tile's whole base weight rows, so a 1024-wide
-    projection in 64-wide tiles would keep 16 SMs busy. A guess, not yet timed."""
+    projection in 64-wide tiles would keep 16 SMs busy. On an H200 (bf16, Qwen3-0.6B shapes, 16
+    tokens x top-2) within 3% of the best of 16 to 128 wide tiles, 4 or 8 warps, in each group."""
     for block_n in (64, 32):
         if sum(cdiv(d, block_n) for d in d_outs) >= 64:
             return block_n
@@ -220,7 +247,7 @@ def lora_dense_base(
         outs: G tensors [T, D_out_g] (column slices of one output are fine), written (their
             contents are never read); returned.
         block_k, block_n, num_warps, num_stages: tile sizes and launch options; None takes the
-            defaults.
+            defaults (num_stages: PIPELINE_STAGES on CUDA where they fit, `pipeline_stages`).
         split_k: 1 (the default) shrinks inside the one launch: the first slot chunk's in the
             base loop, every output tile re-reading its lora_a from L2. k > 1 first runs
             `lora_dense`'s split-K shrink over k ranges of D_in (fp32 partial products, lora_a read
@@ -250,6 +277,11 @@ def lora_dense_base(
     block_t, block_r, slots_per_chunk, default_k = _blocks(rows, rank, meta.num_slots, d_in, d_outs)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
     launch.setdefault("num_warps", 4)
+    if "num_stages" not in launch and x.device.type == "cuda":
+        stage_bytes = (block_t + block_n + slots_per_chunk * block_r) * block_k * x.element_size()
+        stages = pipeline_stages(stage_bytes, _shared_memory(x.device.index))
+        if stages is not None:
+            launch["num_stages"] = stages
     splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call
     if split_k > 1:
         # The shrink launch with lora_dense's default warps (its tiles are lora_dense's).

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from kernels.backends import TritonBackend  # noqa: E402
 from kernels.lora_dense import MAX_TOKENS  # noqa: E402
-from kernels.lora_dense_base import default_block_n, lora_dense_base  # noqa: E402
+from kernels.lora_dense_base import PIPELINE_STAGES, default_block_n, lora_dense_base, pipeline_stages  # noqa: E402
 from kernels.meta import build_dispatch  # noqa: E402
 from tests.kernels.helpers import (  # noqa: E402
     DTYPES, GPU_GROUP_CASES, Group, assert_close, capture_cuda_graph, group_case_id,
@@ -130,6 +130,15 @@ def test_default_tiles_give_a_group_64_programs_where_they_can():
     assert default_block_n([1024]) == 16  # 64 tiles of 16, not 16 of 64
     assert default_block_n([512]) == 16  # 32 tiles: as many as it can
     assert default_block_n([1536]) == 16 and default_block_n([2048]) == 32
+
+
+def test_deeper_pipeline_only_where_it_fits_shared_memory():
+    bf16_stage = (16 + 64 + 4 * 16) * 128 * 2  # 16 tokens, a 64-wide output tile, 4 slots of rank 16, 128-wide K
+    hopper = 227 * 1024
+    assert pipeline_stages(bf16_stage, hopper) == PIPELINE_STAGES
+    assert pipeline_stages(2 * bf16_stage, hopper) is None  # fp32 tiles: Triton's default, as before
+    assert pipeline_stages(bf16_stage, 99 * 1024) is None  # an L4 or RTX 4090
+    assert pipeline_stages(bf16_stage, 0) is None  # a device that does not say
 
 
 @pytest.mark.parametrize("num_modules", [1, 2, 3, 4, 5])

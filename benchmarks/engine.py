@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,10 +101,13 @@ def requests(s: dict, routing_of) -> list[Request]:
     return [Request(p, sampling, routing_of(i)) for i, p in enumerate(prompts)]
 
 
-def run_ours(engine: Engine, reqs: list[Request]) -> dict:
+def run_ours(engine: Engine, make_requests: Callable[[], list[Request]]) -> dict:
     # Warm-up on the whole batch: on a GPU the first run at a shape compiles Triton kernels
     # (prefill tile heights) and captures the gate's decode graphs, which a timed run should not hold.
-    engine.generate(copy.deepcopy(reqs))
+    # The batch is made twice, not deep-copied: the engine keys a gate's graphs by the router
+    # object, so a copied gate's warm-up left the first timed run to capture them all again.
+    engine.generate(make_requests())
+    reqs = make_requests()
     engine.counters.step_s.clear()
     switches = _voluntary_switches()
     started = time.perf_counter()
@@ -148,8 +153,8 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
     tables = []
     for name, (ours, routing) in scenarios.items():
         for part, new in (("prefill (max_tokens=1)", 1), ("whole run", s["new"])):
+            ours.generate(requests({**s, "new": new}, routing))  # this length's shapes warm, as in the timed runs
             reqs = requests({**s, "new": new}, routing)
-            ours.generate(copy.deepcopy(reqs))  # this length's shapes warm, as in the timed runs
             with profile(activities=activities) as prof:
                 ours.generate(reqs)
                 if cuda:
@@ -161,13 +166,14 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
             if cuda and new == 1:
                 tables.append(f"== {name}: {part}, by host time\n"
                               f"{events.table(sort_by='self_cpu_time_total', row_limit=20)}")
-        tables.append(_prefill_host_profile(name, ours, requests({**s, "new": 1}, routing), cuda))
+        tables.append(_prefill_host_profile(name, ours, functools.partial(requests, {**s, "new": 1}, routing), cuda))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(tables))
     print(f"wrote {path}")
 
 
-def _prefill_host_profile(name: str, engine: Engine, reqs: list[Request], cuda: bool, runs: int = 5) -> str:
+def _prefill_host_profile(name: str, engine: Engine, make_requests: Callable[[], list[Request]], cuda: bool,
+                          runs: int = 5) -> str:
     """The prefill alone (max_tokens=1): its wall time over `runs` unprofiled runs, then the
     Python functions with the most host time in one run under cProfile (where torch.profiler
     sees only ops, this sees the launchers' and the engine's own Python), as text."""
@@ -182,9 +188,9 @@ def _prefill_host_profile(name: str, engine: Engine, reqs: list[Request], cuda: 
             torch.cuda.synchronize()
         return 1e3 * (time.perf_counter() - started)
 
-    walls = sorted(once(copy.deepcopy(reqs)) for _ in range(runs))
+    walls = sorted(once(make_requests()) for _ in range(runs))
     profiler = cProfile.Profile()
-    profiler.runcall(once, reqs)
+    profiler.runcall(once, make_requests())
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
     stats.print_stats(25)
@@ -307,7 +313,7 @@ def main() -> None:
         runs = {name: [] for name in [*scenarios, *(["peft_mixed_adapter_names"] if peft else [])]}
         for _ in range(args.repeats):
             for name, (ours, routing) in scenarios.items():
-                runs[name].append(run_ours(ours, requests(s, routing)))
+                runs[name].append(run_ours(ours, functools.partial(requests, s, routing)))
             if peft:
                 runs["peft_mixed_adapter_names"].append(peft())
         results = {name: median_run(r) for name, r in runs.items()}

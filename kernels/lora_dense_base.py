@@ -66,9 +66,14 @@ def pipeline_stages(stage_bytes: int, shared_memory: int) -> int | None:
     return PIPELINE_STAGES if PIPELINE_STAGES * stage_bytes + SHARED_MEMORY_SPARE <= shared_memory else None
 
 
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory one program may opt in to on `device`, in bytes; 0 off CUDA or where the
+    device does not say (`scripts/kernel_resources.py` stands in a compile target's)."""
+    return _cuda_shared_memory(device.index) if device.type == "cuda" else 0
+
+
 @functools.lru_cache(maxsize=None)
-def _shared_memory(device_index: int) -> int:
-    """Shared memory one program may opt in to on that CUDA device, in bytes (0 if unknown)."""
+def _cuda_shared_memory(device_index: int) -> int:
     return getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0)
 
 
@@ -277,9 +282,9 @@ def lora_dense_base(
     block_t, block_r, slots_per_chunk, default_k = _blocks(rows, rank, meta.num_slots, d_in, d_outs)
     block_k, block_n = block_k or default_k, block_n or default_block_n(d_outs)
     launch.setdefault("num_warps", 4)
-    if "num_stages" not in launch and x.device.type == "cuda":
+    if "num_stages" not in launch:
         stage_bytes = (block_t + block_n + slots_per_chunk * block_r) * block_k * x.element_size()
-        stages = pipeline_stages(stage_bytes, _shared_memory(x.device.index))
+        stages = pipeline_stages(stage_bytes, _shared_memory(x.device))
         if stages is not None:
             launch["num_stages"] = stages
     splits, partials = 0, x  # x stands in for the unread partials pointer of a one-launch call

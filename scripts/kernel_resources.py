@@ -144,6 +144,10 @@ def dense_base(x, lora_a, lora_b, ranks, scales, meta, outs, **options):
     return base_module.lora_dense_base(x, weights, None, lora_a, lora_b, ranks, scales, meta, outs, **options)
 
 
+# Shared memory a program may opt in to, by compute capability x 10 (CUDA's documented limits):
+# what `lora_dense_base` sizes its pipeline by on such a device.
+OPTIN_SHARED_MEMORY = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
 # (call, the modules whose kernels it launches, launcher, options)
 KERNELS = [("fused", [fused_module], fused_module.lora_fused_decode, {}),
            ("dense", [dense_module], dense_module.lora_dense, {}),  # split-K from D_in 1024 (default_split_k)
@@ -156,6 +160,16 @@ def report(arch: int = 90, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One row per compiled kernel of each call in KERNELS at each of SHAPES, and of the dense
     kernel's default call at each of PREFILL_SHAPES."""
     target = GPUTarget("cuda", arch, 32)
+    # The launchers see CPU tensors: lora_dense_base reads the target's shared memory instead.
+    shared_memory = base_module._shared_memory
+    base_module._shared_memory = lambda device: OPTIN_SHARED_MEMORY.get(arch, 0)
+    try:
+        return _report(target, dtype)
+    finally:
+        base_module._shared_memory = shared_memory
+
+
+def _report(target: GPUTarget, dtype: torch.dtype) -> list[dict]:
     rows = []
     calls = [(shape, "decode", KERNELS) for shape in SHAPES]
     calls += [(shape, "prefill", KERNELS[1:2]) for shape in PREFILL_SHAPES]

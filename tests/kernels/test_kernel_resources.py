@@ -2,7 +2,8 @@
 LoRA among them), and the slot-dense kernel at prefill sizes, for sm_90 on this CPU machine
 (Triton's own compiler and the ptxas / cuobjdump its wheel ships; nothing runs). The facts the
 kernels' defaults were chosen for must hold in the compiled code: no spilled registers in bf16,
-tensor-core dots and a pipelined K loop where the slot-dense kernel shrinks, the split-K shrink
+tensor-core dots and a pipelined K loop where the slot-dense kernel shrinks, 4 pipeline stages
+within the shared memory for the base projection fused with its LoRA, the split-K shrink
 launch in the default decode call from D_in 1024 up, and the
 shrink launch over token tiles at prefill sizes.
 
@@ -44,6 +45,8 @@ def test_lora_kernels_compile_for_sm90_without_spills(tmp_path):
         # The base projection with its LoRA: one launch, its K loop (base and shrink) pipelined.
         fused = [r for r in rows if r["shape"] == shape and r["call"] == "dense_base"]
         assert [r["kernel"] for r in fused] == ["_lora_dense_base_kernel"] and fused[0]["pipelined"]
+        # 16-bit tiles get the deeper pipeline the H200 sweep chose, within sm_90's 227 KB.
+        assert "num_stages=4" in fused[0]["tiles"] and fused[0]["shared_bytes"] <= 227 * 1024, fused[0]
         split = [r["kernel"] for r in rows if r["shape"] == shape and r["call"] == "dense_base split_k=4"]
         assert split == ["_lora_dense_shrink_kernel", "_lora_dense_base_kernel"], (shape, split)
     for shape in prefill:

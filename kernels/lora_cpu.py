@@ -84,6 +84,16 @@ def run_prepared(x: torch.Tensor, prepared: Prepared, routes, outs: list[torch.T
                                  scales_group, top_k)
 
 
+def run_with_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int],
+                  prepared: Prepared, routes, top_k: int) -> torch.Tensor:
+    """x @ weight.T + bias plus `run_prepared`'s deltas into its column slices (`sizes` wide
+    each), in one call: y [T, sum(sizes)]. weight: dense [sum(sizes), D_in], or reordered for
+    oneDNN (`kernels.onednn.pack`), of x's dtype; bias [sum(sizes)] or None."""
+    lora_a_group, lora_b_rank_major, ranks_group, scales_group = prepared.args
+    return cpu_ext.module().linear_lora(x, weight, bias, sizes, lora_a_group, lora_b_rank_major, routes[0], routes[1],
+                                        ranks_group, scales_group, top_k)
+
+
 def lora_cpu_shared(
     x: torch.Tensor,
     lora_a_group: torch.Tensor,

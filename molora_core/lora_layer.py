@@ -73,9 +73,10 @@ class MoLoRALinear(nn.Module):
         if meta is None:
             return self.base(x)
         tokens, backend = _tokens(x, meta), self.context.backend
-        if self.weight is not None:  # not packed: the backend may run the base with the LoRA
-            y = backend.base_and_apply_shared(tokens, self.weight, self.base.bias, [self.out_features],
-                                              *self._lora_args, meta, self._rank_scales, self._backend_cache)
+        weight, bias = _base_operands(self.base)
+        if weight is not None:  # the backend may run the base with the LoRA
+            y = backend.base_and_apply_shared(tokens, weight, bias, [self.out_features], *self._lora_args, meta,
+                                              self._rank_scales, self._backend_cache)
             if y is not None:
                 return y.view(*x.shape[:-1], -1)
         y = self.base(x)
@@ -85,6 +86,16 @@ class MoLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.buffers.slot_ranks.numel()}"
+
+
+def _base_operands(base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(weight, bias) of a MoLoRALinear's base for `base_and_apply_shared`: dense, or packed for
+    oneDNN; (None, None) for a group member's packed slice (the group runs it)."""
+    if isinstance(base, PackedLinear):
+        return base.packed, base.bias
+    if isinstance(base, nn.Linear):
+        return base.weight, base.bias
+    return None, None
 
 
 def _tokens(x: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
@@ -154,11 +165,11 @@ class MoLoRAGroup:
             return self.base(x)
         g, tokens, backend = self.group, _tokens(x, meta), self.context.backend
         lora = (g.lora_a, self._lora_b, g.ranks, g.scales, meta)
-        if self.weight is not None:  # not packed: the backend may run the base with the LoRA
-            y = backend.base_and_apply_shared(tokens, self.weight, self.bias, self.sizes, *lora, g.rank_scales,
-                                              self._backend_cache)
-            if y is not None:
-                return y.view(*x.shape[:-1], -1)
+        weight, bias = (self.weight, self.bias) if self.packed is None else (self.packed.packed, self.packed.bias)
+        # The backend may run the base with the LoRA (with a packed weight: the CPU backend).
+        y = backend.base_and_apply_shared(tokens, weight, bias, self.sizes, *lora, g.rank_scales, self._backend_cache)
+        if y is not None:
+            return y.view(*x.shape[:-1], -1)
         y = self.base(x)
         outs = list(y.split(self.sizes, dim=-1))  # the decoder's [T, D] rows need no reshaping (a few us a call)
         if y.dim() != 2:

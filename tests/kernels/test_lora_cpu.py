@@ -154,3 +154,44 @@ def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k
     s, w = _routes("per_token", tokens, top_k, slots, gen)
     got, want = _kernel_and_twin(x, lora_a, lora_b, ranks_group, scales, build_dispatch(s, w, slots), y, sizes)
     assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_base_and_lora_in_one_call_equal_the_two_calls(dtype, packed, with_bias):
+    """The CPU backend's `base_and_apply_shared`: the base matmul (a dense or a oneDNN-packed
+    weight) and the kernel's deltas in one call, equal to the base matmul then `apply_shared`."""
+    from kernels import onednn
+
+    if packed and not onednn.available():
+        pytest.skip("this torch build has no oneDNN linears")
+    gen = torch.Generator().manual_seed(3)
+    sizes, d_in, tokens = [48, 16, 16], 64, 9
+    x, lora_a, lora_b, _ = _operands(dtype, tokens, d_in, sizes, 4, 8, gen)
+    weight = torch.randn(sum(sizes), d_in, generator=gen).to(dtype)
+    bias = torch.randn(sum(sizes), generator=gen).to(dtype) if with_bias else None
+    ranks, scales = torch.tensor([[8, 4, 8, 2]] * 3, dtype=torch.int32), torch.rand(3, 4, generator=gen)
+    s, w = _routes("per_token", tokens, 2, 4, gen)
+    meta = build_dispatch(s, w, 4)
+    backend = get_backend("cpu")
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x, weight, bias)
+        backend.apply_shared(x, lora_a, lora_b, ranks, scales, meta, list(want.split(sizes, 1)))
+        got = backend.base_and_apply_shared(x, onednn.pack(weight) if packed else weight, bias, sizes, lora_a, lora_b,
+                                            ranks, scales, meta)
+    assert got.shape == (tokens, sum(sizes))
+    if packed:  # oneDNN's matmul sums in another order than torch's
+        torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+    else:
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="sizes must sum"):
+        lora_cpu.run_with_base(x, weight, bias, [48, 16], lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales),
+                               lora_cpu.step_routes(meta), 2)
+    # Steps the kernel does not take leave the base to the caller.
+    n = lora_cpu.MAX_PAIRS + 1
+    big = build_dispatch(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1), 4)
+    assert backend.base_and_apply_shared(torch.zeros(n, d_in, dtype=dtype), weight, bias, sizes, lora_a, lora_b, ranks,
+                                         scales, big) is None
+    assert backend.base_and_apply_shared(x, weight.float() if dtype != torch.float32 else weight.double(), None,
+                                         sizes, lora_a, lora_b, ranks, scales, meta) is None

@@ -55,6 +55,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def gate_route(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, top_k: int,
+               lookup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gate router's routes, hidden [T, D] with unit column stride: per token, logits = weight @
+    rms_normalize(h) + bias (weight float32 [A, D], bias float32 [A]), its top_k (ties to the lower
+    adapter, NaN above every number as torch.topk), softmax-normalized, each adapter mapped to a
+    hot-set slot by lookup int32[A]. Returns (slots int32[T, top_k], weights float32[T, top_k])."""
+    slots, weights = cpu_ext.module().gate_route(hidden, weight, bias, eps, top_k, lookup)
+    return slots, weights
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """int64[B]: each row's argmax of logits [B, V], as torch.argmax(-1) (the first of ties; a
     row's first NaN where it has one); compiled, 10-20x faster, for CPU float32 rows (any grad

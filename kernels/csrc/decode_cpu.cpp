@@ -1,7 +1,8 @@
 // The decoder's small per-token ops on CPU, each one call instead of several torch ops: RMSNorm
 // (with the residual add before it), Qwen3's q/k norm with RoPE, the KV-cache write, decode
-// attention straight over the cache, and the greedy sampler's argmax. Built with lora_cpu.cpp into one extension by
-// kernels/cpu_ext.py; called by molora_core.model through kernels/decode_cpu.py.
+// attention straight over the cache, the greedy sampler's argmax, and the gate router's routes.
+// Built with lora_cpu.cpp into one extension by kernels/cpu_ext.py; called by molora_core.model
+// and molora_core.routing through kernels/decode_cpu.py.
 //
 // Why: a decode step of a small model on CPU is bound by op count, not FLOPs. Each of these
 // replaced 3 to 12 torch ops (RMSNorm alone is pow, mean, add, rsqrt, mul, mul; SDPA's flash
@@ -365,9 +366,84 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
+// True where a ranks above b for top-k: NaN above every number, as torch.topk orders them.
+inline bool ranks_above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
+
+template <typename scalar_t>
+void gate_route_impl(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias, float eps,
+                     int64_t top_k, const torch::Tensor& lookup, torch::Tensor& slots, torch::Tensor& weights) {
+  const int64_t tokens = hidden.size(0), d = hidden.size(1), ld = hidden.stride(0), adapters = weight.size(0);
+  const scalar_t* hp = hidden.data_ptr<scalar_t>();
+  const float* wp = weight.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  const int32_t* lp = lookup.data_ptr<int32_t>();
+  int32_t* sp = slots.data_ptr<int32_t>();
+  float* op = weights.data_ptr<float>();
+  at::parallel_for(0, tokens, row_grain(d * adapters), [&](int64_t begin, int64_t end) {
+    std::vector<float> normed(d), logits(adapters);
+    std::vector<int64_t> chosen(top_k);
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* row = hp + t * ld;
+      const float inv = inv_rms(row, d, eps);
+      for (int64_t i = 0; i < d; ++i) normed[i] = static_cast<float>(row[i]) * inv;
+      for (int64_t a = 0; a < adapters; ++a) {
+        const float* w = wp + a * d;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < d; ++i) acc += normed[i] * w[i];
+        logits[a] = acc + bp[a];
+      }
+      // The top_k by selection (A is a handful): each pass takes the highest not yet taken, the
+      // lower index on a tie.
+      for (int64_t j = 0; j < top_k; ++j) {
+        int64_t best = -1;
+        for (int64_t a = 0; a < adapters; ++a) {
+          if (std::find(chosen.begin(), chosen.begin() + j, a) != chosen.begin() + j) continue;
+          if (best < 0 || ranks_above(logits[a], logits[best])) best = a;
+        }
+        chosen[j] = best;
+      }
+      const float top = logits[chosen[0]];
+      float total = 0.f;
+      for (int64_t j = 0; j < top_k; ++j) total += op[t * top_k + j] = std::exp(logits[chosen[j]] - top);
+      for (int64_t j = 0; j < top_k; ++j) {
+        op[t * top_k + j] /= total;
+        sp[t * top_k + j] = lp[chosen[j]];
+      }
+    }
+  });
+}
+
+// The gate router's routes for hidden [T, D] (unit column stride): per token, logits = W @
+// rms_normalize(h) + b over its A adapters (W float32 [A, D], b float32 [A]), their top_k,
+// softmax-normalized, each adapter mapped to its hot-set slot by lookup int32[A]. Returns slots
+// int32 [T, top_k] and weights float32 [T, top_k]: GateRouter.forward plus the lookup, one call
+// where they are about ten torch ops.
+std::vector<torch::Tensor> gate_route(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                      const torch::Tensor& bias, double eps, int64_t top_k,
+                                      const torch::Tensor& lookup) {
+  check_rows(hidden, "hidden");
+  const int64_t adapters = weight.size(0);
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.size(1) == hidden.size(1), "the gate weight must be a contiguous float32 [A, D]");
+  TORCH_CHECK(bias.dim() == 1 && bias.numel() == adapters && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
+              "the gate bias must be a contiguous float32 [A]");
+  TORCH_CHECK(lookup.dim() == 1 && lookup.numel() == adapters && lookup.is_contiguous() &&
+                  lookup.scalar_type() == at::kInt && lookup.device().is_cpu(),
+              "lookup must be a contiguous int32 [A]");
+  TORCH_CHECK(top_k >= 1 && top_k <= adapters, "top_k must be in [1, A]");
+  auto slots = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kInt));
+  auto weights = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gate_route", [&] {
+    gate_route_impl<scalar_t>(hidden, weight, bias, static_cast<float>(eps), top_k, lookup, slots, weights);
+  });
+  return {slots, weights};
+}
+
 }  // namespace
 
 void register_decode_ops(pybind11::module& m) {
+  m.def("gate_route", &gate_route, "the gate router's top-k slots and weights per token");
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally of x + residual (returns out, sum)");
   m.def("qk_norm_rope", &qk_norm_rope, "q/k RMSNorm per head, then RoPE");
   m.def("kv_write", &kv_write, "write keys and values into the KV cache");

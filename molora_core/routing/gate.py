@@ -56,6 +56,17 @@ class GateRouter(nn.Module):
         top, index = self.logits(hidden).topk(self.top_k, dim=-1)
         return index, torch.softmax(top, dim=-1)
 
+    def route_slots(self, hidden: torch.Tensor, lookup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with each chosen adapter mapped to its hot-set slot: hidden [T, D], lookup
+        int32[A] (adapter index -> slot) -> (slots int32[T, k], weights float32[T, k]). On CPU
+        without autograd one compiled call (`decode_cpu.gate_route`) for forward's ten-odd ops."""
+        weight, bias = self.gate.weight, self.gate.bias
+        if (decode_cpu.enabled(hidden) and hidden.stride(-1) == 1 and weight.dtype == bias.dtype == torch.float32
+                and lookup.device.type == "cpu"):
+            return decode_cpu.gate_route(hidden, weight, bias, self.eps, self.top_k, lookup)
+        index, weights = self(hidden)
+        return lookup.to(index.device)[index], weights
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

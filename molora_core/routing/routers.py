@@ -121,8 +121,7 @@ class GateSlotRouter(Router):
     def route(self, token_ids, hidden=None):
         if hidden is None:
             raise RouterInvalid("the gate router needs the hidden state of its tokens")
-        index, weights = self.gate(hidden)
-        return self.lookup.to(index.device)[index], weights
+        return self.gate.route_slots(hidden, self.lookup)
 
     def batch_key(self):
         return self._key

@@ -212,3 +212,47 @@ def test_argmax_matches_torch_ties_and_nan_included(vocab):
     assert torch.equal(decode_cpu.argmax(logits), logits.argmax(-1))
     strided = torch.randn(4, 2 * vocab, generator=gen)[:, ::2]  # no unit stride: torch's argmax
     assert torch.equal(decode_cpu.argmax(strided), strided.argmax(-1))
+
+
+def _gate_route_torch(hidden, weight, bias, eps, top_k, lookup):
+    """The gate router's routes in torch ops (molora_core.routing.gate: forward, then the lookup)."""
+    logits = F.linear(F.rms_norm(hidden.float(), (hidden.shape[-1],), None, eps), weight, bias)
+    top, index = logits.topk(top_k, dim=-1)
+    return lookup.long()[index].int(), torch.softmax(top, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,dim,adapters,top_k", [(1, 8, 1, 1), (16, 256, 4, 2), (37, 100, 6, 3), (512, 64, 3, 3)])
+def test_gate_route_matches_the_torch_ops(dtype, tokens, dim, adapters, top_k):
+    gen = _gen()
+    hidden = (3 * torch.randn(tokens, 2 * dim, generator=gen)).to(dtype)[:, :dim]  # rows of any stride
+    weight, bias = torch.randn(adapters, dim, generator=gen), torch.randn(adapters, generator=gen)
+    lookup = torch.randperm(adapters, generator=gen).to(torch.int32) + 2
+    slots, weights = decode_cpu.gate_route(hidden, weight, bias, 1e-6, top_k, lookup)
+    want_slots, want_weights = _gate_route_torch(hidden, weight, bias, 1e-6, top_k, lookup)
+    assert slots.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(slots, want_slots)  # the logits differ by summation order only: no ties here to flip
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_route_ties_go_to_the_lower_adapter_and_nan_ranks_first():
+    hidden = torch.ones(3, 4)
+    weight = torch.zeros(4, 4)
+    bias = torch.tensor([1.0, 2.0, 2.0, 0.0])
+    lookup = torch.tensor([10, 11, 12, 13], dtype=torch.int32)
+    slots, weights = decode_cpu.gate_route(hidden, weight, bias, 1e-6, 2, lookup)
+    assert slots.tolist() == [[11, 12]] * 3
+    torch.testing.assert_close(weights, torch.full((3, 2), 0.5))
+    nan_bias = torch.tensor([1.0, float("nan"), 2.0, 0.0])
+    slots, weights = decode_cpu.gate_route(hidden, weight, nan_bias, 1e-6, 2, lookup)
+    assert slots[0].tolist() == [11, 12] and weights.isnan().all()  # as torch.topk and softmax order them
+
+
+def test_gate_route_refuses_operands_it_does_not_take():
+    hidden, lookup = torch.randn(2, 4), torch.arange(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="float32 \\[A, D\\]"):
+        decode_cpu.gate_route(hidden, torch.randn(3, 5), torch.zeros(3), 1e-6, 1, lookup)
+    with pytest.raises(RuntimeError, match="top_k must be in"):
+        decode_cpu.gate_route(hidden, torch.randn(3, 4), torch.zeros(3), 1e-6, 4, lookup)
+    with pytest.raises(RuntimeError, match="lookup must be"):
+        decode_cpu.gate_route(hidden, torch.randn(3, 4), torch.zeros(3), 1e-6, 1, lookup.long())

@@ -146,8 +146,9 @@ def test_requests_sharing_a_router_are_routed_in_one_call(monkeypatch):
     spans = [(0, 3, GateSpec(gate)), (3, 5, AdapterSpec("code")), (5, 9, GateSpec(gate)),
              (9, 11, vocab), (11, 13, GateSpec(other_gate)), (13, 14, vocab)]
     calls = []
-    real_forward = GateRouter.forward
-    monkeypatch.setattr(GateRouter, "forward", lambda self, h: calls.append(h.shape[0]) or real_forward(self, h))
+    real_route = GateRouter.route_slots
+    monkeypatch.setattr(GateRouter, "route_slots",
+                        lambda self, h, lookup: calls.append(h.shape[0]) or real_route(self, h, lookup))
 
     plan = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
     plan.begin(14, 2)
@@ -177,16 +178,16 @@ def test_adjacent_requests_on_one_gate_route_over_a_view():
     hidden, ids = torch.randn(9, 8), torch.randint(0, 100, (9,))
     spans = [(0, 2, AdapterSpec("code")), (2, 5, GateSpec(gate)), (5, 6, GateSpec(gate)), (6, 9, GateSpec(gate))]
     seen = []
-    real_forward = GateRouter.forward
+    real_route = GateRouter.route_slots
     plan = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
     plan.begin(9, 2)
     for start, end, spec in spans:
         plan.assign(start, spec.bind(SLOT_OF), ids[start:end])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(GateRouter, "forward", lambda self, h: seen.append(h) or real_forward(self, h))
+        mp.setattr(GateRouter, "route_slots", lambda self, h, lookup: seen.append(h) or real_route(self, h, lookup))
         plan.finalize(hidden)
     assert len(seen) == 1 and seen[0].data_ptr() == hidden[2:].data_ptr() and seen[0].shape[0] == 7
-    index, weights = real_forward(gate, hidden[2:])
+    index, weights = gate(hidden[2:])
     assert plan.slots[2:].tolist() == [[SLOT_OF[gate.adapters[i]] for i in row] for row in index.tolist()]
     torch.testing.assert_close(plan.weights[2:], weights)
     assert plan.slots[:2].tolist() == [[2, -1]] * 2
@@ -289,3 +290,29 @@ def test_gate_logits_take_the_compiled_norm_without_autograd(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     trained = gate.logits(hidden)
     assert trained.requires_grad and len(calls) == 1
+
+
+def test_gate_routes_take_one_compiled_call_without_autograd(monkeypatch):
+    """On CPU without autograd a gate's slots and weights come from one compiled call, equal to
+    forward's (its top-k, softmax-normalized) mapped through the lookup; with autograd (training)
+    they come from forward, and the weights carry gradients to the gate."""
+    from kernels import decode_cpu
+
+    torch.manual_seed(7)
+    gate = GateRouter(hidden_size=64, adapters=["math", "code", "image", "chat"], top_k=2)
+    hidden, lookup = torch.randn(24, 64) * 3, torch.tensor([3, 0, 2, 1], dtype=torch.int32)
+    with torch.inference_mode():
+        if not decode_cpu.enabled(hidden):
+            pytest.skip("the compiled CPU ops are not built here")
+        calls = []
+        real = decode_cpu.gate_route
+        monkeypatch.setattr(decode_cpu, "gate_route", lambda *a: calls.append(a[0].shape) or real(*a))
+        slots, weights = gate.route_slots(hidden, lookup)
+        index, want = gate(hidden)
+    assert calls == [hidden.shape]
+    assert torch.equal(slots, lookup[index]) and slots.dtype == torch.int32
+    torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
+    slots, trained = gate.route_slots(hidden, lookup)
+    assert len(calls) == 1 and torch.equal(slots, lookup[index])
+    (trained[:, 0] * torch.arange(24.0)).sum().backward()
+    assert gate.gate.weight.grad is not None and gate.gate.weight.grad.abs().sum() > 0

@@ -130,7 +130,7 @@ class CpuBackend(TorchBackend):
         """Where the kernel takes the step: the base matmul (oneDNN-packed weights too) and the
         deltas in one compiled call, which saves the Python between the two (about 10 us a
         projection group in a decode step)."""
-        if weight.dtype != x.dtype or weight.device.type != "cpu":
+        if weight.dtype != x.dtype or not weight.is_cpu:
             return None
         compiled = self._compiled(x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, cache)
         if compiled is None:

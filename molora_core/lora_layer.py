@@ -78,7 +78,7 @@ class MoLoRALinear(nn.Module):
             y = backend.base_and_apply_shared(tokens, weight, bias, [self.out_features], *self._lora_args, meta,
                                               self._rank_scales, self._backend_cache)
             if y is not None:
-                return y.view(*x.shape[:-1], -1)
+                return _like_input(y, x)
         y = self.base(x)
         backend.apply_shared(tokens, *self._lora_args, meta, [y.view(-1, y.shape[-1])], self._rank_scales,
                              self._backend_cache)
@@ -99,10 +99,15 @@ def _base_operands(base: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor |
 
 
 def _tokens(x: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the decoder's rows are [T, D] already
     if x2d.shape[0] != meta.num_tokens:
         raise ValueError(f"routing plan covers {meta.num_tokens} tokens but the layer got {x2d.shape[0]}")
-    return x2d.contiguous()
+    return x2d if x2d.is_contiguous() else x2d.contiguous()
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y [T, D_out] shaped as x's leading dimensions: [..., D_out]."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], -1)
 
 
 class MoLoRAGroup:
@@ -169,7 +174,7 @@ class MoLoRAGroup:
         # The backend may run the base with the LoRA (with a packed weight: the CPU backend).
         y = backend.base_and_apply_shared(tokens, weight, bias, self.sizes, *lora, g.rank_scales, self._backend_cache)
         if y is not None:
-            return y.view(*x.shape[:-1], -1)
+            return _like_input(y, x)
         y = self.base(x)
         outs = list(y.split(self.sizes, dim=-1))  # the decoder's [T, D] rows need no reshaping (a few us a call)
         if y.dim() != 2:

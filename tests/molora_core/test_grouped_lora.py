@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import build_dispatch, onednn
+from kernels import build_dispatch, get_backend, lora_cpu, onednn
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, MoLoRAGroup, groups_of, pack_for_cpu
 from molora_core.model import DecoderForCausalLM, StepBatch, from_hf_config
@@ -116,6 +116,29 @@ def test_packed_projections_match_dense_ones():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # a member run alone reads its columns of the packed group
         torch.testing.assert_close(attn.q_proj(x), q_alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not onednn.available() or not lora_cpu.available(), reason="needs oneDNN and the CPU kernel")
+def test_packed_cpu_model_runs_each_projection_with_its_lora_in_one_call(monkeypatch):
+    """With the CPU backend, each packed group and projection hands its packed weight over, so
+    its base matmul and LoRA run in one compiled call (`lora_cpu.run_with_base`), to the logits
+    of the torch backend's dense model."""
+    gen = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, VOCAB, (9,), generator=gen)
+    slots = torch.randint(-1, 3, (9, 2), generator=gen, dtype=torch.int32)
+    weights = torch.rand(9, 2, generator=gen)
+    model, _, context = _loaded(grouped=True)
+    want = _logits(model, context, slots, weights, ids)
+    model, hotset, context = _loaded(grouped=True)
+    context.backend = get_backend("cpu")
+    pack_for_cpu(model)
+    calls = []
+    real = lora_cpu.run_with_base
+    monkeypatch.setattr(lora_cpu, "run_with_base", lambda x, w, *a: calls.append(w.is_mkldnn) or real(x, w, *a))
+    with torch.inference_mode():
+        got = _logits(model, context, slots, weights, ids)
+    assert calls == [True] * 4 * model.config.num_layers  # q/k/v, o, gate/up, down in each layer
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linears")

@@ -14,7 +14,9 @@ rank 16, fp32; benchmarks/results/lora_cpu-cpu-2core.json): a 16-token decode st
 flushed before each call, 0.70 ms (one adapter per token) and 0.78 ms (top-2) against the twins'
 3.5 ms at hidden 256, and 1.9 and 2.3 ms against 6.7 and 6.5 ms at Qwen3-0.6B's layer shapes.
 The kernel before 2026-11-26's register-blocked tiles took 0.83 and 1.00 ms at hidden 256 in the
-same benchmark, and lost to the twins from 512 pairs up.
+same benchmark, and lost to the twins from 512 pairs up. `run_with_base` runs a group's base
+matmul (its oneDNN-packed weight, or a dense one) and the kernel in one call, which the CPU
+backend's `base_and_apply_shared` takes: the Python between the two was about 10 us a group call.
 
 Built with the decoder's CPU ops into one extension by `kernels.cpu_ext` (on first use, for the
 CPU it runs on); where it cannot be built, `available()` is False and the backend keeps to the

@@ -89,35 +89,44 @@ inline void dot4x4(const float* const* x, const float* const* a, int64_t n, floa
   }
 }
 
-// dst_q[c] += sum_j h_q[j] * b[j * ld + c] for four pairs q over cols columns: per column block,
-// the pairs' accumulators stay in registers over the whole rank loop, each load of b serving four.
-inline void expand4(const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols, float* const* dst) {
+// dst_q[c] += sum_j h_q[j] * b[j * ld + c] for N pairs q over cols columns: per column block,
+// the pairs' accumulators stay in registers over the whole rank loop, each load of b serving N.
+template <int N>
+inline void expand_block(const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols,
+                         float* const* dst) {
   int64_t c = 0;
   for (; c + 2 * kW <= cols; c += 2 * kW) {
-    vf s0 = {}, s1 = {}, s2 = {}, s3 = {}, t0 = {}, t1 = {}, t2 = {}, t3 = {};
+    vf s[N], t[N];
+#pragma GCC unroll 8
+    for (int q = 0; q < N; ++q) s[q] = t[q] = vf{};
     for (int64_t j = 0; j < r; ++j) {
       const vf v = loadu(b + j * ld + c), w = loadu(b + j * ld + c + kW);
-      const float h0 = h[0][j], h1 = h[1][j], h2 = h[2][j], h3 = h[3][j];
-      s0 += h0 * v, s1 += h1 * v, s2 += h2 * v, s3 += h3 * v;
-      t0 += h0 * w, t1 += h1 * w, t2 += h2 * w, t3 += h3 * w;
+#pragma GCC unroll 8
+      for (int q = 0; q < N; ++q) {
+        const float hq = h[q][j];
+        s[q] += hq * v, t[q] += hq * w;
+      }
     }
-    const vf s[4] = {s0, s1, s2, s3}, t[4] = {t0, t1, t2, t3};
-    for (int q = 0; q < 4; ++q) {  // in order: two copies of a short block share one dummy row
+#pragma GCC unroll 8
+    for (int q = 0; q < N; ++q) {  // in order: two copies of a short block share one dummy row
       storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
       storeu(dst[q] + c + kW, loadu(dst[q] + c + kW) + t[q]);
     }
   }
   for (; c + kW <= cols; c += kW) {
-    vf s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    vf s[N];
+#pragma GCC unroll 8
+    for (int q = 0; q < N; ++q) s[q] = vf{};
     for (int64_t j = 0; j < r; ++j) {
       const vf v = loadu(b + j * ld + c);
-      s0 += h[0][j] * v, s1 += h[1][j] * v, s2 += h[2][j] * v, s3 += h[3][j] * v;
+#pragma GCC unroll 8
+      for (int q = 0; q < N; ++q) s[q] += h[q][j] * v;
     }
-    const vf s[4] = {s0, s1, s2, s3};
-    for (int q = 0; q < 4; ++q) storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
+#pragma GCC unroll 8
+    for (int q = 0; q < N; ++q) storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
   }
   for (; c < cols; ++c) {
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < N; ++q) {
       float acc = 0.f;
       for (int64_t j = 0; j < r; ++j) acc += h[q][j] * b[j * ld + c];
       dst[q][c] += acc;
@@ -259,10 +268,11 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
           }
           bf = b_buf.data(), ldb = kCols;
         }
-        for (int64_t i = 0; i < n; i += 4) {
-          const float* hs[4];
-          float* dst[4];
-          for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t i = 0; i < n;) {
+          const int64_t block = n - i >= 8 ? 8 : 4;  // eight pairs a block, four for the rest
+          const float* hs[8];
+          float* dst[8];
+          for (int64_t q = 0; q < block; ++q) {
             if (i + q < n) {
               const int64_t p = order[first + i + q], tok = p / top_k;
               hs[q] = h.data() + (p * groups + g) * max_rank;
@@ -272,7 +282,12 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
               hs[q] = zeros.data(), dst[q] = acc.data() + tokens * kCols;
             }
           }
-          expand4(bf, ldb, r, hs, cols, dst);
+          if (block == 8) {
+            expand_block<8>(bf, ldb, r, hs, cols, dst);
+          } else {
+            expand_block<4>(bf, ldb, r, hs, cols, dst);
+          }
+          i += block;
         }
       }
       scalar_t* op = outs[g].data_ptr<scalar_t>() + c0;

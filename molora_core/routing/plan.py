@@ -8,7 +8,8 @@ Routing costs a few operations per step, not per request: constant routes (one a
 mixture) are written from the host in one copy, and requests whose routers share a batch key
 (all requests on one gate router) are routed in one call over all their tokens. A step whose
 every route is constant is also sorted and counted on the host (`DispatchBuffers.build_host`), so
-no layer reads the device to learn the per-slot counts.
+no layer reads the device to learn the per-slot counts; a decode step whose routes are the step
+before's (the same requests on the same adapters) reuses that step's metadata as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class RoutingPlan:
         self.num_tokens, self.top_k = 0, 1
         self._constant: list[tuple[int, int, tuple[int, ...], tuple[float, ...]]] = []
         self._pending: list[tuple[int, int, Router, torch.Tensor]] = []
+        # The last host-built step's routes and metadata: a decode step whose requests and routes
+        # are those of the step before reuses it as it is (its buffers still hold its routes).
+        # Whatever else writes the dispatch buffers goes through `resolve` or `route_static`,
+        # which drop it.
+        self._host_step: tuple[tuple, DispatchMeta] | None = None
 
     def begin(self, num_tokens: int, top_k: int) -> None:
         """Start a step of `num_tokens` tokens with `top_k` choices; every row starts as base (-1)."""
@@ -89,8 +95,14 @@ class RoutingPlan:
             raise ValueError("the plan has gate-routed tokens; finalize needs the step's hidden state")
         if self._constant and not self._pending and self.dispatch_buffers is not None:
             # Every route is known on the host: sort and count there too (no device sort, no sync).
-            slots, weights = self._constant_lists()
-            meta = self.dispatch_buffers.build_host(slots, weights, self.num_tokens, self.top_k)
+            key = (self.num_tokens, self.top_k, tuple(self._constant))
+            if self._host_step is not None and self._host_step[0] == key:
+                meta = self._host_step[1]  # the step before's routes: its buffers hold them still
+                self._constant.clear()
+            else:
+                slots, weights = self._constant_lists()
+                meta = self.dispatch_buffers.build_host(slots, weights, self.num_tokens, self.top_k)
+                self._host_step = (key, meta)
             self.slots.copy_(meta.slots.view(self.num_tokens, self.top_k))
             self.weights.copy_(meta.weights.view(self.num_tokens, self.top_k))
             return meta
@@ -108,6 +120,7 @@ class RoutingPlan:
         fixed-shape decode step of a gate router)."""
         if self.dispatch_buffers is None:
             raise ValueError("route_static writes the preallocated dispatch buffers; this plan has none")
+        self._host_step = None  # (a captured step runs this on every replay, without Python)
         index, weights = gate(hidden)  # [T, k]
         k, flagged = index.shape[1], rows[:, None]
         slots = self.slots[:, :k]
@@ -119,6 +132,7 @@ class RoutingPlan:
         """Write every assigned row's slots and weights (`finalize` without the dispatch build)."""
         if self.needs_hidden and hidden is None:
             raise ValueError("the plan has gate-routed tokens; resolving them needs the step's hidden state")
+        self._host_step = None  # the dispatch buffers get this step's routes
         if self._constant:
             self._write_constant()
         batches: dict[object, list[tuple[int, int, Router, torch.Tensor]]] = {}

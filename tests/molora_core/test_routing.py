@@ -316,3 +316,32 @@ def test_gate_routes_take_one_compiled_call_without_autograd(monkeypatch):
     assert len(calls) == 1 and torch.equal(slots, lookup[index])
     (trained[:, 0] * torch.arange(24.0)).sum().backward()
     assert gate.gate.weight.grad is not None and gate.gate.weight.grad.abs().sum() > 0
+
+
+def test_a_step_with_the_routes_of_the_step_before_reuses_its_metadata():
+    """Constant routes equal to the step before's reuse its dispatch metadata (no rebuild); other
+    routes, or a gate step in between (which writes the dispatch buffers), build it afresh, and
+    every step's buffers hold its own routes."""
+    torch.manual_seed(8)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code"], top_k=2)
+    plan = RoutingPlan(max_tokens=8, max_k=2, num_slots=4)
+
+    def step(specs, hidden=None):
+        plan.begin(len(specs), 2)
+        for row, spec in enumerate(specs):
+            plan.assign(row, spec.bind(SLOT_OF), torch.tensor([row]))
+        return plan.finalize(hidden)
+
+    mixed = [AdapterSpec("code"), AdapterSpec("code"), MixtureSpec(("math", "image"), (0.25, 0.75))]
+    first = step(mixed)
+    again = step(mixed)
+    assert again is first and plan.slots.tolist() == [[2, -1], [2, -1], [0, 3]]
+    other = step([AdapterSpec("math")] * 3)
+    assert other is not first and other.slots.tolist() == [0, -1] * 3 and other.host_counts() == [3, 0, 0, 0]
+    back = step(mixed)
+    assert back is not first and back.slots.tolist() == [2, -1, 2, -1, 0, 3]
+    step([GateSpec(gate)] * 3, torch.randn(3, 8))  # writes the dispatch buffers
+    after = step(mixed)
+    assert after is not back and after.slots.tolist() == [2, -1, 2, -1, 0, 3]
+    assert after.weights.tolist() == [1.0, 0.0, 1.0, 0.0, 0.25, 0.75] and after.host_counts() == [1, 0, 2, 1]
+    assert after.sorted_pairs.tolist()[:4] == [4, 0, 2, 5]

@@ -30,6 +30,13 @@ def _loaded(grouped: bool, seed=0):
     return model, hotset, context
 
 
+def _step(tokens: int, gen: torch.Generator):
+    """A step's token ids, top-2 slots (some on no adapter, slot 3 unused) and weights."""
+    ids = torch.randint(0, VOCAB, (tokens,), generator=gen)
+    slots = torch.randint(-1, 3, (tokens, 2), generator=gen, dtype=torch.int32)
+    return ids, slots, torch.rand(tokens, 2, generator=gen)
+
+
 def _logits(model, context, slots, weights, ids):
     t = ids.shape[0]
     context.meta = build_dispatch(slots, weights, 4)
@@ -98,9 +105,7 @@ def test_grouped_model_equals_module_by_module(num_tokens, top_k):
 @pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN linears")
 def test_packed_projections_match_dense_ones():
     gen = torch.Generator().manual_seed(9)
-    ids = torch.randint(0, VOCAB, (12,), generator=gen)
-    slots = torch.randint(-1, 3, (12, 2), generator=gen, dtype=torch.int32)
-    weights = torch.rand(12, 2, generator=gen)
+    ids, slots, weights = _step(12, gen)
     model, _, context = _loaded(grouped=True)
     want = _logits(model, context, slots, weights, ids)
     attn = model.model.layers[0].self_attn
@@ -123,10 +128,7 @@ def test_packed_cpu_model_runs_each_projection_with_its_lora_in_one_call(monkeyp
     """With the CPU backend, each packed group and projection hands its packed weight over, so
     its base matmul and LoRA run in one compiled call (`lora_cpu.run_with_base`), to the logits
     of the torch backend's dense model."""
-    gen = torch.Generator().manual_seed(10)
-    ids = torch.randint(0, VOCAB, (9,), generator=gen)
-    slots = torch.randint(-1, 3, (9, 2), generator=gen, dtype=torch.int32)
-    weights = torch.rand(9, 2, generator=gen)
+    ids, slots, weights = _step(9, torch.Generator().manual_seed(10))
     model, _, context = _loaded(grouped=True)
     want = _logits(model, context, slots, weights, ids)
     model, hotset, context = _loaded(grouped=True)

@@ -9,9 +9,9 @@
 // Why: a decode step's LoRA in eager torch is a few tiny matmuls and scalings per projection
 // group, each an op with its own dispatch, and (dense path) every token through every slot in
 // use. Here each group is one call that walks each slot's own pairs in register-blocked tiles:
-// the work of the routed pairs only, accumulated in fp32, rounded once into out. Two parallel
-// regions a call (shrink tasks per (module, slot), expand tasks per 64 output columns of a
-// module), none below kSerialMacs.
+// the work of the routed pairs only, in fp32 (16-bit outputs rounded once at the end). Two
+// parallel regions a call (shrink tasks per (module, slot), expand tasks per 64 output columns of
+// a module), none below kSerialMacs.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -226,17 +226,21 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   });
 
   // out[t, c] += sum_j h[p, g, j] * b[g][s, j, c]. A task is one module's kCols columns (no two
-  // write one element): every slot's pairs add into fp32 accumulators of the task's columns for
-  // each token, rounded into out once.
+  // write one element): every slot's pairs add into the task's columns of each token's row, fp32
+  // outputs in place; 16-bit ones through fp32 accumulators, rounded into out once (a prefill-size
+  // fp32 step saves clearing and reading back a [T, 64] accumulator per task: about 10% of it).
   std::vector<std::pair<int64_t, int64_t>> expand_tasks;  // (g, first column)
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t c0 = 0; c0 < b[g].size(2); c0 += kCols) expand_tasks.emplace_back(g, c0);
   }
   const int64_t n_expand = static_cast<int64_t>(expand_tasks.size());
+  constexpr bool direct = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, n_expand, macs < kSerialMacs ? n_expand : 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(tokens * kCols + kCols), b_buf;  // the last row: where a short block's copies go
+    // The last row: where a short block's copies go.
+    std::vector<float> acc(direct ? kCols : tokens * kCols + kCols), b_buf;
+    float* const spare = acc.data() + (direct ? 0 : tokens * kCols);
     const std::vector<float> zeros(max_rank, 0.f);
-    std::vector<char> touched(tokens);
+    std::vector<char> touched(direct ? 0 : tokens);
     for (int64_t task = begin; task < end; ++task) {
       const auto [g, c0] = expand_tasks[task];
       const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0);
@@ -251,8 +255,11 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
       const auto [g, c0] = expand_tasks[task];
       const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0), ld = outs[g].stride(0);
       const scalar_t* bp = b[g].data_ptr<scalar_t>();
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(touched.begin(), touched.end(), 0);
+      scalar_t* op = outs[g].data_ptr<scalar_t>() + c0;
+      if constexpr (!direct) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(touched.begin(), touched.end(), 0);
+      }
       for (int64_t s = 0; s < num_slots; ++s) {
         const int64_t r = rp[g * num_slots + s], first = start[s], n = start[s + 1] - first;
         if (r == 0 || n == 0) continue;
@@ -276,10 +283,14 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
             if (i + q < n) {
               const int64_t p = order[first + i + q], tok = p / top_k;
               hs[q] = h.data() + (p * groups + g) * max_rank;
-              dst[q] = acc.data() + tok * kCols;
-              touched[tok] = 1;
+              if constexpr (direct) {
+                dst[q] = op + tok * ld;
+              } else {
+                dst[q] = acc.data() + tok * kCols;
+                touched[tok] = 1;
+              }
             } else {
-              hs[q] = zeros.data(), dst[q] = acc.data() + tokens * kCols;
+              hs[q] = zeros.data(), dst[q] = spare;
             }
           }
           if (block == 8) {
@@ -290,12 +301,13 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
           i += block;
         }
       }
-      scalar_t* op = outs[g].data_ptr<scalar_t>() + c0;
-      for (int64_t tok = 0; tok < tokens; ++tok) {
-        if (!touched[tok]) continue;
-        scalar_t* out = op + tok * ld;
-        const float* add = acc.data() + tok * kCols;
-        for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(static_cast<float>(out[c]) + add[c]);
+      if constexpr (!direct) {
+        for (int64_t tok = 0; tok < tokens; ++tok) {
+          if (!touched[tok]) continue;
+          scalar_t* out = op + tok * ld;
+          const float* add = acc.data() + tok * kCols;
+          for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(static_cast<float>(out[c]) + add[c]);
+        }
       }
     }
   });

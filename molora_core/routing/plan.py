@@ -120,7 +120,7 @@ class RoutingPlan:
         fixed-shape decode step of a gate router)."""
         if self.dispatch_buffers is None:
             raise ValueError("route_static writes the preallocated dispatch buffers; this plan has none")
-        self._host_step = None  # (a captured step runs this on every replay, without Python)
+        self._host_step = None  # (its captured replays write them too: the step runner resolves first)
         index, weights = gate(hidden)  # [T, k]
         k, flagged = index.shape[1], rows[:, None]
         slots = self.slots[:, :k]

@@ -268,22 +268,29 @@ def test_a_step_assigns_adjacent_requests_on_alike_routers_as_one_run(monkeypatc
     assert torch.equal(runner.context.meta.sorted_pairs, want.sorted_pairs)
 
 
+def _count_compiled_calls(monkeypatch, name: str) -> list:
+    """The shapes of the first argument of each call of `decode_cpu.<name>` from now on (the
+    test is skipped where the compiled CPU ops are not built)."""
+    from kernels import decode_cpu
+
+    with torch.no_grad():
+        if not decode_cpu.enabled(torch.zeros(1, 1)):
+            pytest.skip("the compiled CPU ops are not built here")
+    calls, real = [], getattr(decode_cpu, name)
+    monkeypatch.setattr(decode_cpu, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
 def test_gate_logits_take_the_compiled_norm_without_autograd(monkeypatch):
     """On CPU without autograd the gate normalizes with the compiled RMSNorm (one call), to the
     logits torch's rms_norm gives; with autograd (training) it keeps torch's."""
     import torch.nn.functional as F
 
-    from kernels import decode_cpu
-
     torch.manual_seed(6)
     gate = GateRouter(hidden_size=64, adapters=["math", "code", "image"], top_k=2)
     hidden = torch.randn(16, 64) * 3
+    calls = _count_compiled_calls(monkeypatch, "rms_norm")
     with torch.no_grad():
-        if not decode_cpu.enabled(hidden):
-            pytest.skip("the compiled CPU ops are not built here")
-        calls = []
-        real = decode_cpu.rms_norm
-        monkeypatch.setattr(decode_cpu, "rms_norm", lambda *a: calls.append(a[0].shape) or real(*a))
         got = gate.logits(hidden)
         want = gate.gate(F.rms_norm(hidden, (64,), None, gate.eps))
     assert calls == [hidden.shape]
@@ -296,17 +303,11 @@ def test_gate_routes_take_one_compiled_call_without_autograd(monkeypatch):
     """On CPU without autograd a gate's slots and weights come from one compiled call, equal to
     forward's (its top-k, softmax-normalized) mapped through the lookup; with autograd (training)
     they come from forward, and the weights carry gradients to the gate."""
-    from kernels import decode_cpu
-
     torch.manual_seed(7)
     gate = GateRouter(hidden_size=64, adapters=["math", "code", "image", "chat"], top_k=2)
     hidden, lookup = torch.randn(24, 64) * 3, torch.tensor([3, 0, 2, 1], dtype=torch.int32)
+    calls = _count_compiled_calls(monkeypatch, "gate_route")
     with torch.inference_mode():
-        if not decode_cpu.enabled(hidden):
-            pytest.skip("the compiled CPU ops are not built here")
-        calls = []
-        real = decode_cpu.gate_route
-        monkeypatch.setattr(decode_cpu, "gate_route", lambda *a: calls.append(a[0].shape) or real(*a))
         slots, weights = gate.route_slots(hidden, lookup)
         index, want = gate(hidden)
     assert calls == [hidden.shape]

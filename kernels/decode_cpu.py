@@ -56,12 +56,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def gate_route(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, top_k: int,
-               lookup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               lookup: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """A gate router's routes, hidden [T, D] with unit column stride: per token, logits = weight @
     rms_normalize(h) + bias (weight float32 [A, D], bias float32 [A]), its top_k (ties to the lower
     adapter, NaN above every number as torch.topk), softmax-normalized, each adapter mapped to a
-    hot-set slot by lookup int32[A]. Returns (slots int32[T, top_k], weights float32[T, top_k])."""
-    slots, weights = cpu_ext.module().gate_route(hidden, weight, bias, eps, top_k, lookup)
+    hot-set slot by lookup int32[A]. Returns (slots int32[T, top_k], weights float32[T, top_k]):
+    new tensors, or with `out` (int32 and float32 [T, >= top_k], unit column stride) the first
+    top_k columns of out, written in place."""
+    slots, weights = cpu_ext.module().gate_route(hidden, weight, bias, eps, top_k, lookup, out)
     return slots, weights
 
 

@@ -102,13 +102,13 @@ def build_dispatch(
         offsets = torch.empty(num_slots + 1, dtype=torch.int32, device=device)
     else:
         out.check_fits(num_tokens, top_k, num_slots)
-        flat_slots = out.slots[:n]
-        flat_slots.copy_(slots.reshape(-1))
-        sorted_pairs, counts, offsets = out.sorted_pairs[:n], out.slot_counts, out.slot_offsets
+        flat_slots, flat_weights, sorted_pairs = out.views(n)
+        if not _same_memory(flat_slots, slots):  # (a routing plan's routes are these buffers already)
+            flat_slots.copy_(slots.reshape(-1))
+        counts, offsets = out.slot_counts, out.slot_offsets
     if weights.requires_grad or out is None:
         flat_weights = weights.reshape(-1).float()
-    else:
-        flat_weights = out.weights[:n]
+    elif not _same_memory(flat_weights, weights):
         flat_weights.copy_(weights.reshape(-1))
 
     compiled = cpu_ext.module() if device.type == "cpu" else None
@@ -126,6 +126,11 @@ def build_dispatch(
         slot_counts=counts,
         slot_offsets=offsets,
     )
+
+
+def _same_memory(flat: torch.Tensor, t: torch.Tensor) -> bool:
+    """True where t [T, K] is contiguous over exactly the memory of flat [T * K]."""
+    return t.data_ptr() == flat.data_ptr() and t.is_contiguous() and t.numel() == flat.numel() and t.dtype == flat.dtype
 
 
 def _dispatch_sort(flat_slots, num_slots, sorted_pairs, counts, offsets) -> None:
@@ -160,6 +165,14 @@ class DispatchBuffers:
         self.sorted_pairs = torch.zeros(n, dtype=torch.int32, device=device)  # int32[T_max*K_max]
         self.slot_counts = torch.zeros(num_slots, dtype=torch.int32, device=device)  # int32[S]
         self.slot_offsets = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)  # int32[S+1]
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def views(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """slots[:n], weights[:n] and sorted_pairs[:n], made once per n (views of fixed buffers)."""
+        views = self._views.get(n)
+        if views is None:
+            views = self._views[n] = (self.slots[:n], self.weights[:n], self.sorted_pairs[:n])
+        return views
 
     def check_fits(self, num_tokens: int, top_k: int, num_slots: int) -> None:
         if num_tokens > self.max_tokens or top_k > self.max_k or num_slots != self.num_slots:

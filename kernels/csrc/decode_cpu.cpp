@@ -373,6 +373,7 @@ template <typename scalar_t>
 void gate_route_impl(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& bias, float eps,
                      int64_t top_k, const torch::Tensor& lookup, torch::Tensor& slots, torch::Tensor& weights) {
   const int64_t tokens = hidden.size(0), d = hidden.size(1), ld = hidden.stride(0), adapters = weight.size(0);
+  const int64_t lds = slots.stride(0), ldw = weights.stride(0);
   const scalar_t* hp = hidden.data_ptr<scalar_t>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
@@ -405,10 +406,10 @@ void gate_route_impl(const torch::Tensor& hidden, const torch::Tensor& weight, c
       }
       const float top = logits[chosen[0]];
       float total = 0.f;
-      for (int64_t j = 0; j < top_k; ++j) total += op[t * top_k + j] = std::exp(logits[chosen[j]] - top);
+      for (int64_t j = 0; j < top_k; ++j) total += op[t * ldw + j] = std::exp(logits[chosen[j]] - top);
       for (int64_t j = 0; j < top_k; ++j) {
-        op[t * top_k + j] /= total;
-        sp[t * top_k + j] = lp[chosen[j]];
+        op[t * ldw + j] /= total;
+        sp[t * lds + j] = lp[chosen[j]];
       }
     }
   });
@@ -418,10 +419,12 @@ void gate_route_impl(const torch::Tensor& hidden, const torch::Tensor& weight, c
 // rms_normalize(h) + b over its A adapters (W float32 [A, D], b float32 [A]), their top_k,
 // softmax-normalized, each adapter mapped to its hot-set slot by lookup int32[A]. Returns slots
 // int32 [T, top_k] and weights float32 [T, top_k]: GateRouter.forward plus the lookup, one call
-// where they are about ten torch ops.
+// where they are about ten torch ops. With `out` (slots int32 and weights float32, [T, >= top_k],
+// unit column stride, any row stride: rows of a routing plan's buffers), the routes go into
+// their first top_k columns, and those are returned.
 std::vector<torch::Tensor> gate_route(const torch::Tensor& hidden, const torch::Tensor& weight,
                                       const torch::Tensor& bias, double eps, int64_t top_k,
-                                      const torch::Tensor& lookup) {
+                                      const torch::Tensor& lookup, const c10::optional<std::vector<torch::Tensor>>& out) {
   check_rows(hidden, "hidden");
   const int64_t adapters = weight.size(0);
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
@@ -432,18 +435,32 @@ std::vector<torch::Tensor> gate_route(const torch::Tensor& hidden, const torch::
                   lookup.scalar_type() == at::kInt && lookup.device().is_cpu(),
               "lookup must be a contiguous int32 [A]");
   TORCH_CHECK(top_k >= 1 && top_k <= adapters, "top_k must be in [1, A]");
-  auto slots = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kInt));
-  auto weights = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kFloat));
+  torch::Tensor slots, weights;
+  if (out.has_value()) {
+    TORCH_CHECK(out->size() == 2, "out must be (slots, weights)");
+    slots = (*out)[0], weights = (*out)[1];
+    for (const torch::Tensor* t : {&slots, &weights}) {
+      TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->size(0) == hidden.size(0) && t->size(1) >= top_k &&
+                      t->stride(1) == 1, "out tensors must be CPU [T, >= top_k] with unit column stride");
+    }
+    TORCH_CHECK(slots.scalar_type() == at::kInt && weights.scalar_type() == at::kFloat,
+                "out must be (int32 slots, float32 weights)");
+  } else {
+    slots = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kInt));
+    weights = torch::empty({hidden.size(0), top_k}, hidden.options().dtype(at::kFloat));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "gate_route", [&] {
     gate_route_impl<scalar_t>(hidden, weight, bias, static_cast<float>(eps), top_k, lookup, slots, weights);
   });
-  return {slots, weights};
+  return out.has_value() ? std::vector<torch::Tensor>{slots.narrow(1, 0, top_k), weights.narrow(1, 0, top_k)}
+                         : std::vector<torch::Tensor>{slots, weights};
 }
 
 }  // namespace
 
 void register_decode_ops(pybind11::module& m) {
-  m.def("gate_route", &gate_route, "the gate router's top-k slots and weights per token");
+  m.def("gate_route", &gate_route, "the gate router's top-k slots and weights per token", py::arg("hidden"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("top_k"), py::arg("lookup"), py::arg("out") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally of x + residual (returns out, sum)");
   m.def("qk_norm_rope", &qk_norm_rope, "q/k RMSNorm per head, then RoPE");
   m.def("kv_write", &kv_write, "write keys and values into the KV cache");

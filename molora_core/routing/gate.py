@@ -56,16 +56,25 @@ class GateRouter(nn.Module):
         top, index = self.logits(hidden).topk(self.top_k, dim=-1)
         return index, torch.softmax(top, dim=-1)
 
-    def route_slots(self, hidden: torch.Tensor, lookup: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route_slots(self, hidden: torch.Tensor, lookup: torch.Tensor,
+                    out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with each chosen adapter mapped to its hot-set slot: hidden [T, D], lookup
-        int32[A] (adapter index -> slot) -> (slots int32[T, k], weights float32[T, k]). On CPU
-        without autograd one compiled call (`decode_cpu.gate_route`) for forward's ten-odd ops."""
+        int32[A] (adapter index -> slot) -> (slots int32[T, k], weights float32[T, k]). With `out`
+        (int32 and float32 [T, >= k], e.g. rows of a routing plan) the routes are written into its
+        first k columns, which are returned. On CPU without autograd one compiled call
+        (`decode_cpu.gate_route`) for forward's ten-odd ops and the writes."""
         weight, bias = self.gate.weight, self.gate.bias
         if (decode_cpu.enabled(hidden) and hidden.stride(-1) == 1 and weight.dtype == bias.dtype == torch.float32
-                and lookup.device.type == "cpu"):
-            return decode_cpu.gate_route(hidden, weight, bias, self.eps, self.top_k, lookup)
+                and lookup.device.type == "cpu" and (out is None or out[0].device.type == "cpu")):
+            return decode_cpu.gate_route(hidden, weight, bias, self.eps, self.top_k, lookup, out)
         index, weights = self(hidden)
-        return lookup.to(index.device)[index], weights
+        slots = lookup.to(index.device)[index]
+        if out is None:
+            return slots, weights
+        k = self.top_k
+        out[0][:, :k] = slots
+        out[1][:, :k] = weights
+        return out[0][:, :k], out[1][:, :k]
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -32,8 +32,13 @@ class RoutingPlan:
         self.max_tokens, self.max_k, self.num_slots = max_tokens, max_k, num_slots
         self.device = torch.device(device)
         self.dispatch_buffers = DispatchBuffers(max_tokens, max_k, num_slots, self.device) if preallocated else None
-        self._slots_flat = torch.full((max_tokens * max_k,), -1, dtype=torch.int32, device=self.device)
-        self._weights_flat = torch.zeros(max_tokens * max_k, dtype=torch.float32, device=self.device)
+        if self.dispatch_buffers is not None:
+            # The plan's routes are the dispatch buffers' own slots and weights: routers write them
+            # in place, and the dispatch build sorts them where they are.
+            self._slots_flat, self._weights_flat = self.dispatch_buffers.slots, self.dispatch_buffers.weights
+        else:
+            self._slots_flat = torch.full((max_tokens * max_k,), -1, dtype=torch.int32, device=self.device)
+            self._weights_flat = torch.zeros(max_tokens * max_k, dtype=torch.float32, device=self.device)
         self.num_tokens, self.top_k = 0, 1
         self._constant: list[tuple[int, int, tuple[int, ...], tuple[float, ...]]] = []
         self._pending: list[tuple[int, int, Router, torch.Tensor]] = []
@@ -44,7 +49,10 @@ class RoutingPlan:
         self._host_step: tuple[tuple, DispatchMeta] | None = None
 
     def begin(self, num_tokens: int, top_k: int) -> None:
-        """Start a step of `num_tokens` tokens with `top_k` choices; every row starts as base (-1)."""
+        """Start a step of `num_tokens` tokens with `top_k` choices; every row no router is assigned
+        stays on the base model (-1). The buffers are written when the step resolves, not here:
+        rows that no route covers are cleared then, so a step whose routes cover every row (a
+        batch on one gate router) writes them once, and a failed step leaves them as they were."""
         if not 0 < num_tokens <= self.max_tokens or not 0 < top_k <= self.max_k:
             raise ValueError(
                 f"step of T={num_tokens}, K={top_k} does not fit a plan of T<={self.max_tokens}, K<={self.max_k}"
@@ -54,9 +62,6 @@ class RoutingPlan:
         if self.dispatch_buffers is None:
             self._slots_flat = torch.full((n,), -1, dtype=torch.int32, device=self.device)
             self._weights_flat = torch.zeros(n, dtype=torch.float32, device=self.device)
-        else:
-            self._slots_flat[:n].fill_(-1)
-            self._weights_flat[:n].zero_()
         self._constant.clear()
         self._pending.clear()
 
@@ -103,9 +108,7 @@ class RoutingPlan:
                 slots, weights = self._constant_lists()
                 meta = self.dispatch_buffers.build_host(slots, weights, self.num_tokens, self.top_k)
                 self._host_step = (key, meta)
-            self.slots.copy_(meta.slots.view(self.num_tokens, self.top_k))
-            self.weights.copy_(meta.weights.view(self.num_tokens, self.top_k))
-            return meta
+            return meta  # (its slots and weights are the plan's)
         self.resolve(hidden)
         if self.dispatch_buffers is None:
             return build_dispatch(self.slots, self.weights, self.num_slots)
@@ -134,7 +137,11 @@ class RoutingPlan:
             raise ValueError("the plan has gate-routed tokens; resolving them needs the step's hidden state")
         self._host_step = None  # the dispatch buffers get this step's routes
         if self._constant:
-            self._write_constant()
+            self._write_constant()  # every pair: the constant routes, base elsewhere
+        elif self.dispatch_buffers is not None and not self._pending_cover_all():
+            n = self.num_tokens * self.top_k
+            self._slots_flat[:n].fill_(-1)
+            self._weights_flat[:n].zero_()
         batches: dict[object, list[tuple[int, int, Router, torch.Tensor]]] = {}
         for i, entry in enumerate(self._pending):
             key = entry[2].batch_key()
@@ -149,11 +156,25 @@ class RoutingPlan:
                 # One request, or adjacent ones (the engine schedules a router's requests together): views.
                 rows = slice(spans[0][0], spans[-1][1])
                 h = hidden[rows] if router.needs_hidden else None
+                if self.dispatch_buffers is not None:
+                    router.route_into(token_ids, h, self.slots[rows], self.weights[rows])  # in place
+                    continue
             else:
                 rows = torch.tensor([r for start, end in spans for r in range(start, end)], device=self.device)
                 h = hidden.index_select(0, rows) if router.needs_hidden else None
             self._write(rows, *router.route(token_ids, h))
         self._pending.clear()
+
+    def _pending_cover_all(self) -> bool:
+        """True where the pending routers fill every pair of the step (each row, all K choices)."""
+        if any(router.top_k != self.top_k for _, _, router, _ in self._pending):
+            return False
+        reach = 0
+        for start, end in sorted((start, end) for start, end, _, _ in self._pending):
+            if start > reach:
+                return False
+            reach = max(reach, end)
+        return reach >= self.num_tokens
 
     def _constant_lists(self) -> tuple[list[int], list[float]]:
         """Flat slots and weights of every pair, constant routes filled in, the rest base."""

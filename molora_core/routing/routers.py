@@ -32,6 +32,15 @@ class Router:
         (slots int32[n, k], weights float32[n, k])."""
         raise NotImplementedError
 
+    def route_into(self, token_ids: torch.Tensor, hidden: torch.Tensor | None, slots: torch.Tensor,
+                   weights: torch.Tensor) -> None:
+        """`route`, written into the first k columns of slots int32[n, K] and weights float32[n, K]
+        (rows of a routing plan, K >= k); a router that can write them directly overrides this."""
+        routed_slots, routed_weights = self.route(token_ids, hidden)
+        k = routed_slots.shape[1]
+        slots[:, :k] = routed_slots.to(slots.device)
+        weights[:, :k] = routed_weights
+
     def constant(self) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
         """(slots, weights) given to every token alike, or None if they depend on the token; the
         plan writes constant routes from the host in one copy per step."""
@@ -122,6 +131,11 @@ class GateSlotRouter(Router):
         if hidden is None:
             raise RouterInvalid("the gate router needs the hidden state of its tokens")
         return self.gate.route_slots(hidden, self.lookup)
+
+    def route_into(self, token_ids, hidden, slots, weights):
+        if hidden is None:
+            raise RouterInvalid("the gate router needs the hidden state of its tokens")
+        self.gate.route_slots(hidden, self.lookup, out=(slots, weights))
 
     def batch_key(self):
         return self._key

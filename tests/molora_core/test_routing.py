@@ -148,7 +148,7 @@ def test_requests_sharing_a_router_are_routed_in_one_call(monkeypatch):
     calls = []
     real_route = GateRouter.route_slots
     monkeypatch.setattr(GateRouter, "route_slots",
-                        lambda self, h, lookup: calls.append(h.shape[0]) or real_route(self, h, lookup))
+                        lambda self, h, lookup, out=None: calls.append(h.shape[0]) or real_route(self, h, lookup, out))
 
     plan = RoutingPlan(max_tokens=16, max_k=2, num_slots=4)
     plan.begin(14, 2)
@@ -184,7 +184,7 @@ def test_adjacent_requests_on_one_gate_route_over_a_view():
     for start, end, spec in spans:
         plan.assign(start, spec.bind(SLOT_OF), ids[start:end])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(GateRouter, "route_slots", lambda self, h, lookup: seen.append(h) or real_route(self, h, lookup))
+        mp.setattr(GateRouter, "route_slots", lambda self, h, lookup, out=None: seen.append(h) or real_route(self, h, lookup, out))
         plan.finalize(hidden)
     assert len(seen) == 1 and seen[0].data_ptr() == hidden[2:].data_ptr() and seen[0].shape[0] == 7
     index, weights = gate(hidden[2:])
@@ -346,3 +346,32 @@ def test_a_step_with_the_routes_of_the_step_before_reuses_its_metadata():
     assert after is not back and after.slots.tolist() == [2, -1, 2, -1, 0, 3]
     assert after.weights.tolist() == [1.0, 0.0, 1.0, 0.0, 0.25, 0.75] and after.host_counts() == [1, 0, 2, 1]
     assert after.sorted_pairs.tolist()[:4] == [4, 0, 2, 5]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_routers_write_the_plan_in_place_and_uncovered_pairs_are_cleared(monkeypatch, grad):
+    """The plan's routes are its dispatch buffers, which routers write in place (the compiled
+    gate into rows that have more choices than it takes, without autograd); the pairs that no
+    route of a step covers hold no adapter, whatever the step before wrote there."""
+    torch.manual_seed(9)
+    gate = GateRouter(hidden_size=8, adapters=["math", "code", "image"], top_k=2)
+    lookup = [SLOT_OF[name] for name in gate.adapters]
+    plan = RoutingPlan(max_tokens=8, max_k=3, num_slots=4)
+    calls = _count_compiled_calls(monkeypatch, "gate_route") if not grad else None
+    with torch.set_grad_enabled(grad):
+        plan.begin(6, 3)  # the step before: three adapters on every pair
+        plan.assign(0, MixtureSpec(("math", "code", "image"), (0.5, 0.25, 0.25)).bind(SLOT_OF), torch.arange(6))
+        plan.finalize()
+        hidden = torch.randn(6, 8)
+        plan.begin(6, 3)  # gate on rows 0-3 (two choices of three), rows 4-5 on the base model
+        plan.assign(0, GateSpec(gate).bind(SLOT_OF), torch.arange(4))
+        plan.assign(4, BaseSpec().bind(SLOT_OF), torch.arange(2))
+        meta = plan.finalize(hidden)
+        index, weights = gate(hidden[:4])
+    assert meta.slots.data_ptr() == plan.slots.data_ptr() and meta.weights.data_ptr() == plan.weights.data_ptr()
+    assert plan.slots[:4, :2].tolist() == [[lookup[i] for i in row] for row in index.tolist()]
+    torch.testing.assert_close(plan.weights[:4, :2], weights.detach())
+    assert plan.slots[:4, 2].tolist() == [-1] * 4 and plan.slots[4:].tolist() == [[-1] * 3] * 2
+    assert plan.weights[:4, 2].tolist() == [0.0] * 4 and plan.weights[4:].tolist() == [[0.0] * 3] * 2
+    assert meta.slot_counts.tolist() == [torch.tensor(lookup)[index].eq(s).sum().item() for s in range(4)]
+    assert calls is None or calls == [(4, 8)]

@@ -65,27 +65,38 @@ inline vf fold(vf a, vf b) {
   return __builtin_shuffle(a, b, lanes<n, 0>(all)) + __builtin_shuffle(a, b, lanes<n, 1>(all));
 }
 
-// out[q * 4 + k] = x_q . a_k for four rows of x and four of a: sixteen vector accumulators, each
-// load of x or a serving four multiply-adds.
-inline void dot4x4(const float* const* x, const float* const* a, int64_t n, float* out) {
+// out[q * 4 + k] = x_q . a_k for Q (1 to 4) rows of x and four of a (rows q >= Q of out: 0):
+// up to sixteen vector accumulators, each load of x or a serving Q or four multiply-adds.
+template <int Q>
+inline void dot_x4(const float* const* x, const float* const* a, int64_t n, float* out) {
   vf acc[16] = {};
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    const vf x0 = loadu(x[0] + i), x1 = loadu(x[1] + i), x2 = loadu(x[2] + i), x3 = loadu(x[3] + i);
     const vf a0 = loadu(a[0] + i), a1 = loadu(a[1] + i), a2 = loadu(a[2] + i), a3 = loadu(a[3] + i);
-    acc[0] += x0 * a0, acc[1] += x0 * a1, acc[2] += x0 * a2, acc[3] += x0 * a3;
-    acc[4] += x1 * a0, acc[5] += x1 * a1, acc[6] += x1 * a2, acc[7] += x1 * a3;
-    acc[8] += x2 * a0, acc[9] += x2 * a1, acc[10] += x2 * a2, acc[11] += x2 * a3;
-    acc[12] += x3 * a0, acc[13] += x3 * a1, acc[14] += x3 * a2, acc[15] += x3 * a3;
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      const vf xq = loadu(x[q] + i);
+      acc[q * 4] += xq * a0, acc[q * 4 + 1] += xq * a1, acc[q * 4 + 2] += xq * a2, acc[q * 4 + 3] += xq * a3;
+    }
   }
   vf u[8];
   for (int k = 0; k < 8; ++k) u[k] = fold<8>(acc[2 * k], acc[2 * k + 1]);
   const vf w0 = fold<4>(u[0], u[1]), w1 = fold<4>(u[2], u[3]), w2 = fold<4>(u[4], u[5]), w3 = fold<4>(u[6], u[7]);
   storeu(out, fold<1>(fold<2>(w0, w1), fold<2>(w2, w3)));
   for (; i < n; ++i) {
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < Q; ++q) {
       for (int k = 0; k < 4; ++k) out[q * 4 + k] += x[q][i] * a[k][i];
     }
+  }
+}
+
+// dot_x4 for q rows of x, 1 to 4.
+inline void dot_rows(int64_t q, const float* const* x, const float* const* a, int64_t n, float* out) {
+  switch (q) {
+    case 1: return dot_x4<1>(x, a, n, out);
+    case 2: return dot_x4<2>(x, a, n, out);
+    case 3: return dot_x4<3>(x, a, n, out);
+    default: return dot_x4<4>(x, a, n, out);
   }
 }
 
@@ -108,7 +119,7 @@ inline void expand_block(const float* b, int64_t ld, int64_t r, const float* con
       }
     }
 #pragma GCC unroll 8
-    for (int q = 0; q < N; ++q) {  // in order: two copies of a short block share one dummy row
+    for (int q = 0; q < N; ++q) {  // in order: two pairs of one token (a slot routed twice) both land
       storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
       storeu(dst[q] + c + kW, loadu(dst[q] + c + kW) + t[q]);
     }
@@ -131,6 +142,22 @@ inline void expand_block(const float* b, int64_t ld, int64_t r, const float* con
       for (int64_t j = 0; j < r; ++j) acc += h[q][j] * b[j * ld + c];
       dst[q][c] += acc;
     }
+  }
+}
+
+// expand_block for n pairs, 1 to 8: every block holds only real pairs (a slot of 9 pairs is one
+// block of 8 and one of 1, not 8 and a block of 4 holding 3 copies).
+inline void expand_pairs(int64_t n, const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols,
+                         float* const* dst) {
+  switch (n) {
+    case 1: return expand_block<1>(b, ld, r, h, cols, dst);
+    case 2: return expand_block<2>(b, ld, r, h, cols, dst);
+    case 3: return expand_block<3>(b, ld, r, h, cols, dst);
+    case 4: return expand_block<4>(b, ld, r, h, cols, dst);
+    case 5: return expand_block<5>(b, ld, r, h, cols, dst);
+    case 6: return expand_block<6>(b, ld, r, h, cols, dst);
+    case 7: return expand_block<7>(b, ld, r, h, cols, dst);
+    default: return expand_block<8>(b, ld, r, h, cols, dst);
   }
 }
 
@@ -188,8 +215,9 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   if (shrink_tasks.empty()) return;
   constexpr int64_t kSerialMacs = 1 << 17;  // below, one thread (a region's start costs more)
 
-  // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32. Blocks of four pairs by four
-  // ranks; a short block repeats its last pair or rank (valid rows only) and drops the copies.
+  // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32. Blocks of up to four pairs by
+  // four ranks (a slot's last block holds its last 1-3 pairs, no copies: in a decode step a slot
+  // has a handful); a short rank block repeats its last rank and drops the copies.
   std::vector<float> h(pairs * groups * max_rank, 0.f);
   const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size());
   at::parallel_for(0, n_shrink, macs < kSerialMacs ? n_shrink : 1, [&](int64_t begin, int64_t end) {
@@ -204,18 +232,19 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
       const float scale = cp[gs];
       const float* rows = as_float(ap + gs * max_rank * d_in, r * d_in, a_buf);
       for (int64_t i = 0; i < n; i += 4) {
+        const int64_t m = std::min<int64_t>(4, n - i);
         const float* xs[4];
         int64_t ps[4];
-        for (int64_t q = 0; q < 4; ++q) {
-          ps[q] = order[first + std::min(i + q, n - 1)];
+        for (int64_t q = 0; q < m; ++q) {
+          ps[q] = order[first + i + q];
           xs[q] = xf + (ps[q] / top_k) * d_in;
         }
         for (int64_t j = 0; j < r; j += 4) {
           const float* as[4];
           for (int64_t q = 0; q < 4; ++q) as[q] = rows + std::min(j + q, r - 1) * d_in;
           float d[16];
-          dot4x4(xs, as, d_in, d);
-          for (int64_t q = 0; q < std::min<int64_t>(4, n - i); ++q) {
+          dot_rows(m, xs, as, d_in, d);
+          for (int64_t q = 0; q < m; ++q) {
             const float f = wp[ps[q]] * scale;
             float* hp = h.data() + (ps[q] * groups + g) * max_rank;
             for (int64_t k = 0; k < std::min<int64_t>(4, r - j); ++k) hp[j + k] = d[q * 4 + k] * f;
@@ -236,10 +265,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   const int64_t n_expand = static_cast<int64_t>(expand_tasks.size());
   constexpr bool direct = std::is_same_v<scalar_t, float>;
   at::parallel_for(0, n_expand, macs < kSerialMacs ? n_expand : 1, [&](int64_t begin, int64_t end) {
-    // The last row: where a short block's copies go.
-    std::vector<float> acc(direct ? kCols : tokens * kCols + kCols), b_buf;
-    float* const spare = acc.data() + (direct ? 0 : tokens * kCols);
-    const std::vector<float> zeros(max_rank, 0.f);
+    std::vector<float> acc(direct ? 0 : tokens * kCols), b_buf;
     std::vector<char> touched(direct ? 0 : tokens);
     for (int64_t task = begin; task < end; ++task) {
       const auto [g, c0] = expand_tasks[task];
@@ -275,30 +301,21 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
           }
           bf = b_buf.data(), ldb = kCols;
         }
-        for (int64_t i = 0; i < n;) {
-          const int64_t block = n - i >= 8 ? 8 : 4;  // eight pairs a block, four for the rest
+        for (int64_t i = 0; i < n; i += 8) {  // eight pairs a block, the rest in one
+          const int64_t m = std::min<int64_t>(8, n - i);
           const float* hs[8];
           float* dst[8];
-          for (int64_t q = 0; q < block; ++q) {
-            if (i + q < n) {
-              const int64_t p = order[first + i + q], tok = p / top_k;
-              hs[q] = h.data() + (p * groups + g) * max_rank;
-              if constexpr (direct) {
-                dst[q] = op + tok * ld;
-              } else {
-                dst[q] = acc.data() + tok * kCols;
-                touched[tok] = 1;
-              }
+          for (int64_t q = 0; q < m; ++q) {
+            const int64_t p = order[first + i + q], tok = p / top_k;
+            hs[q] = h.data() + (p * groups + g) * max_rank;
+            if constexpr (direct) {
+              dst[q] = op + tok * ld;
             } else {
-              hs[q] = zeros.data(), dst[q] = spare;
+              dst[q] = acc.data() + tok * kCols;
+              touched[tok] = 1;
             }
           }
-          if (block == 8) {
-            expand_block<8>(bf, ldb, r, hs, cols, dst);
-          } else {
-            expand_block<4>(bf, ldb, r, hs, cols, dst);
-          }
-          i += block;
+          expand_pairs(m, bf, ldb, r, hs, cols, dst);
         }
       }
       if constexpr (!direct) {

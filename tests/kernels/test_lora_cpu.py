@@ -84,6 +84,23 @@ def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
     assert torch.equal(again, got)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_block_size_of_a_slots_pairs(dtype):
+    """A slot's pairs go in blocks of up to four (shrink) and eight (expand), the last block
+    holding what is left: 1 to 19 pairs on one slot cover every size of last block, next to a
+    slot with one pair, against the float64 twin."""
+    gen = torch.Generator().manual_seed(11)
+    sizes = [96, 40]
+    for tokens in range(1, 20):
+        x, lora_a, lora_b, y = _operands(dtype, tokens + 1, 64, sizes, 3, 16, gen)
+        ranks, scales = torch.full((2, 3), 16, dtype=torch.int32), torch.rand(2, 3, generator=gen) + 0.5
+        s = torch.full((tokens + 1, 1), 2, dtype=torch.int32)
+        s[tokens // 2] = 0  # one token on another slot, inside the run
+        w = torch.rand(tokens + 1, 1, generator=gen) + 0.5
+        got, want = _kernel_and_twin(x, lora_a, lora_b, ranks, scales, build_dispatch(s, w, 3), y, sizes)
+        assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0), tokens
+
 def test_refuses_operands_it_does_not_take():
     meta = build_dispatch(torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), 2)
     x, a = torch.randn(2, 8), torch.randn(1, 2, 4, 8)

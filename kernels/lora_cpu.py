@@ -7,14 +7,14 @@ Semantics as `kernels.lora_ref.lora_apply_shared_ref`, its oracle:
 
 The torch twins run a step's LoRA as a few matmuls and scalings per projection group, in a
 decode step every token through every slot in use (`_apply_dense`); here a group is one call
-that walks each slot's own pairs in register-blocked tiles (four pairs by four ranks in the
-shrink, eight pairs, four for a slot's last few, by 32 columns in the expand) and accumulates in
-fp32.
+that walks each slot's own pairs in register-blocked tiles (up to four pairs by four ranks in
+the shrink, up to eight pairs by 32 columns in the expand; a slot's last block holds just its
+last pairs) and accumulates in fp32.
 `benchmarks/lora_cpu.py` on this project's 2-core CPU (4 layers' 16 group calls, 4 adapters,
 rank 16, fp32; benchmarks/results/lora_cpu-cpu-2core.json): a 16-token decode step, caches
-flushed before each call, 0.72 ms (one adapter per token) and 0.79 ms (top-2) against the twins'
-3.5 and 3.8 ms at hidden 256, and 1.9 and 2.3 ms against 7.1 and 6.9 ms at Qwen3-0.6B's layer
-shapes.
+flushed before each call, 0.69 ms (one adapter per token) and 0.77 ms (top-2) against the twins'
+3.5 and 3.6 ms at hidden 256 (0.24 ms top-2 on warm caches), and 1.8 and 2.3 ms against 6.9 and
+7.0 ms at Qwen3-0.6B's layer shapes.
 The kernel before 2026-11-26's register-blocked tiles took 0.83 and 1.00 ms at hidden 256 in the
 same benchmark, and lost to the twins from 512 pairs up. `run_with_base` runs a group's base
 matmul (its oneDNN-packed weight, or a dense one) and the kernel in one call, which the CPU

@@ -22,18 +22,6 @@
 
 namespace {
 
-// fp32 rows for the micro-kernels: fp32 operands as they are, 16-bit ones converted into `buf`.
-template <typename scalar_t>
-const float* as_float(const scalar_t* src, int64_t n, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return src;
-  } else {
-    if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
-    return buf.data();
-  }
-}
-
 // Sixteen fp32 lanes (one AVX-512 register; two AVX2 ones where the CPU has no AVX-512): GCC and
 // Clang vector extensions, so the micro-kernels below hold their accumulators in registers
 // (OpenMP SIMD reductions of many variables go through memory, and GCC vectorizes an inner
@@ -49,6 +37,102 @@ inline vf loadu(const float* p) {
 }
 
 inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// 16-bit values in and out of fp32 vectors, sixteen at a time: bf16 by shifting its bits (exact),
+// fp16 through the compiler's _Float16 (F16C's conversions on x86), where it has one; elsewhere
+// one by one through c10's types, as every 16-bit value went before.
+typedef unsigned short vu16 __attribute__((vector_size(32)));
+typedef unsigned int vu32 __attribute__((vector_size(64)));
+#if defined(__FLT16_MAX__)
+typedef _Float16 vh __attribute__((vector_size(32)));
+#endif
+
+template <typename scalar_t>
+constexpr bool kVectorized16 = std::is_same_v<scalar_t, c10::BFloat16>
+#if defined(__FLT16_MAX__)
+                               || std::is_same_v<scalar_t, c10::Half>
+#endif
+    ;
+
+template <typename scalar_t>
+inline vf load16(const scalar_t* p) {
+  vu16 bits;
+  __builtin_memcpy(&bits, p, sizeof bits);
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const vu32 wide = __builtin_convertvector(bits, vu32) << 16;
+    vf v;
+    __builtin_memcpy(&v, &wide, sizeof v);
+    return v;
+  } else {
+#if defined(__FLT16_MAX__)
+    vh half;
+    __builtin_memcpy(&half, &bits, sizeof half);
+    return __builtin_convertvector(half, vf);
+#endif
+  }
+}
+
+// Rounds to nearest even, as c10's conversions do (a NaN stays a NaN).
+template <typename scalar_t>
+inline void store16(scalar_t* p, vf v) {
+  vu16 bits;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    vu32 u;
+    __builtin_memcpy(&u, &v, sizeof u);
+    const vu32 nan = reinterpret_cast<vu32>(v != v);  // all ones in a NaN's lane
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits = __builtin_convertvector((u & ~nan) | (0x7FC0u & nan), vu16);
+  } else {
+#if defined(__FLT16_MAX__)
+    const vh half = __builtin_convertvector(v, vh);
+    __builtin_memcpy(&bits, &half, sizeof bits);
+#endif
+  }
+  __builtin_memcpy(p, &bits, sizeof bits);
+}
+
+// dst[i] = float(src[i]) for n values.
+template <typename scalar_t>
+inline void to_float(const scalar_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  if constexpr (kVectorized16<scalar_t>) {
+    for (; i + kW <= n; i += kW) storeu(dst + i, load16(src + i));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// out[i] = round(float(out[i]) + add[i]) for n values: a 16-bit output's one rounding.
+template <typename scalar_t>
+inline void add_rounded(scalar_t* out, const float* add, int64_t n) {
+  int64_t i = 0;
+  if constexpr (kVectorized16<scalar_t>) {
+    for (; i + kW <= n; i += kW) store16(out + i, load16(out + i) + loadu(add + i));
+  }
+  for (; i < n; ++i) out[i] = static_cast<scalar_t>(static_cast<float>(out[i]) + add[i]);
+}
+
+// fp32 rows for the micro-kernels: fp32 operands as they are, 16-bit ones converted into `buf`.
+template <typename scalar_t>
+const float* as_float(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    to_float(src, n, buf);
+    return buf;
+  }
+}
+
+// A thread's scratch buffer `which`, at least n floats, kept between calls instead of allocated
+// and cleared in each (at most a few MB a thread: h holds MAX_PAIRS x G x R floats); what it holds
+// on entry is undefined. h is the calling thread's, which its workers share; the rest each thread's own.
+enum Scratch { kH, kARows, kXRows, kTile, kSums, kBuffers };
+
+inline float* scratch(Scratch which, int64_t n) {
+  thread_local std::vector<float> buffers[kBuffers];
+  std::vector<float>& buffer = buffers[which];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // Folds two vectors whose lanes form groups of 2n summing to one value each into one whose groups of
 // n do (a's groups first): sixteen dot products' partial sums reduce to one vector of the sixteen
@@ -100,11 +184,13 @@ inline void dot_rows(int64_t q, const float* const* x, const float* const* a, in
   }
 }
 
-// dst_q[c] += sum_j h_q[j] * b[j * ld + c] for N pairs q over cols columns: per column block,
-// the pairs' accumulators stay in registers over the whole rank loop, each load of b serving N.
+// dst_q[c] += sum_j h_q[j] * b[j * ld + c] for N pairs q over cols columns (dst_q[c] = the sum
+// where bit q of `fresh` is set: a 16-bit output's fp32 row that no pair has written yet): per
+// column block, the pairs' accumulators stay in registers over the whole rank loop, each load
+// of b serving N.
 template <int N>
 inline void expand_block(const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols,
-                         float* const* dst) {
+                         float* const* dst, unsigned fresh) {
   int64_t c = 0;
   for (; c + 2 * kW <= cols; c += 2 * kW) {
     vf s[N], t[N];
@@ -120,8 +206,13 @@ inline void expand_block(const float* b, int64_t ld, int64_t r, const float* con
     }
 #pragma GCC unroll 8
     for (int q = 0; q < N; ++q) {  // in order: two pairs of one token (a slot routed twice) both land
-      storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
-      storeu(dst[q] + c + kW, loadu(dst[q] + c + kW) + t[q]);
+      if (fresh >> q & 1u) {
+        storeu(dst[q] + c, s[q]);
+        storeu(dst[q] + c + kW, t[q]);
+      } else {
+        storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
+        storeu(dst[q] + c + kW, loadu(dst[q] + c + kW) + t[q]);
+      }
     }
   }
   for (; c + kW <= cols; c += kW) {
@@ -134,13 +225,13 @@ inline void expand_block(const float* b, int64_t ld, int64_t r, const float* con
       for (int q = 0; q < N; ++q) s[q] += h[q][j] * v;
     }
 #pragma GCC unroll 8
-    for (int q = 0; q < N; ++q) storeu(dst[q] + c, loadu(dst[q] + c) + s[q]);
+    for (int q = 0; q < N; ++q) storeu(dst[q] + c, (fresh >> q & 1u) ? s[q] : loadu(dst[q] + c) + s[q]);
   }
   for (; c < cols; ++c) {
     for (int q = 0; q < N; ++q) {
       float acc = 0.f;
       for (int64_t j = 0; j < r; ++j) acc += h[q][j] * b[j * ld + c];
-      dst[q][c] += acc;
+      dst[q][c] = (fresh >> q & 1u) ? acc : dst[q][c] + acc;
     }
   }
 }
@@ -148,16 +239,16 @@ inline void expand_block(const float* b, int64_t ld, int64_t r, const float* con
 // expand_block for n pairs, 1 to 8: every block holds only real pairs (a slot of 9 pairs is one
 // block of 8 and one of 1, not 8 and a block of 4 holding 3 copies).
 inline void expand_pairs(int64_t n, const float* b, int64_t ld, int64_t r, const float* const* h, int64_t cols,
-                         float* const* dst) {
+                         float* const* dst, unsigned fresh) {
   switch (n) {
-    case 1: return expand_block<1>(b, ld, r, h, cols, dst);
-    case 2: return expand_block<2>(b, ld, r, h, cols, dst);
-    case 3: return expand_block<3>(b, ld, r, h, cols, dst);
-    case 4: return expand_block<4>(b, ld, r, h, cols, dst);
-    case 5: return expand_block<5>(b, ld, r, h, cols, dst);
-    case 6: return expand_block<6>(b, ld, r, h, cols, dst);
-    case 7: return expand_block<7>(b, ld, r, h, cols, dst);
-    default: return expand_block<8>(b, ld, r, h, cols, dst);
+    case 1: return expand_block<1>(b, ld, r, h, cols, dst, fresh);
+    case 2: return expand_block<2>(b, ld, r, h, cols, dst, fresh);
+    case 3: return expand_block<3>(b, ld, r, h, cols, dst, fresh);
+    case 4: return expand_block<4>(b, ld, r, h, cols, dst, fresh);
+    case 5: return expand_block<5>(b, ld, r, h, cols, dst, fresh);
+    case 6: return expand_block<6>(b, ld, r, h, cols, dst, fresh);
+    case 7: return expand_block<7>(b, ld, r, h, cols, dst, fresh);
+    default: return expand_block<8>(b, ld, r, h, cols, dst, fresh);
   }
 }
 
@@ -186,6 +277,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   const float* wp = weights.data_ptr<float>();
   const int32_t* rp = ranks.data_ptr<int32_t>();
   const float* cp = scales.data_ptr<float>();
+  constexpr bool direct = std::is_same_v<scalar_t, float>;  // fp32: no copies, sums straight into out
 
   // Pair ids grouped by slot (a counting sort): slot s's pairs are order[start[s] : start[s + 1]].
   std::vector<int64_t> start(num_slots + 1, 0), order(pairs);
@@ -199,8 +291,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
       if (sp[p] >= 0) order[next[sp[p]]++] = p;
     }
   }
-  std::vector<float> x_buf;
-  const float* xf = as_float(x.data_ptr<scalar_t>(), tokens * d_in, x_buf);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
   // Tasks with work: (g, s) for the shrink; their multiply-adds decide whether a second thread pays.
   std::vector<int64_t> shrink_tasks;
   int64_t macs = 0;
@@ -218,10 +309,13 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
   // h[p, g, :r] = w[p] * scale[g, s] * x[t] @ a[g, s, :r].T, fp32. Blocks of up to four pairs by
   // four ranks (a slot's last block holds its last 1-3 pairs, no copies: in a decode step a slot
   // has a handful); a short rank block repeats its last rank and drops the copies.
-  std::vector<float> h(pairs * groups * max_rank, 0.f);
+  // 16-bit operands go through fp32 copies: a task's A rows, a block's x rows (every block
+  // converts its own, in the thread that reads them, rather than the calling thread all of x first).
+  float* const h = scratch(kH, pairs * groups * max_rank);  // (only the rows of routed pairs are read)
   const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size());
   at::parallel_for(0, n_shrink, macs < kSerialMacs ? n_shrink : 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> a_buf;
+    float* const a_buf = direct ? nullptr : scratch(kARows, max_rank * d_in);
+    float* const x_buf = direct ? nullptr : scratch(kXRows, 4 * d_in);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t gs = shrink_tasks[task];
       prefetch_rows(ap + gs * max_rank * d_in, 1, rp[gs] * d_in * sizeof(scalar_t), 0);
@@ -237,7 +331,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
         int64_t ps[4];
         for (int64_t q = 0; q < m; ++q) {
           ps[q] = order[first + i + q];
-          xs[q] = xf + (ps[q] / top_k) * d_in;
+          xs[q] = as_float(xp + (ps[q] / top_k) * d_in, d_in, x_buf + q * d_in);
         }
         for (int64_t j = 0; j < r; j += 4) {
           const float* as[4];
@@ -246,7 +340,7 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
           dot_rows(m, xs, as, d_in, d);
           for (int64_t q = 0; q < m; ++q) {
             const float f = wp[ps[q]] * scale;
-            float* hp = h.data() + (ps[q] * groups + g) * max_rank;
+            float* hp = h + (ps[q] * groups + g) * max_rank;
             for (int64_t k = 0; k < std::min<int64_t>(4, r - j); ++k) hp[j + k] = d[q * 4 + k] * f;
           }
         }
@@ -256,17 +350,30 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
 
   // out[t, c] += sum_j h[p, g, j] * b[g][s, j, c]. A task is one module's kCols columns (no two
   // write one element): every slot's pairs add into the task's columns of each token's row, fp32
-  // outputs in place; 16-bit ones through fp32 accumulators, rounded into out once (a prefill-size
-  // fp32 step saves clearing and reading back a [T, 64] accumulator per task: about 10% of it).
+  // outputs in place; 16-bit ones through fp32 sums, rounded into out once (a prefill-size fp32
+  // step saves clearing and reading back a [T, 64] accumulator per task: about 10% of it). A
+  // token's first pair in a module's expand order (`lead`) writes its sums, the rest add, so no
+  // sums are cleared.
   std::vector<std::pair<int64_t, int64_t>> expand_tasks;  // (g, first column)
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t c0 = 0; c0 < b[g].size(2); c0 += kCols) expand_tasks.emplace_back(g, c0);
   }
   const int64_t n_expand = static_cast<int64_t>(expand_tasks.size());
-  constexpr bool direct = std::is_same_v<scalar_t, float>;
+  std::vector<int64_t> lead(direct ? 0 : groups * tokens, -1);
+  if constexpr (!direct) {
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t s = 0; s < num_slots; ++s) {
+        if (rp[g * num_slots + s] == 0) continue;
+        for (int64_t i = start[s]; i < start[s + 1]; ++i) {
+          int64_t& first = lead[g * tokens + order[i] / top_k];
+          if (first < 0) first = order[i];
+        }
+      }
+    }
+  }
   at::parallel_for(0, n_expand, macs < kSerialMacs ? n_expand : 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(direct ? 0 : tokens * kCols), b_buf;
-    std::vector<char> touched(direct ? 0 : tokens);
+    float* const sums = direct ? nullptr : scratch(kSums, tokens * kCols);
+    float* const b_buf = direct ? nullptr : scratch(kTile, max_rank * kCols);
     for (int64_t task = begin; task < end; ++task) {
       const auto [g, c0] = expand_tasks[task];
       const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0);
@@ -282,10 +389,6 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
       const int64_t d_out = b[g].size(2), cols = std::min(kCols, d_out - c0), ld = outs[g].stride(0);
       const scalar_t* bp = b[g].data_ptr<scalar_t>();
       scalar_t* op = outs[g].data_ptr<scalar_t>() + c0;
-      if constexpr (!direct) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        std::fill(touched.begin(), touched.end(), 0);
-      }
       for (int64_t s = 0; s < num_slots; ++s) {
         const int64_t r = rp[g * num_slots + s], first = start[s], n = start[s + 1] - first;
         if (r == 0 || n == 0) continue;
@@ -295,35 +398,30 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
         if constexpr (std::is_same_v<scalar_t, float>) {
           bf = rows;
         } else {
-          b_buf.resize(r * kCols);
-          for (int64_t j = 0; j < r; ++j) {
-            for (int64_t c = 0; c < cols; ++c) b_buf[j * kCols + c] = static_cast<float>(rows[j * d_out + c]);
-          }
-          bf = b_buf.data(), ldb = kCols;
+          for (int64_t j = 0; j < r; ++j) to_float(rows + j * d_out, cols, b_buf + j * kCols);
+          bf = b_buf, ldb = kCols;
         }
         for (int64_t i = 0; i < n; i += 8) {  // eight pairs a block, the rest in one
           const int64_t m = std::min<int64_t>(8, n - i);
           const float* hs[8];
           float* dst[8];
+          unsigned fresh = 0;
           for (int64_t q = 0; q < m; ++q) {
             const int64_t p = order[first + i + q], tok = p / top_k;
-            hs[q] = h.data() + (p * groups + g) * max_rank;
+            hs[q] = h + (p * groups + g) * max_rank;
             if constexpr (direct) {
               dst[q] = op + tok * ld;
             } else {
-              dst[q] = acc.data() + tok * kCols;
-              touched[tok] = 1;
+              dst[q] = sums + tok * kCols;
+              fresh |= static_cast<unsigned>(lead[g * tokens + tok] == p) << q;
             }
           }
-          expand_pairs(m, bf, ldb, r, hs, cols, dst);
+          expand_pairs(m, bf, ldb, r, hs, cols, dst, fresh);
         }
       }
       if constexpr (!direct) {
         for (int64_t tok = 0; tok < tokens; ++tok) {
-          if (!touched[tok]) continue;
-          scalar_t* out = op + tok * ld;
-          const float* add = acc.data() + tok * kCols;
-          for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<scalar_t>(static_cast<float>(out[c]) + add[c]);
+          if (lead[g * tokens + tok] >= 0) add_rounded(op + tok * ld, sums + tok * kCols, cols);
         }
       }
     }

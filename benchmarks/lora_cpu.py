@@ -1,7 +1,7 @@
 """The CPU backend's compiled LoRA kernel against the torch twins, over a 4-layer decoder stack.
 
 Per step, every layer's four projection groups (q/k/v, o, gate/up, down), each with its own
-weights for 4 rank-16 adapters, fp32, through:
+weights for 4 rank-16 adapters, fp32 (or `--dtype`), through:
   twin    the torch twins (`kernels.lora_ref.lora_apply_shared_ref`), what the CPU backend runs
           above `kernels.lora_cpu.MAX_PAIRS` (token, choice) pairs,
   kernel  the compiled kernel (`kernels/csrc/lora_cpu.cpp`, `lora_cpu.run_prepared`).
@@ -11,6 +11,7 @@ marked cold read a 48 MB buffer before each group call (untimed), as a decode st
 weights evict the adapters between two calls; the others run on warm caches.
 
     .venv/bin/python benchmarks/lora_cpu.py            # both shapes, under two minutes on 2 cores
+    .venv/bin/python benchmarks/lora_cpu.py --dtype bfloat16 --out benchmarks/out/lora_cpu-bf16.json
 
 Prints a table, writes JSON and ends with ``kernel_vs_twin_decode: <twin / kernel>`` (16 tokens,
 top-2, cold, hidden 256) and ``max_pairs: <kernels.lora_cpu.MAX_PAIRS>``.
@@ -45,17 +46,17 @@ CASES = [(16, 1, "request", True), (16, 2, "token", True), (16, 2, "token", Fals
          (2048, 1, "request", False)]
 
 
-def make_stack(groups, tokens: int, gen: torch.Generator):
+def make_stack(groups, tokens: int, gen: torch.Generator, dtype: torch.dtype):
     """Per layer and group: x, lora_a [G, S, R, D_in], lora_b (G tensors [S, R, D_out]), and the
     [T, sum D_out] output."""
     stack = []
     for _ in range(LAYERS):
         for d_in, d_outs in groups:
             stack.append(dict(
-                x=torch.randn(tokens, d_in, generator=gen),
-                a=torch.randn(len(d_outs), ADAPTERS, RANK, d_in, generator=gen) / d_in**0.5,
-                b=[torch.randn(ADAPTERS, RANK, n, generator=gen) / RANK for n in d_outs],
-                out=torch.zeros(tokens, sum(d_outs)), sizes=list(d_outs),
+                x=torch.randn(tokens, d_in, generator=gen).to(dtype),
+                a=(torch.randn(len(d_outs), ADAPTERS, RANK, d_in, generator=gen) / d_in**0.5).to(dtype),
+                b=[(torch.randn(ADAPTERS, RANK, n, generator=gen) / RANK).to(dtype) for n in d_outs],
+                out=torch.zeros(tokens, sum(d_outs), dtype=dtype), sizes=list(d_outs),
             ))
     return stack
 
@@ -101,8 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant (median kept)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "lora_cpu.json"))
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if not lora_cpu.available():
         sys.exit("the compiled CPU kernel could not be built here (see the log): nothing to time")
     flush = torch.randn(12 * 2**20)  # 48 MB
@@ -111,7 +114,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             for tokens, top_k, kind, cold in CASES:
                 gen = torch.Generator().manual_seed(tokens * 10 + top_k)
-                stack, meta = make_stack(SHAPES[shape], tokens, gen), routing(tokens, top_k, kind, gen)
+                stack, meta = make_stack(SHAPES[shape], tokens, gen, dtype), routing(tokens, top_k, kind, gen)
                 calls = {impl: step_calls(stack, meta, impl) for impl in ("twin", "kernel")}
                 times = {impl: [] for impl in calls}
                 for impl in calls:
@@ -122,14 +125,14 @@ def main() -> None:
                 twin, kernel = (sorted(times[i])[len(times[i]) // 2] * 1e3 for i in ("twin", "kernel"))
                 rows.append(dict(shape=shape, tokens=tokens, top_k=top_k, routing=kind, pairs=tokens * top_k,
                                  cold=cold, twin_ms=twin, kernel_ms=kernel, speedup=twin / kernel))
-    print(f"{LAYERS} layers x 4 groups, {ADAPTERS} adapters, rank {RANK}, fp32, {torch.get_num_threads()} threads; "
+    print(f"{LAYERS} layers x 4 groups, {ADAPTERS} adapters, rank {RANK}, {args.dtype}, {torch.get_num_threads()} threads; "
           f"MAX_PAIRS = {lora_cpu.MAX_PAIRS}")
     print_table(rows, [("shape", ""), ("tokens", "d"), ("top_k", "d"), ("routing", ""), ("pairs", "d"),
                        ("cold", ""), ("twin_ms", ".3f"), ("kernel_ms", ".3f"), ("speedup", ".2f")])
     headline = next((r["speedup"] for r in rows
                      if (r["shape"], r["tokens"], r["top_k"], r["cold"]) == ("hidden256", 16, 2, True)), None)
-    write_json(args.out, {"benchmark": "lora_cpu", "environment": environment("cpu"), "rows": rows,
-                          "kernel_vs_twin_decode": headline, "max_pairs": lora_cpu.MAX_PAIRS})
+    write_json(args.out, {"benchmark": "lora_cpu", "environment": environment("cpu"), "dtype": args.dtype,
+                          "rows": rows, "kernel_vs_twin_decode": headline, "max_pairs": lora_cpu.MAX_PAIRS})
     print(f"wrote {args.out}")
     print("kernel_vs_twin_decode: " + ("n/a (hidden256 not run)" if headline is None else f"{headline:.2f}"))
     print(f"max_pairs: {lora_cpu.MAX_PAIRS}")

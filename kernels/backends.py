@@ -102,11 +102,12 @@ class TorchBackend(LoRABackend):
 
 
 class CpuBackend(TorchBackend):
-    """The torch twins plus a compiled kernel for steps of at most MAX_PAIRS (token, k) pairs
-    (`kernels.lora_cpu`; decode steps and prefill steps up to 1024 pairs): each projection
-    group's LoRA is one call over the pairs each slot is routed, instead of the twins' matmuls
-    and scalings per group. Larger steps, autograd, and machines where the kernel cannot be
-    built run the twins. What CPU engines run by default."""
+    """The torch twins plus a compiled kernel (`kernels.lora_cpu`) for the group calls where it
+    measured faster (`lora_cpu.takes`: fp32 steps of up to 1024 (token, k) pairs, bf16 calls of
+    up to 24M multiply-adds, fp16 every call; so decode steps and small prefills): each
+    projection group's LoRA is one call over the pairs each slot is routed, instead of the twins'
+    matmuls and scalings per group. Other calls, autograd, and machines where the kernel cannot
+    be built run the twins. What CPU engines run by default."""
 
     name = "cpu"
 
@@ -139,7 +140,7 @@ class CpuBackend(TorchBackend):
 
     def _compiled(self, x, lora_a_group, lora_b_list, ranks_group, scales_group, meta, cache):
         """(prepared operands, step routes) where the compiled kernel takes this call, else None."""
-        if not self.compiled or meta.num_pairs > self._lora_cpu.MAX_PAIRS:
+        if not self.compiled:
             return None
         # Checked once per layer (the buffers keep their layout) and once per step (routes):
         # per call, the Python around a ~30 us kernel call must stay small.
@@ -148,7 +149,9 @@ class CpuBackend(TorchBackend):
             prepared = self._lora_cpu.Prepared.make(lora_a_group, lora_b_list, ranks_group, scales_group)
             if cache is not None:
                 cache["lora_cpu"] = prepared
-        routes = None if prepared is None else self._lora_cpu.step_routes(meta)
+        if prepared is None or not self._lora_cpu.takes(prepared, meta.num_pairs):
+            return None
+        routes = self._lora_cpu.step_routes(meta)
         if routes is None or x.dtype != prepared.dtype or not x.is_contiguous() or x.requires_grad:
             return None
         return prepared, routes

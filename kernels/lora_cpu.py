@@ -32,12 +32,20 @@ import torch
 from kernels import cpu_ext
 from kernels.meta import DispatchMeta
 
-# The backend runs the kernel for steps of at most this many (token, k) pairs, prefill included;
-# above, the twins' large matmuls over each adapter's run of tokens catch up
-# (benchmarks/lora_cpu.py, one adapter per request: 1.14x and 0.93x the twins' speed at 1024
-# pairs, 1.03x and 0.82x at 2048, hidden 256 and Qwen3-0.6B shapes; top-2 per token, 1.24-1.36x
-# at 2048).
+# Which group calls the backend gives the kernel (`takes`), by dtype:
+# - fp32: steps of at most MAX_PAIRS (token, k) pairs, prefill included; above, the twins' large
+#   matmuls over each adapter's run of tokens catch up (benchmarks/lora_cpu.py, one adapter per
+#   request: 1.14x and 0.93x the twins' speed at 1024 pairs, 1.03x and 0.82x at 2048, hidden 256
+#   and Qwen3-0.6B shapes; top-2 per token, 1.24-1.36x at 2048).
+# - bf16: calls of at most MAX_MACS_BF16 multiply-adds (pairs x max rank x (G x D_in + sum of
+#   D_out)). The kernel computes in fp32, while the twins' matmuls get oneDNN's bf16 dot products.
+#   Timed per group call on this project's 2-core CPU (hidden 256 and Qwen3-0.6B shapes, 256 to
+#   2048 pairs), the twins took 0.53-0.93x the kernel's time at 32M and more (one call, 1.04x),
+#   0.87-2.71x at 20M and less (above 1x in all but three calls), either way in between.
+# - fp16: every call. Without fp16 arithmetic (AVX512-FP16, AMX), torch's CPU fp16 matmuls are
+#   slow: the twins took 5.7-28x the kernel's time, even at 2048 pairs.
 MAX_PAIRS = 1024
+MAX_MACS_BF16 = 24 * 2**20
 
 
 def available() -> bool:
@@ -52,6 +60,8 @@ class Prepared:
     def __init__(self, lora_a_group, lora_b_list, ranks_group, scales_group):
         self.dtype = lora_a_group.dtype
         self.args = (lora_a_group, [b.transpose(1, 2) for b in lora_b_list], ranks_group, scales_group)
+        groups, _, max_rank, d_in = lora_a_group.shape
+        self.macs_per_pair = max_rank * (groups * d_in + sum(b.shape[1] for b in lora_b_list))
 
     @staticmethod
     def make(lora_a_group, lora_b_list, ranks_group, scales_group) -> "Prepared | None":
@@ -68,6 +78,16 @@ class Prepared:
             and scales_group.dtype == torch.float32 and scales_group.is_contiguous()
         )
         return Prepared(lora_a_group, lora_b_list, ranks_group, scales_group) if fits else None
+
+
+def takes(prepared: Prepared, num_pairs: int) -> bool:
+    """Whether the kernel, not the twins, runs a call of num_pairs (token, k) pairs on these
+    operands: by dtype, where it measured faster (MAX_PAIRS, MAX_MACS_BF16)."""
+    if prepared.dtype == torch.float16:
+        return True
+    if prepared.dtype == torch.bfloat16:
+        return num_pairs * prepared.macs_per_pair <= MAX_MACS_BF16
+    return num_pairs <= MAX_PAIRS
 
 
 def step_routes(meta: DispatchMeta) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -101,6 +101,30 @@ def test_every_block_size_of_a_slots_pairs(dtype):
         got, want = _kernel_and_twin(x, lora_a, lora_b, ranks, scales, build_dispatch(s, w, 3), y, sizes)
         assert (got.double() - want).abs().max().item() <= TOL[dtype] * max(want.abs().max().item(), 1.0), tokens
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_outputs_are_rounded_once_from_fp32_sums(dtype):
+    """A 16-bit output element gets its pairs' deltas summed in fp32 and is rounded once, to
+    nearest: within half a unit in the last place of the float64 result, element by element. The fp32 sums live in
+    per-thread scratch that calls reuse without clearing: calls of other shapes run in between,
+    and a slot that one module of the group leaves out (rank 0) holds some tokens' first pair."""
+    gen = torch.Generator().manual_seed(5)
+    bits = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    for tokens, top_k, sizes in [(600, 2, [96, 40]), (16, 2, [96, 40]), (9, 3, [150, 20]), (300, 1, [96, 40])]:
+        x, lora_a, lora_b, y = _operands(dtype, tokens, 64, sizes, 4, 16, gen)
+        ranks = torch.tensor([[0, 16, 16, 8], [16, 16, 4, 16]], dtype=torch.int32)
+        scales = torch.rand(2, 4, generator=gen) + 0.5
+        s = torch.stack([torch.randperm(4, generator=gen)[:top_k] for _ in range(tokens)]).int()
+        s[::3, 0] = 0  # slot 0: the first in the expand's order, empty in module 0
+        s[::7, -1] = -1
+        w = torch.rand(tokens, top_k, generator=gen) + 0.25
+        got, want = _kernel_and_twin(x, lora_a, lora_b, ranks, scales, build_dispatch(s, w, 4), y, sizes)
+        exponent = torch.floor(torch.log2(want.abs().clamp_min(torch.finfo(dtype).smallest_normal)))
+        # half a unit in the last place, plus fp32's own error where y and the deltas cancel
+        tol = torch.exp2(exponent - bits - 1) + 2**-17 * (y.double().abs() + (want - y.double()).abs())
+        assert ((got.double() - want).abs() <= tol).all(), (tokens, ((got.double() - want).abs() / tol).max())
+
+
 def test_refuses_operands_it_does_not_take():
     meta = build_dispatch(torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), 2)
     x, a = torch.randn(2, 8), torch.randn(1, 2, 4, 8)
@@ -114,26 +138,35 @@ def test_refuses_operands_it_does_not_take():
                                  meta, [torch.zeros(3, 6)])
 
 
-def test_backend_runs_the_kernel_up_to_max_pairs_and_the_twins_above(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype):
+    """`lora_cpu.takes`: fp32 steps of up to MAX_PAIRS pairs, bf16 calls of up to MAX_MACS_BF16
+    multiply-adds, fp16 calls of any size; the twins run the rest, and autograd."""
     backend = get_backend("cpu")
     calls = []
     monkeypatch.setattr(lora_cpu, "run_prepared", lambda x, prepared, routes, outs, top_k: calls.append(x.shape[0]))
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(1, 2, 4, 8, generator=gen)
-    b = [torch.randn(2, 4, 6, generator=gen).transpose(1, 2)]
-    ranks, scales = torch.full((1, 2), 4, dtype=torch.int32), torch.ones(1, 2)
-    # a decode-size step, a prefill at the limit, then one past it
-    for tokens in (4, lora_cpu.MAX_PAIRS, lora_cpu.MAX_PAIRS + 1):
+    a = torch.randn(1, 2, 16, 512, generator=gen).to(dtype)
+    b = [torch.randn(2, 16, 512, generator=gen).to(dtype).transpose(1, 2)]
+    ranks, scales = torch.full((1, 2), 16, dtype=torch.int32), torch.ones(1, 2)
+    macs_per_pair = 16 * (512 + 512)
+    assert lora_cpu.Prepared.make(a, b, ranks, scales).macs_per_pair == macs_per_pair
+    limit = {torch.float32: lora_cpu.MAX_PAIRS, torch.bfloat16: lora_cpu.MAX_MACS_BF16 // macs_per_pair,
+             torch.float16: None}[dtype]
+    # a decode-size step, a prefill at the limit, then one past it (fp16: past fp32's limit)
+    sizes = (4, limit, limit + 1) if limit else (4, lora_cpu.MAX_PAIRS + 1)
+    for tokens in sizes:
         meta = build_dispatch(torch.zeros(tokens, 1, dtype=torch.int32), torch.ones(tokens, 1), 2)
-        out = torch.zeros(tokens, 6)
-        backend.apply_shared(torch.randn(tokens, 8, generator=gen), a, b, ranks, scales, meta, [out])
-        assert out.abs().sum().item() == 0 if tokens <= lora_cpu.MAX_PAIRS else out.abs().sum().item() > 0
-    assert calls == [4, lora_cpu.MAX_PAIRS]
+        out = torch.zeros(tokens, 512, dtype=dtype)
+        backend.apply_shared(torch.randn(tokens, 512, generator=gen).to(dtype), a, b, ranks, scales, meta, [out])
+        assert (out.abs().sum().item() == 0) == (tokens in calls)
+    assert calls == ([4, limit] if limit else [4, lora_cpu.MAX_PAIRS + 1])
     # Autograd (router training) takes the twins too.
     w = torch.ones(4, 1, requires_grad=True)
     meta = build_dispatch(torch.zeros(4, 1, dtype=torch.int32), w, 2)
-    backend.apply_shared(torch.randn(4, 8, generator=gen), a, b, ranks, scales, meta, [torch.zeros(4, 6)])
-    assert calls == [4, lora_cpu.MAX_PAIRS]
+    backend.apply_shared(torch.randn(4, 512, generator=gen).to(dtype), a, b, ranks, scales, meta,
+                         [torch.zeros(4, 512, dtype=dtype)])
+    assert len(calls) == len(sizes) - (limit is not None)
 
 
 @pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])
@@ -206,7 +239,9 @@ def test_base_and_lora_in_one_call_equal_the_two_calls(dtype, packed, with_bias)
         lora_cpu.run_with_base(x, weight, bias, [48, 16], lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales),
                                lora_cpu.step_routes(meta), 2)
     # Steps the kernel does not take leave the base to the caller.
-    n = lora_cpu.MAX_PAIRS + 1
+    prepared = lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales)
+    n = next(n for n in (lora_cpu.MAX_PAIRS + 1, lora_cpu.MAX_MACS_BF16 // prepared.macs_per_pair + 1)
+             if not lora_cpu.takes(prepared, n))
     big = build_dispatch(torch.zeros(n, 1, dtype=torch.int32), torch.ones(n, 1), 4)
     assert backend.base_and_apply_shared(torch.zeros(n, d_in, dtype=dtype), weight, bias, sizes, lora_a, lora_b, ranks,
                                          scales, big) is None

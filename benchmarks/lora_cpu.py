@@ -14,7 +14,8 @@ weights evict the adapters between two calls; the others run on warm caches.
     .venv/bin/python benchmarks/lora_cpu.py --dtype bfloat16 --out benchmarks/out/lora_cpu-bf16.json
 
 Prints a table, writes JSON and ends with ``kernel_vs_twin_decode: <twin / kernel>`` (16 tokens,
-top-2, cold, hidden 256) and ``max_pairs: <kernels.lora_cpu.MAX_PAIRS>``.
+top-2, cold, hidden 256) and ``max_pairs: <kernels.lora_cpu.MAX_PAIRS>`` (the fp32 limit; see
+`kernels.lora_cpu.takes` for the others).
 """
 
 from __future__ import annotations
@@ -125,14 +126,18 @@ def main() -> None:
                 twin, kernel = (sorted(times[i])[len(times[i]) // 2] * 1e3 for i in ("twin", "kernel"))
                 rows.append(dict(shape=shape, tokens=tokens, top_k=top_k, routing=kind, pairs=tokens * top_k,
                                  cold=cold, twin_ms=twin, kernel_ms=kernel, speedup=twin / kernel))
-    print(f"{LAYERS} layers x 4 groups, {ADAPTERS} adapters, rank {RANK}, {args.dtype}, {torch.get_num_threads()} threads; "
-          f"MAX_PAIRS = {lora_cpu.MAX_PAIRS}")
+    takes = {"float32": f"steps of up to MAX_PAIRS = {lora_cpu.MAX_PAIRS} pairs",
+             "bfloat16": f"group calls of up to MAX_MACS_BF16 = {lora_cpu.MAX_MACS_BF16 / 2**20:g}M multiply-adds",
+             "float16": "every call"}[args.dtype]
+    print(f"{LAYERS} layers x 4 groups, {ADAPTERS} adapters, rank {RANK}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads; the backend runs the kernel for {takes}")
     print_table(rows, [("shape", ""), ("tokens", "d"), ("top_k", "d"), ("routing", ""), ("pairs", "d"),
                        ("cold", ""), ("twin_ms", ".3f"), ("kernel_ms", ".3f"), ("speedup", ".2f")])
     headline = next((r["speedup"] for r in rows
                      if (r["shape"], r["tokens"], r["top_k"], r["cold"]) == ("hidden256", 16, 2, True)), None)
     write_json(args.out, {"benchmark": "lora_cpu", "environment": environment("cpu"), "dtype": args.dtype,
-                          "rows": rows, "kernel_vs_twin_decode": headline, "max_pairs": lora_cpu.MAX_PAIRS})
+                          "rows": rows, "kernel_vs_twin_decode": headline, "max_pairs": lora_cpu.MAX_PAIRS,
+                          "max_macs_bf16": lora_cpu.MAX_MACS_BF16})
     print(f"wrote {args.out}")
     print("kernel_vs_twin_decode: " + ("n/a (hidden256 not run)" if headline is None else f"{headline:.2f}"))
     print(f"max_pairs: {lora_cpu.MAX_PAIRS}")

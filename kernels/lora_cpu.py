@@ -9,7 +9,8 @@ The torch twins run a step's LoRA as a few matmuls and scalings per projection g
 decode step every token through every slot in use (`_apply_dense`); here a group is one call
 that walks each slot's own pairs in register-blocked tiles (up to four pairs by four ranks in
 the shrink, up to eight pairs by 32 columns in the expand; a slot's last block holds just its
-last pairs) and accumulates in fp32.
+last pairs) and accumulates in fp32 (16-bit operands converted sixteen values at a time, 16-bit
+outputs rounded once).
 `benchmarks/lora_cpu.py` on this project's 2-core CPU (4 layers' 16 group calls, 4 adapters,
 rank 16, fp32; benchmarks/results/lora_cpu-cpu-2core.json): a 16-token decode step, caches
 flushed before each call, 0.69 ms (one adapter per token) and 0.77 ms (top-2) against the twins'

@@ -20,21 +20,23 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """True when this torch build runs packed oneDNN linears (checked once, on a tiny probe)."""
-    if not torch.backends.mkldnn.is_available():
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build, on this CPU, runs packed oneDNN linears in `dtype` (checked
+    once per dtype, on a tiny probe). bf16 needs more than the build: PyTorch refuses to pack bf16
+    weights on a CPU without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, an AVX2-only host among them."""
+    if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
         return False
     try:
-        w, x = torch.randn(8, 16), torch.randn(3, 16)
+        w, x = torch.randn(8, 16).to(dtype), torch.randn(3, 16).to(dtype)
         y = linear(x, torch.ops.mkldnn._reorder_linear_weight(w))
     except (AttributeError, RuntimeError):
         return False
-    return bool(torch.allclose(y, x @ w.T, atol=1e-4))
+    return bool(torch.allclose(y.float(), (x @ w.T).float(), atol=1e-4 if dtype == torch.float32 else 5e-2))
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """A 2-D CPU fp32/bf16 weight [N, K], on a build with oneDNN linears."""
-    return weight.device.type == "cpu" and weight.dtype in DTYPES and weight.dim() == 2 and available()
+    """A 2-D CPU fp32/bf16 weight [N, K], where this build and CPU run oneDNN linears in its dtype."""
+    return weight.device.type == "cpu" and weight.dtype in DTYPES and weight.dim() == 2 and available(weight.dtype)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

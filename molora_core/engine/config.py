@@ -63,7 +63,7 @@ class EngineConfig(BaseModel):
     )
     pack_weights: bool = Field(
         True, description="CPU only: reorder the base projections once for oneDNN (about 2x faster decode "
-        "matmuls; the model's dense copies are released)",
+        "matmuls; the model's dense copies are released): fp32 weights, and bf16 ones where the CPU packs bf16",
     )
 
     @model_validator(mode="after")

@@ -57,13 +57,14 @@ def random_adapter(
     return LoRAAdapter(name, modules)
 
 
-def molora_model(model, num_slots=4, max_rank=16, backend="torch", targets=TARGET_MODULES, grouped=True):
+def molora_model(model, num_slots=4, max_rank=16, backend="torch", targets=TARGET_MODULES, grouped=True,
+                 dtype=torch.float32):
     """(model with MoLoRA layers, hot-set, context), laid out as the engine lays it out: q/k/v
     and gate/up in buffer groups, lora_b as the backend wants it (grouped=False: one module at
     a time, slot-major)."""
     backend = get_backend(backend)
     layout = dict(shared_inputs=tuple(SHARED_INPUTS), b_layout=backend.b_layout) if grouped else {}
-    hotset = HotSet.for_model(model, targets, num_slots, max_rank, **layout)
+    hotset = HotSet.for_model(model, targets, num_slots, max_rank, dtype=dtype, **layout)
     context = LoRAContext(backend)
     attach_molora(model, hotset, context)
     return model, hotset, context

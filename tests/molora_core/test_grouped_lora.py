@@ -153,3 +153,35 @@ def test_pack_linears_on_a_plain_linear():
         torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="float32 weights; got torch.float64"):
         layer[0](x.double())
+
+
+@pytest.mark.skipif(not lora_cpu.available(), reason="needs the CPU kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_model_packs_what_this_cpu_can_and_stays_near_fp32(dtype):
+    """The engine's CPU model in bf16 or fp16: projections packed for oneDNN where this torch build
+    and CPU pack that dtype (bf16 with AVX-512 or AVX-NE-CONVERT; never fp16), dense elsewhere, and
+    the CPU backend's kernel on top. Its logits stay as near the fp32 model's as a dense model of
+    that dtype on the torch backend does."""
+    ids, slots, weights = _step(9, torch.Generator().manual_seed(11))
+    model, _, context = _loaded(grouped=True)
+    want = _logits(model, context, slots, weights, ids)
+
+    def half(backend):
+        model, hotset, context = molora_model(_decoder().to(dtype), num_slots=4, max_rank=16, backend=backend,
+                                              dtype=dtype)
+        shapes = linear_shapes(tiny_causal_lm("qwen3"))
+        for i, rank in enumerate([8, 16, 4]):
+            adapter = random_adapter(shapes, f"a{i}", rank=rank, seed=40 + i)
+            hotset.acquire(adapter.name, lambda a=adapter: a)
+        return model, context
+
+    dense, dense_context = half("torch")
+    reference = _logits(dense, dense_context, slots, weights, ids)
+    model, context = half("cpu")
+    packed = pack_for_cpu(model)
+    assert packed == (0 if dtype == torch.float16 or not onednn.available(dtype) else 4 * model.config.num_layers + 1)
+    got = _logits(model, context, slots, weights, ids)
+    assert got.dtype == dtype
+    reference_err = (reference.float() - want).abs().max().item()
+    assert 0 < reference_err < 0.2
+    assert (got.float() - want).abs().max().item() <= 2 * reference_err

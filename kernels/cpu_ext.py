@@ -29,15 +29,25 @@ ENV_SWITCH = "MOLORA_CPU_KERNELS"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the compiled ops take
 
 
-def _cpu_key() -> str:
-    """A short hash of this CPU's instruction-set flags (and machine type)."""
-    flags = ""
+@functools.lru_cache(maxsize=None)
+def _flags_line() -> str:
+    """/proc/cpuinfo's instruction-set flags line ("" where there is none to read)."""
     try:
         with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
     except OSError:
-        pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+        return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags as Linux names them (avx2, avx512_bf16, ...); empty where
+    /proc/cpuinfo cannot be read."""
+    return frozenset(_flags_line().partition(":")[2].split())
+
+
+def _cpu_key() -> str:
+    """A short hash of this CPU's instruction-set flags (and machine type)."""
+    return hashlib.sha256(f"{platform.machine()} {_flags_line()}".encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=None)

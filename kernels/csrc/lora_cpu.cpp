@@ -22,13 +22,19 @@
 
 namespace {
 
-// Sixteen fp32 lanes (one AVX-512 register; two AVX2 ones where the CPU has no AVX-512): GCC and
-// Clang vector extensions, so the micro-kernels below hold their accumulators in registers
-// (OpenMP SIMD reductions of many variables go through memory, and GCC vectorizes an inner
-// rank loop instead of the columns).
-typedef float vf __attribute__((vector_size(64)));
-typedef int vi __attribute__((vector_size(64)));
+// One vector register of fp32 lanes: sixteen with AVX-512, else eight (AVX2's ymm; two 128-bit
+// registers elsewhere). GCC and Clang vector extensions, so the micro-kernels below hold their
+// accumulators in registers (OpenMP SIMD reductions of many variables go through memory, and GCC
+// vectorizes an inner rank loop instead of the columns). The width follows the registers: built
+// for an AVX2 CPU, 16-lane vectors went through the stack (the object held 7.7 times the vector
+// moves), and the kernel ran 3-12x slower than with 8 lanes (benchmarks/lora_cpu.py, fp32).
+#if defined(__AVX512F__)
 constexpr int kW = 16;
+#else
+constexpr int kW = 8;
+#endif
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int vi __attribute__((vector_size(4 * kW)));
 
 inline vf loadu(const float* p) {
   vf v;
@@ -38,13 +44,13 @@ inline vf loadu(const float* p) {
 
 inline void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-// 16-bit values in and out of fp32 vectors, sixteen at a time: bf16 by shifting its bits (exact),
+// 16-bit values in and out of fp32 vectors, a vector at a time: bf16 by shifting its bits (exact),
 // fp16 through the compiler's _Float16 (F16C's conversions on x86), where it has one; elsewhere
 // one by one through c10's types, as every 16-bit value went before.
-typedef unsigned short vu16 __attribute__((vector_size(32)));
-typedef unsigned int vu32 __attribute__((vector_size(64)));
+typedef unsigned short vu16 __attribute__((vector_size(2 * kW)));
+typedef unsigned int vu32 __attribute__((vector_size(4 * kW)));
 #if defined(__FLT16_MAX__)
-typedef _Float16 vh __attribute__((vector_size(32)));
+typedef _Float16 vh __attribute__((vector_size(2 * kW)));
 #endif
 
 template <typename scalar_t>
@@ -135,12 +141,13 @@ inline float* scratch(Scratch which, int64_t n) {
 }
 
 // Folds two vectors whose lanes form groups of 2n summing to one value each into one whose groups of
-// n do (a's groups first): sixteen dot products' partial sums reduce to one vector of the sixteen
-// totals in 15 folds, instead of 16 horizontal sums. Lane i of the result adds lanes `lanes<n, 0>[i]`
-// and `lanes<n, 1>[i]` of a:b (b's lanes numbered from kW): the first and the second n of its group.
+// n do (a's groups first): sixteen dot products' partial sums reduce to the sixteen totals in 15
+// folds (14 with 8 lanes), instead of 16 horizontal sums. Lane i of the result adds lanes `lanes<n, 0>[i]` and
+// `lanes<n, 1>[i]` of a:b (b's lanes numbered from kW): the first and the second n of its group.
 template <int n, int half, int... i>
 constexpr vi lanes(std::integer_sequence<int, i...>) {
-  return vi{((i / 8) * 16 + ((i % 8) / n) * 2 * n + i % n + half * n)...};
+  constexpr int h = kW / 2;
+  return vi{((i / h) * kW + ((i % h) / n) * 2 * n + i % n + half * n)...};
 }
 
 template <int n>
@@ -149,10 +156,33 @@ inline vf fold(vf a, vf b) {
   return __builtin_shuffle(a, b, lanes<n, 0>(all)) + __builtin_shuffle(a, b, lanes<n, 1>(all));
 }
 
+// out[k] = the lane sum of acc[k], k < 16.
+static_assert(kW == 8 || kW == 16, "lane sums for 8 or 16 lanes");
+inline void sum_lanes16(const vf* acc, float* out) {
+  vf u[8];
+  for (int k = 0; k < 8; ++k) u[k] = fold<kW / 2>(acc[2 * k], acc[2 * k + 1]);
+  if constexpr (kW == 16) {
+    const vf w0 = fold<4>(u[0], u[1]), w1 = fold<4>(u[2], u[3]), w2 = fold<4>(u[4], u[5]), w3 = fold<4>(u[6], u[7]);
+    storeu(out, fold<1>(fold<2>(w0, w1), fold<2>(w2, w3)));
+  } else {
+    const vf w0 = fold<2>(u[0], u[1]), w1 = fold<2>(u[2], u[3]), w2 = fold<2>(u[4], u[5]), w3 = fold<2>(u[6], u[7]);
+    storeu(out, fold<1>(w0, w1));
+    storeu(out + 8, fold<1>(w2, w3));
+  }
+}
+
 // out[q * 4 + k] = x_q . a_k for Q (1 to 4) rows of x and four of a (rows q >= Q of out: 0):
-// up to sixteen vector accumulators, each load of x or a serving Q or four multiply-adds.
+// up to sixteen vector accumulators, each load of x or a serving Q or four multiply-adds. With
+// 8-lane vectors (16 registers) three or four rows go two at a time, so nothing spills.
 template <int Q>
 inline void dot_x4(const float* const* x, const float* const* a, int64_t n, float* out) {
+  if constexpr (kW == 8 && Q > 2) {
+    float rest[16];
+    dot_x4<2>(x, a, n, out);
+    dot_x4<Q - 2>(x + 2, a, n, rest);
+    __builtin_memcpy(out + 8, rest, 8 * sizeof(float));
+    return;
+  }
   vf acc[16] = {};
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
@@ -163,10 +193,7 @@ inline void dot_x4(const float* const* x, const float* const* a, int64_t n, floa
       acc[q * 4] += xq * a0, acc[q * 4 + 1] += xq * a1, acc[q * 4 + 2] += xq * a2, acc[q * 4 + 3] += xq * a3;
     }
   }
-  vf u[8];
-  for (int k = 0; k < 8; ++k) u[k] = fold<8>(acc[2 * k], acc[2 * k + 1]);
-  const vf w0 = fold<4>(u[0], u[1]), w1 = fold<4>(u[2], u[3]), w2 = fold<4>(u[4], u[5]), w3 = fold<4>(u[6], u[7]);
-  storeu(out, fold<1>(fold<2>(w0, w1), fold<2>(w2, w3)));
+  sum_lanes16(acc, out);
   for (; i < n; ++i) {
     for (int q = 0; q < Q; ++q) {
       for (int k = 0; k < 4; ++k) out[q * 4 + k] += x[q][i] * a[k][i];

@@ -3,7 +3,9 @@ backend's choice between them."""
 
 from __future__ import annotations
 
+import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,10 +140,16 @@ def test_refuses_operands_it_does_not_take():
                                  meta, [torch.zeros(3, 6)])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype):
-    """`lora_cpu.takes`: fp32 steps of up to MAX_PAIRS pairs, bf16 calls of up to MAX_MACS_BF16
-    multiply-adds, fp16 calls of any size; the twins run the rest, and autograd."""
+@pytest.mark.parametrize("dtype,native_bf16", [(torch.float32, True), (torch.bfloat16, True),
+                                               (torch.bfloat16, False), (torch.float16, True)],
+                         ids=["fp32", "bf16-native", "bf16-converted", "fp16"])
+def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype, native_bf16):
+    """`lora_cpu.takes`: fp32 steps of up to MAX_PAIRS pairs; bf16 calls of up to MAX_MACS_BF16
+    multiply-adds on a CPU with bf16 dot products, of any size elsewhere; fp16 calls of any size.
+    The twins run the rest, and autograd."""
+    from kernels import cpu_ext
+
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"} if native_bf16 else {"avx2"}))
     backend = get_backend("cpu")
     calls = []
     monkeypatch.setattr(lora_cpu, "run_prepared", lambda x, prepared, routes, outs, top_k: calls.append(x.shape[0]))
@@ -151,22 +159,37 @@ def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype):
     ranks, scales = torch.full((1, 2), 16, dtype=torch.int32), torch.ones(1, 2)
     macs_per_pair = 16 * (512 + 512)
     assert lora_cpu.Prepared.make(a, b, ranks, scales).macs_per_pair == macs_per_pair
-    limit = {torch.float32: lora_cpu.MAX_PAIRS, torch.bfloat16: lora_cpu.MAX_MACS_BF16 // macs_per_pair,
+    bf16_limit = lora_cpu.MAX_MACS_BF16 // macs_per_pair
+    limit = {torch.float32: lora_cpu.MAX_PAIRS, torch.bfloat16: bf16_limit if native_bf16 else None,
              torch.float16: None}[dtype]
-    # a decode-size step, a prefill at the limit, then one past it (fp16: past fp32's limit)
-    sizes = (4, limit, limit + 1) if limit else (4, lora_cpu.MAX_PAIRS + 1)
+    beyond = max(lora_cpu.MAX_PAIRS, bf16_limit) + 1
+    # a decode-size step, a prefill at the limit, then one past it (no limit: past both others)
+    sizes = (4, limit, limit + 1) if limit else (4, beyond)
     for tokens in sizes:
         meta = build_dispatch(torch.zeros(tokens, 1, dtype=torch.int32), torch.ones(tokens, 1), 2)
         out = torch.zeros(tokens, 512, dtype=dtype)
         backend.apply_shared(torch.randn(tokens, 512, generator=gen).to(dtype), a, b, ranks, scales, meta, [out])
         assert (out.abs().sum().item() == 0) == (tokens in calls)
-    assert calls == ([4, limit] if limit else [4, lora_cpu.MAX_PAIRS + 1])
+    assert calls == ([4, limit] if limit else [4, beyond])
     # Autograd (router training) takes the twins too.
     w = torch.ones(4, 1, requires_grad=True)
     meta = build_dispatch(torch.zeros(4, 1, dtype=torch.int32), w, 2)
     backend.apply_shared(torch.randn(4, 512, generator=gen).to(dtype), a, b, ranks, scales, meta,
                          [torch.zeros(4, 512, dtype=dtype)])
     assert len(calls) == len(sizes) - (limit is not None)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or platform.machine() != "x86_64", reason="Linux x86-64 only")
+def test_cpu_flags_are_this_cpus_instruction_sets():
+    """The bf16 choice above reads /proc/cpuinfo's flag names, as ATen's CPU capability sees them."""
+    from kernels import cpu_ext
+
+    flags = cpu_ext.cpu_flags()
+    assert {"sse2", "fpu"} <= flags and not any(":" in f for f in flags)
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert "avx2" in flags or capability not in ("AVX2", "AVX512")
+    assert "avx512bw" in flags or capability != "AVX512"
+    assert lora_cpu.native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 @pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])
@@ -209,7 +232,7 @@ def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_base_and_lora_in_one_call_equal_the_two_calls(dtype, packed, with_bias):
+def test_base_and_lora_in_one_call_equal_the_two_calls(monkeypatch, dtype, packed, with_bias):
     """The CPU backend's `base_and_apply_shared`: the base matmul (a dense or a oneDNN-packed
     weight) and the kernel's deltas in one call, equal to the base matmul then `apply_shared`."""
     from kernels import onednn
@@ -238,7 +261,11 @@ def test_base_and_lora_in_one_call_equal_the_two_calls(dtype, packed, with_bias)
     with pytest.raises(RuntimeError, match="sizes must sum"):
         lora_cpu.run_with_base(x, weight, bias, [48, 16], lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales),
                                lora_cpu.step_routes(meta), 2)
-    # Steps the kernel does not take leave the base to the caller.
+    # Steps the kernel does not take leave the base to the caller (bf16: on a CPU with bf16 dot
+    # products; elsewhere it takes every bf16 step).
+    from kernels import cpu_ext
+
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: lora_cpu.NATIVE_BF16_FLAGS)
     prepared = lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales)
     n = next(n for n in (lora_cpu.MAX_PAIRS + 1, lora_cpu.MAX_MACS_BF16 // prepared.macs_per_pair + 1)
              if not lora_cpu.takes(prepared, n))

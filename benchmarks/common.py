@@ -13,6 +13,19 @@ from pathlib import Path
 from typing import Callable
 
 
+# Instruction sets that change which CPU path is fastest (kernels.lora_cpu.takes, kernels.onednn).
+CPU_FLAGS_OF_NOTE = frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "amx_bf16"})
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.partition(":")[2].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
 def environment(device: str | None = None, packages: tuple[str, ...] = ()) -> dict:
     """Command, Python, platform, device and versions (torch, triton, transformers, peft, redis,
     ray, plus `packages`) of this run."""
@@ -31,11 +44,16 @@ def environment(device: str | None = None, packages: tuple[str, ...] = ()) -> di
     try:
         import torch
 
+        from kernels.cpu_ext import cpu_flags
+
         info["cpu_threads"] = torch.get_num_threads()
+        info["cpu"] = _cpu_model() or info["processor"]
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # ATen's kernels: AVX2, AVX512, ...
+        info["cpu_flags_of_note"] = sorted(cpu_flags() & CPU_FLAGS_OF_NOTE)
         if device and device.startswith("cuda"):
             info["device"] = torch.cuda.get_device_name(torch.device(device))
         else:
-            info["device"] = f"cpu ({info['processor']}, {torch.get_num_threads()} threads)"
+            info["device"] = f"cpu ({info['cpu']}, {info['cpu_capability']}, {torch.get_num_threads()} threads)"
     except ImportError:
         info["device"] = "cpu"
     return info

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import environment, print_table, write_json  # noqa: E402
-from kernels import build_dispatch, lora_cpu  # noqa: E402
+from kernels import build_dispatch, cpu_ext, lora_cpu  # noqa: E402
 from kernels.lora_ref import lora_apply_shared_ref  # noqa: E402
 
 # (D_in, D_out of each member) per group: the engine benchmark's quick model, and Qwen3-0.6B's
@@ -127,7 +127,8 @@ def main() -> None:
                 rows.append(dict(shape=shape, tokens=tokens, top_k=top_k, routing=kind, pairs=tokens * top_k,
                                  cold=cold, twin_ms=twin, kernel_ms=kernel, speedup=twin / kernel))
     takes = {"float32": f"steps of up to MAX_PAIRS = {lora_cpu.MAX_PAIRS} pairs",
-             "bfloat16": f"group calls of up to MAX_MACS_BF16 = {lora_cpu.MAX_MACS_BF16 / 2**20:g}M multiply-adds",
+             "bfloat16": f"group calls of up to MAX_MACS_BF16 = {lora_cpu.MAX_MACS_BF16 / 2**20:g}M multiply-adds"
+                         if cpu_ext.native_dots(torch.bfloat16) else "every call (this CPU has no bf16 dot products)",
              "float16": "every call"}[args.dtype]
     print(f"{LAYERS} layers x 4 groups, {ADAPTERS} adapters, rank {RANK}, {args.dtype}, "
           f"{torch.get_num_threads()} threads; the backend runs the kernel for {takes}")
@@ -137,7 +138,7 @@ def main() -> None:
                      if (r["shape"], r["tokens"], r["top_k"], r["cold"]) == ("hidden256", 16, 2, True)), None)
     write_json(args.out, {"benchmark": "lora_cpu", "environment": environment("cpu"), "dtype": args.dtype,
                           "rows": rows, "kernel_vs_twin_decode": headline, "max_pairs": lora_cpu.MAX_PAIRS,
-                          "max_macs_bf16": lora_cpu.MAX_MACS_BF16})
+                          "max_macs_bf16": lora_cpu.MAX_MACS_BF16 if cpu_ext.native_dots(torch.bfloat16) else None})
     print(f"wrote {args.out}")
     print("kernel_vs_twin_decode: " + ("n/a (hidden256 not run)" if headline is None else f"{headline:.2f}"))
     print(f"max_pairs: {lora_cpu.MAX_PAIRS}")

@@ -45,6 +45,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(_flags_line().partition(":")[2].split())
 
 
+# Instructions that give a CPU native dot products of a 16-bit dtype, which oneDNN's matmuls use;
+# without them torch's CPU bf16 and fp16 matmuls convert and run several times slower than fp32.
+NATIVE_DOT_FLAGS = {torch.bfloat16: frozenset({"avx512_bf16", "amx_bf16"}),
+                    torch.float16: frozenset({"avx512_fp16", "amx_fp16"})}
+
+
+def native_dots(dtype: torch.dtype) -> bool:
+    """True for fp32, and for bf16 or fp16 on a CPU with dot-product instructions for it
+    (`NATIVE_DOT_FLAGS`)."""
+    return dtype == torch.float32 or bool(cpu_flags() & NATIVE_DOT_FLAGS.get(dtype, frozenset()))
+
+
 def _cpu_key() -> str:
     """A short hash of this CPU's instruction-set flags (and machine type)."""
     return hashlib.sha256(f"{platform.machine()} {_flags_line()}".encode()).hexdigest()[:12]

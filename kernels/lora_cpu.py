@@ -8,10 +8,11 @@ Semantics as `kernels.lora_ref.lora_apply_shared_ref`, its oracle:
 The torch twins run a step's LoRA as a few matmuls and scalings per projection group, in a
 decode step every token through every slot in use (`_apply_dense`); here a group is one call
 that walks each slot's own pairs in register-blocked tiles (up to four pairs by four ranks in
-the shrink, up to eight pairs by 32 columns in the expand; a slot's last block holds just its
-last pairs) and accumulates in fp32 (16-bit operands converted a vector at a time, 16-bit outputs
-rounded once). Vectors are 16 fp32 lanes with AVX-512, 8 elsewhere (AVX2).
-`benchmarks/lora_cpu.py` on this project's 2-core CPU (4 layers' 16 group calls, 4 adapters,
+the shrink, up to eight pairs by two vectors of columns in the expand; a slot's last block holds
+just its last pairs) and accumulates in fp32 (16-bit operands converted a vector at a time, 16-bit
+outputs rounded once). Vectors are 16 fp32 lanes with AVX-512; elsewhere (AVX2) 8, with blocks
+cut to fit 16 registers (two pairs by four ranks, six pairs by two vectors).
+`benchmarks/lora_cpu.py` on an AVX-512 2-core CPU (4 layers' 16 group calls, 4 adapters,
 rank 16, fp32; benchmarks/results/lora_cpu-cpu-2core.json): a 16-token decode step, caches
 flushed before each call, 0.69 ms (one adapter per token) and 0.77 ms (top-2) against the twins'
 3.5 and 3.6 ms at hidden 256 (0.24 ms top-2 on warm caches), and 1.8 and 2.3 ms against 6.9 and
@@ -38,24 +39,17 @@ from kernels.meta import DispatchMeta
 #   matmuls over each adapter's run of tokens catch up (benchmarks/lora_cpu.py, one adapter per
 #   request: 1.14x and 0.93x the twins' speed at 1024 pairs, 1.03x and 0.82x at 2048, hidden 256
 #   and Qwen3-0.6B shapes; top-2 per token, 1.24-1.36x at 2048).
-# - bf16, on a CPU with bf16 dot products (AVX512-BF16 or AMX-BF16, `native_bf16`): calls of at
+# - bf16, on a CPU with bf16 dot products (AVX512-BF16 or AMX-BF16, `cpu_ext.native_dots`): calls of at
 #   most MAX_MACS_BF16 multiply-adds (pairs x max rank x (G x D_in + sum of D_out)). The kernel
 #   computes in fp32, while the twins' matmuls get oneDNN's bf16 dot products. Timed per group
 #   call on an AVX-512 2-core CPU (hidden 256 and Qwen3-0.6B shapes, 256 to 2048 pairs), the twins
 #   took 0.53-0.93x the kernel's time at 32M and more (one call, 1.04x), 0.87-2.71x at 20M and less
 #   (above 1x in all but three calls), either way in between.
 # - bf16 elsewhere, and fp16: every call. Without those instructions torch's CPU bf16 and fp16
-#   matmuls are slow: on an AVX2-only 2-core CPU the twins took 13-95x the kernel's time in bf16
+#   matmuls are slow: on an AVX2-only 2-core CPU the twins took 15-91x the kernel's time in bf16
 #   (a 4-layer step, 16 to 2048 pairs); in fp16 on the AVX-512 CPU (no AVX512-FP16) 5.7-28x.
 MAX_PAIRS = 1024
 MAX_MACS_BF16 = 24 * 2**20
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # as /proc/cpuinfo names them
-
-
-def native_bf16() -> bool:
-    """True on a CPU with bf16 dot-product instructions (`NATIVE_BF16_FLAGS`), which oneDNN's bf16
-    matmuls use."""
-    return bool(cpu_ext.cpu_flags() & NATIVE_BF16_FLAGS)
 
 
 def available() -> bool:
@@ -96,7 +90,7 @@ def takes(prepared: Prepared, num_pairs: int) -> bool:
     if prepared.dtype == torch.float16:
         return True
     if prepared.dtype == torch.bfloat16:
-        return not native_bf16() or num_pairs * prepared.macs_per_pair <= MAX_MACS_BF16
+        return not cpu_ext.native_dots(torch.bfloat16) or num_pairs * prepared.macs_per_pair <= MAX_MACS_BF16
     return num_pairs <= MAX_PAIRS
 
 

@@ -280,6 +280,10 @@ inline void expand_pairs(int64_t n, const float* b, int64_t ld, int64_t r, const
 }
 
 constexpr int64_t kCols = 64;  // output columns of one expand task
+// Pairs of one expand block: their 2 x N accumulators plus two B vectors and h's broadcast fit
+// the registers (32 with AVX-512; with AVX2's 16, blocks of 6 instead of 8 measured 5-16% faster
+// on decode-size steps).
+constexpr int kExpandPairs = kW == 16 ? 8 : 6;
 
 // Asks for `rows` rows of `bytes` bytes, `ld_bytes` apart, to come into L2, one request per
 // cache line. In a decode step the base weights between two LoRA calls evict the hot-set's rows,
@@ -428,8 +432,8 @@ void apply(const torch::Tensor& x, const torch::Tensor& a, const std::vector<tor
           for (int64_t j = 0; j < r; ++j) to_float(rows + j * d_out, cols, b_buf + j * kCols);
           bf = b_buf, ldb = kCols;
         }
-        for (int64_t i = 0; i < n; i += 8) {  // eight pairs a block, the rest in one
-          const int64_t m = std::min<int64_t>(8, n - i);
+        for (int64_t i = 0; i < n; i += kExpandPairs) {  // full blocks, the rest in one
+          const int64_t m = std::min<int64_t>(kExpandPairs, n - i);
           const float* hs[8];
           float* dst[8];
           unsigned fresh = 0;

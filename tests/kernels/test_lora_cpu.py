@@ -189,7 +189,8 @@ def test_cpu_flags_are_this_cpus_instruction_sets():
     capability = torch.backends.cpu.get_cpu_capability()
     assert "avx2" in flags or capability not in ("AVX2", "AVX512")
     assert "avx512bw" in flags or capability != "AVX512"
-    assert lora_cpu.native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_ext.native_dots(torch.bfloat16) == bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_ext.native_dots(torch.float32)
 
 
 @pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])
@@ -265,7 +266,7 @@ def test_base_and_lora_in_one_call_equal_the_two_calls(monkeypatch, dtype, packe
     # products; elsewhere it takes every bf16 step).
     from kernels import cpu_ext
 
-    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: lora_cpu.NATIVE_BF16_FLAGS)
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: cpu_ext.NATIVE_DOT_FLAGS[torch.bfloat16])
     prepared = lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales)
     n = next(n for n in (lora_cpu.MAX_PAIRS + 1, lora_cpu.MAX_MACS_BF16 // prepared.macs_per_pair + 1)
              if not lora_cpu.takes(prepared, n))

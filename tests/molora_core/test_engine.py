@@ -8,6 +8,7 @@ step is deterministic.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 
 import pytest
@@ -166,6 +167,21 @@ def test_bad_requests_are_refused(engine):
         engine.submit(Request([5, 99999], greedy(2)))
     with pytest.raises(RequestInvalid, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("flags,warns", [({"avx2", "fma"}, True), ({"avx2", "fma", "avx512_bf16"}, False)])
+def test_bf16_cpu_engine_says_where_float32_serves_faster(demo, monkeypatch, caplog, flags, warns):
+    """A bf16 engine on a CPU without bf16 dot products logs that fp32 would serve faster (its
+    matmuls convert); on one with them it does not. Either way it serves a gate-routed request."""
+    from kernels import cpu_ext
+
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: frozenset(flags))
+    with caplog.at_level(logging.WARNING, logger="molora_core.engine.engine"):
+        engine = make_engine(demo, dtype="bfloat16", device="cpu")
+    assert engine.model.dtype == torch.bfloat16
+    assert any("float32 serves faster" in r.getMessage() for r in caplog.records) == warns
+    out = engine.submit(Request(PROMPTS[2], greedy(6), RouterSpec("demo-gate"))).result()
+    assert out.completion_tokens == 6 and len(out.token_ids) == 6
 
 
 def test_bad_in_memory_gate_routers_are_refused_at_submit(demo):

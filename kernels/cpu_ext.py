@@ -39,6 +39,7 @@ def _flags_line() -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset[str]:
     """This CPU's instruction-set flags as Linux names them (avx2, avx512_bf16, ...); empty where
     /proc/cpuinfo cannot be read."""

@@ -39,12 +39,12 @@ from kernels.meta import DispatchMeta
 #   matmuls over each adapter's run of tokens catch up (benchmarks/lora_cpu.py, one adapter per
 #   request: 1.14x and 0.93x the twins' speed at 1024 pairs, 1.03x and 0.82x at 2048, hidden 256
 #   and Qwen3-0.6B shapes; top-2 per token, 1.24-1.36x at 2048).
-# - bf16, on a CPU with bf16 dot products (AVX512-BF16 or AMX-BF16, `cpu_ext.native_dots`): calls of at
-#   most MAX_MACS_BF16 multiply-adds (pairs x max rank x (G x D_in + sum of D_out)). The kernel
-#   computes in fp32, while the twins' matmuls get oneDNN's bf16 dot products. Timed per group
-#   call on an AVX-512 2-core CPU (hidden 256 and Qwen3-0.6B shapes, 256 to 2048 pairs), the twins
-#   took 0.53-0.93x the kernel's time at 32M and more (one call, 1.04x), 0.87-2.71x at 20M and less
-#   (above 1x in all but three calls), either way in between.
+# - bf16, on a CPU with bf16 dot products (AVX512-BF16 or AMX-BF16, `cpu_ext.native_dots`):
+#   calls of at most MAX_MACS_BF16 multiply-adds (pairs x max rank x (G x D_in + sum of D_out)).
+#   The kernel computes in fp32, while the twins' matmuls get oneDNN's bf16 dot products. Timed
+#   per group call on an AVX-512 2-core CPU (hidden 256 and Qwen3-0.6B shapes, 256 to 2048 pairs),
+#   the twins took 0.53-0.93x the kernel's time at 32M and more (one call, 1.04x), 0.87-2.71x at
+#   20M and less (above 1x in all but three calls), either way in between.
 # - bf16 elsewhere, and fp16: every call. Without those instructions torch's CPU bf16 and fp16
 #   matmuls are slow: on an AVX2-only 2-core CPU the twins took 15-91x the kernel's time in bf16
 #   (a 4-layer step, 16 to 2048 pairs); in fp16 on the AVX-512 CPU (no AVX512-FP16) 5.7-28x.

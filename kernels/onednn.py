@@ -6,8 +6,9 @@ an AVX-512 2-core CPU (AMD EPYC), the 17 projections of the quick engine benchma
 2.5 ms per 16-token decode step through `F.linear` and 1.2 ms packed (prefill, 512 rows: 30 and
 21 ms). CPU inference stacks do the same (vLLM's CPU backend, IPEX); this goes through PyTorch's
 own oneDNN ops, the ones Inductor uses for frozen CPU linears, and is skipped where a build (or,
-for bf16, the CPU) lacks them. (The hot-set's LoRA weights are not packed: with rank-16 shapes, packed shrink and expand
-measured slower inside the model than MKL's, 302 against 250 us per q/k/v group at hidden 1024.)
+for bf16, the CPU) lacks them. (The hot-set's LoRA weights are not packed: with rank-16 shapes,
+packed shrink and expand measured slower inside the model than MKL's, 302 against 250 us per
+q/k/v group at hidden 1024.)
 """
 
 from __future__ import annotations

@@ -142,8 +142,9 @@ inline float* scratch(Scratch which, int64_t n) {
 
 // Folds two vectors whose lanes form groups of 2n summing to one value each into one whose groups of
 // n do (a's groups first): sixteen dot products' partial sums reduce to the sixteen totals in 15
-// folds (14 with 8 lanes), instead of 16 horizontal sums. Lane i of the result adds lanes `lanes<n, 0>[i]` and
-// `lanes<n, 1>[i]` of a:b (b's lanes numbered from kW): the first and the second n of its group.
+// folds (14 with 8 lanes), instead of 16 horizontal sums. Lane i of the result adds lanes
+// `lanes<n, 0>[i]` and `lanes<n, 1>[i]` of a:b (b's lanes numbered from kW): the first and the
+// second n of its group.
 template <int n, int half, int... i>
 constexpr vi lanes(std::integer_sequence<int, i...>) {
   constexpr int h = kW / 2;

@@ -283,7 +283,7 @@ inline void expand_pairs(int64_t n, const float* b, int64_t ld, int64_t r, const
 constexpr int64_t kCols = 64;  // output columns of one expand task
 // Pairs of one expand block: their 2 x N accumulators plus two B vectors and h's broadcast fit
 // the registers (32 with AVX-512; with AVX2's 16, blocks of 6 instead of 8 measured 5-16% faster
-// on decode-size steps).
+// on top-2 decode-size steps, whose slots hold 8 or more pairs; one-adapter rows, 4 a slot, within 4%).
 constexpr int kExpandPairs = kW == 16 ? 8 : 6;
 
 // Asks for `rows` rows of `bytes` bytes, `ld_bytes` apart, to come into L2, one request per

@@ -70,18 +70,33 @@ def module():
         log.info("%s=0: the compiled CPU kernels are off, so CPU steps run torch ops", ENV_SWITCH)
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        _find_ninja()
-        return load(
-            name=f"molora_cpu_{_cpu_key()}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
+        return build()
     except Exception as exc:  # no compiler or ninja, an unsupported platform: torch ops run
         log.warning("the compiled CPU kernels could not be built, so CPU steps run torch ops: %s", exc)
         return None
+
+
+def build(lanes: int | None = None):
+    """Compile the extension for this CPU, or load its cached build; raises where it cannot.
+
+    The LoRA kernel's fp32 vectors are 16 lanes wide where the CPU has AVX-512 and 8 elsewhere
+    (its `lanes`). `lanes` (8 or 16) forces the width and builds the LoRA kernel alone, without the
+    decoder's ops: the tests run the width this CPU does not pick against the torch twins too.
+    """
+    from torch.utils.cpp_extension import load
+
+    if lanes not in (None, 8, 16):
+        raise ValueError(f"lanes must be 8 or 16, not {lanes}")
+    _find_ninja()
+    # (16 lanes without AVX-512: GCC warns that such vectors are passed differently, which is
+    # harmless inside one file)
+    forced = [] if lanes is None else [f"-DMOLORA_LANES={lanes}", "-Wno-psabi"]
+    return load(
+        name=f"molora_cpu_{_cpu_key()}" + ("" if lanes is None else f"_lanes{lanes}"),
+        sources=[str(source) for source in (SOURCES if lanes is None else SOURCES[:1])],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", *forced],
+        extra_ldflags=["-fopenmp"],
+    )
 
 
 def _find_ninja() -> None:

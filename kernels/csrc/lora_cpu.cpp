@@ -28,7 +28,11 @@ namespace {
 // vectorizes an inner rank loop instead of the columns). The width follows the registers: built
 // for an AVX2 CPU, 16-lane vectors went through the stack (the object held 7.7 times the vector
 // moves), and the kernel ran 3-12x slower than with 8 lanes (benchmarks/lora_cpu.py, fp32).
-#if defined(__AVX512F__)
+// MOLORA_LANES (8 or 16) forces the width: kernels.cpu_ext.build(lanes) compiles this file alone
+// with it, so the tests check the width this CPU does not pick as well.
+#if defined(MOLORA_LANES)
+constexpr int kW = MOLORA_LANES;
+#elif defined(__AVX512F__)
 constexpr int kW = 16;
 #else
 constexpr int kW = 8;
@@ -563,5 +567,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_shared", &lora_shared, "per-token LoRA of G modules reading the same x (decode-size steps)");
   m.def("linear_lora", &linear_lora, "base projection of G modules plus their per-token LoRA, one call");
   m.def("dispatch_sort", &dispatch_sort, "pairs sorted by slot, per-slot counts and offsets");
+  m.attr("lanes") = kW;
+#if !defined(MOLORA_LANES)  // a forced-width build is this file alone
   register_decode_ops(m);
+#endif
 }

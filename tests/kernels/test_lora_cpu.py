@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import build_dispatch, get_backend, lora_cpu
+from kernels import build_dispatch, cpu_ext, get_backend, lora_cpu
 from kernels.lora_ref import lora_apply_shared_ref
 
 # Where a C++ compiler exists the kernel must build: a broken build fails here, not silently.
@@ -18,8 +18,25 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ comp
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
-def test_the_kernel_builds():
+def test_the_kernel_builds_with_the_vector_width_this_cpu_has():
     assert lora_cpu.available()
+    assert cpu_ext.module().lanes == (16 if "avx512f" in cpu_ext.cpu_flags() else 8)
+
+
+@pytest.fixture(scope="module", params=["this_cpus", "other"], ids=["lanes-this-cpus", "lanes-other"])
+def lanes(request):
+    """The kernel at the vector width this CPU picks, then at the other one (a build of the LoRA
+    kernel alone, `cpu_ext.build(lanes)`): a change that breaks the 16-lane code fails on an AVX2
+    machine too, and the 8-lane code on an AVX-512 one."""
+    native = cpu_ext.module().lanes
+    if request.param == "this_cpus":
+        yield native
+        return
+    other = cpu_ext.build(24 - native)
+    assert other.lanes == 24 - native
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_ext, "module", lambda: other)
+        yield other.lanes
 
 
 def _routes(kind: str, tokens: int, top_k: int, slots: int, gen: torch.Generator):
@@ -63,7 +80,7 @@ def _kernel_and_twin(x, lora_a, lora_b, ranks, scales, meta, y, sizes):
     (40, 2, 200, [70]),  # column counts that are not multiples of the kernel's 64-column expand tasks
     (301, 2, 96, [80, 40]),  # a prefill-size step (602 pairs), and a token count that is not a multiple of 4
 ])
-def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
+def test_kernel_equals_the_torch_twin(lanes, dtype, kind, tokens, top_k, d_in, sizes):
     gen = torch.Generator().manual_seed(tokens * 7 + d_in)
     groups, slots = len(sizes), 4
     x, lora_a, lora_b, y = _operands(dtype, tokens, d_in, sizes, slots, 16, gen)
@@ -88,7 +105,7 @@ def test_kernel_equals_the_torch_twin(dtype, kind, tokens, top_k, d_in, sizes):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_block_size_of_a_slots_pairs(dtype):
+def test_every_block_size_of_a_slots_pairs(lanes, dtype):
     """A slot's pairs go in blocks of up to four (shrink) and eight (expand), the last block
     holding what is left: 1 to 19 pairs on one slot cover every size of last block, next to a
     slot with one pair, against the float64 twin."""
@@ -105,7 +122,7 @@ def test_every_block_size_of_a_slots_pairs(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_outputs_are_rounded_once_from_fp32_sums(dtype):
+def test_16_bit_outputs_are_rounded_once_from_fp32_sums(lanes, dtype):
     """A 16-bit output element gets its pairs' deltas summed in fp32 and is rounded once, to
     nearest: within half a unit in the last place of the float64 result, element by element. The fp32 sums live in
     per-thread scratch that calls reuse without clearing: calls of other shapes run in between,
@@ -147,8 +164,6 @@ def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype, na
     """`lora_cpu.takes`: fp32 steps of up to MAX_PAIRS pairs; bf16 calls of up to MAX_MACS_BF16
     multiply-adds on a CPU with bf16 dot products, of any size elsewhere; fp16 calls of any size.
     The twins run the rest, and autograd."""
-    from kernels import cpu_ext
-
     monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"} if native_bf16 else {"avx2"}))
     backend = get_backend("cpu")
     calls = []
@@ -182,8 +197,6 @@ def test_backend_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype, na
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or platform.machine() != "x86_64", reason="Linux x86-64 only")
 def test_cpu_flags_are_this_cpus_instruction_sets():
     """The bf16 choice above reads /proc/cpuinfo's flag names, as ATen's CPU capability sees them."""
-    from kernels import cpu_ext
-
     flags = cpu_ext.cpu_flags()
     assert {"sse2", "fpu"} <= flags and not any(":" in f for f in flags)
     capability = torch.backends.cpu.get_cpu_capability()
@@ -196,7 +209,6 @@ def test_cpu_flags_are_this_cpus_instruction_sets():
 @pytest.mark.parametrize("pairs,slots", [(1, 1), (32, 4), (600, 8), (64, 3)])
 def test_dispatch_sort_matches_the_torch_ops(pairs, slots):
     """build_dispatch's compiled sort on CPU against its device-op form (what CUDA runs)."""
-    from kernels import cpu_ext
     from kernels.meta import _dispatch_sort
 
     gen = torch.Generator().manual_seed(pairs)
@@ -217,7 +229,7 @@ def test_dispatch_sort_matches_the_torch_ops(pairs, slots):
     (3, 1, 16, [64], 7, [7, 6, 2, 3]),
     (9, 2, 50, [40, 96], 32, [32, 17, 31, 0]),
 ])
-def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k, d_in, sizes, max_rank, ranks):
+def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(lanes, dtype, tokens, top_k, d_in, sizes, max_rank, ranks):
     """Short pair, rank and column tiles (a rank that is not a multiple of 4, widths that are not
     multiples of 16 or 32): the kernel against the float64 twin."""
     gen = torch.Generator().manual_seed(tokens + d_in + max_rank)
@@ -233,7 +245,7 @@ def test_kernel_handles_ranks_and_widths_off_its_tile_sizes(dtype, tokens, top_k
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_base_and_lora_in_one_call_equal_the_two_calls(monkeypatch, dtype, packed, with_bias):
+def test_base_and_lora_in_one_call_equal_the_two_calls(lanes, monkeypatch, dtype, packed, with_bias):
     """The CPU backend's `base_and_apply_shared`: the base matmul (a dense or a oneDNN-packed
     weight) and the kernel's deltas in one call, equal to the base matmul then `apply_shared`."""
     from kernels import onednn
@@ -264,8 +276,6 @@ def test_base_and_lora_in_one_call_equal_the_two_calls(monkeypatch, dtype, packe
                                lora_cpu.step_routes(meta), 2)
     # Steps the kernel does not take leave the base to the caller (bf16: on a CPU with bf16 dot
     # products; elsewhere it takes every bf16 step).
-    from kernels import cpu_ext
-
     monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: cpu_ext.NATIVE_DOT_FLAGS[torch.bfloat16])
     prepared = lora_cpu.Prepared.make(lora_a, lora_b, ranks, scales)
     n = next(n for n in (lora_cpu.MAX_PAIRS + 1, lora_cpu.MAX_MACS_BF16 // prepared.macs_per_pair + 1)

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 import torch
 
 from kernels import cpu_ext, default_backend_name, get_backend
-from molora_core import cpu_threads
+from molora_core import cpu_memory, cpu_threads
 from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
@@ -96,6 +96,8 @@ class Engine:
         self.context = LoRAContext(backend)
         attach_molora(self.model, self.hotset, self.context)
         self.packed_projections = pack_for_cpu(self.model) if self.device.type == "cpu" and config.pack_weights else 0
+        if self.device.type == "cpu":
+            cpu_memory.keep_freed_memory()  # prefill temporaries reuse freed pages (see cpu_memory)
         if self.device.type == "cpu" and not cpu_ext.native_dots(self.model.dtype):
             log.warning(
                 "%s weights on a CPU without %s dot-product instructions: its base matmuls run several times "

@@ -184,6 +184,17 @@ def test_bf16_cpu_engine_says_where_float32_serves_faster(demo, monkeypatch, cap
     assert out.completion_tokens == 6 and len(out.token_ids) == 6
 
 
+def test_cpu_engines_keep_freed_memory(demo, monkeypatch):
+    """A CPU engine raises glibc's malloc thresholds once it is built (molora_core.cpu_memory), so
+    its prefills stop faulting their temporaries' pages in afresh."""
+    from molora_core import cpu_memory
+
+    calls = []
+    monkeypatch.setattr(cpu_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    make_engine(demo, device="cpu").close()
+    assert calls == [1]
+
+
 def test_bad_in_memory_gate_routers_are_refused_at_submit(demo):
     engine = make_engine(demo, max_top_k=2)
     hidden = engine.model.config.hidden_size

@@ -37,7 +37,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 256 << 20  # older glibc refuses more than 32 MiB: FALLBACK_MMAP_THRESHOLD then
 FALLBACK_MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 1 << 30
-_USER_TUNING = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+USER_TUNING = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         log.info("%s=0: glibc's malloc keeps its own thresholds", ENV_SWITCH)
         return False
-    tuned = [name for name in _USER_TUNING if name in os.environ]
+    tuned = [name for name in USER_TUNING if name in os.environ]
     if tuned:
         log.info("malloc tuned through %s: its thresholds are left as set", ", ".join(tuned))
         return False

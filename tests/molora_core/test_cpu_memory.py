@@ -48,7 +48,7 @@ _STEPS = textwrap.dedent("""
 
 
 def _run_steps(**env) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in (cpu_memory.ENV_SWITCH, *cpu_memory._USER_TUNING)}
+    base = {k: v for k, v in os.environ.items() if k not in (cpu_memory.ENV_SWITCH, *cpu_memory.USER_TUNING)}
     done = subprocess.run([sys.executable, "-c", _STEPS], cwd=ROOT, env={**base, **env}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr

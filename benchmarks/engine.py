@@ -17,7 +17,8 @@ a shared machine hits them all alike; each row is the run with the median throug
 
 Each run also counts the process's voluntary context switches (`context_switches`): in a run of
 small CPU ops, thousands of them mean OpenMP workers sleeping and waking between ops (see
-`molora_core.cpu_threads`), not work.
+`molora_core.cpu_threads`), not work. And its minor page faults (`page_faults`): thousands mean
+freed temporaries handed back to the kernel and faulted in again (see `molora_core.cpu_memory`).
 
 Prints a table, writes JSON (device, versions, command), prints each ratio repeat by repeat
 (runs back to back, so a slow spell of the machine moves both sides), and ends with
@@ -109,11 +110,11 @@ def run_ours(engine: Engine, make_requests: Callable[[], list[Request]]) -> dict
     engine.generate(make_requests())
     reqs = make_requests()
     engine.counters.step_s.clear()
-    switches = _voluntary_switches()
+    switches, faults = _voluntary_switches(), _minor_faults()
     started = time.perf_counter()
     outs = engine.generate(reqs)
     wall = time.perf_counter() - started
-    switches = _voluntary_switches() - switches
+    switches, faults = _voluntary_switches() - switches, _minor_faults() - faults
     tokens = sum(o.completion_tokens for o in outs)
     steps = list(engine.counters.step_s)
     # The first step prefills the whole batch (max_step_tokens holds every prompt); what the
@@ -121,7 +122,7 @@ def run_ours(engine: Engine, make_requests: Callable[[], list[Request]]) -> dict
     return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "step_p50_ms": 1e3 * percentile(steps, 50), "step_p99_ms": 1e3 * percentile(steps, 99), "steps": len(steps),
             "first_step_ms": 1e3 * steps[0], "between_steps_ms": 1e3 * (wall - sum(steps)),
-            "context_switches": switches}
+            "context_switches": switches, "page_faults": faults}
 
 
 def _paired(runs: dict, numerator: str, denominator: str) -> list[float]:
@@ -132,6 +133,11 @@ def _paired(runs: dict, numerator: str, denominator: str) -> list[float]:
 def _voluntary_switches() -> int:
     """Voluntary context switches of every thread of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
+
+def _minor_faults() -> int:
+    """Minor page faults of every thread of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # Host calls that wait for the device (or read a device value back): in an eager step each one
@@ -230,7 +236,7 @@ def peft_runner(root: Path, s: dict, device, dtype):
     def run() -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        switches = _voluntary_switches()
+        switches, faults = _voluntary_switches(), _minor_faults()
         started = time.perf_counter()
         out = once(s["new"], ids, names)
         if device.type == "cuda":
@@ -239,7 +245,7 @@ def peft_runner(root: Path, s: dict, device, dtype):
         tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
         return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
                 "step_mean_ms": 1e3 * wall / (out.shape[1] - ids.shape[1]),
-                "context_switches": _voluntary_switches() - switches}
+                "context_switches": _voluntary_switches() - switches, "page_faults": _minor_faults() - faults}
 
     return run
 
@@ -324,12 +330,13 @@ def main() -> None:
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
           f"repeats={args.repeats} (median run shown)")
     print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}"
-          f"{'ctx sw':>8}")
+          f"{'ctx sw':>8}{'faults':>8}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, r in results.items():
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
         print(f"{name:<36}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
-              f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}{r['context_switches']:>8}")
+              f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}{r['context_switches']:>8}"
+              f"{r['page_faults']:>8}")
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]

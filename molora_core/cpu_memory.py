@@ -10,7 +10,9 @@ transformers, they did) each layer of each prefill faults its pages in afresh. O
 benchmark's quick size (512 prompt tokens, hidden 256, this project's 2-core VM) that was 2,300
 to 6,500 minor page faults a prefill step, at about 5 us each; with this module none, and the
 prefill's median fell from 52-73 ms to 37-64 (base) and from 61-84 to 46-77 (gate routing) in
-6 processes each way, alternated. Decode steps fault none either way.
+6 processes each way, alternated. Decode steps fault none either way. Blocks above 32 MiB (a
+4,096-token prefill's fp32 MLP intermediate of width 2,560 is 40 MiB) are mapped and unmapped
+each time whatever the layout, so long prefills fault every layer without this module.
 
 `keep_freed_memory()` raises both thresholds (mallopt): blocks up to MMAP_THRESHOLD come from the
 heap, and up to TRIM_THRESHOLD of free heap stays mapped for the next step. The process's

@@ -22,6 +22,9 @@ freed temporaries handed back to the kernel and faulted in again (see `molora_co
 And the cyclic garbage collector's passes per generation (`gc_passes`) and their pause
 (`gc_ms`): a full pass (generation 2) stops the step loop while it walks every object the process
 holds (in a CPU engine process of the quick size, 416k objects and 330-380 ms on the 2-core VM).
+And the CPU seconds of all its threads (`cpu_seconds`; the `cpu/wall` column): on a GPU a run
+that launches from one thread reads about 1, so more means other threads were busy meanwhile
+(OpenMP workers spinning on the cores the launching thread shares, for one).
 
 Prints a table, writes JSON (device, versions, command), prints each ratio repeat by repeat
 (runs back to back, so a slow spell of the machine moves both sides), and ends with
@@ -153,18 +156,16 @@ gc.callbacks.append(GC_PAUSES)
 
 
 def _process_counters(before: dict | None = None) -> dict:
-    """This process's voluntary context switches and minor page faults (every thread's), and the
-    garbage collector's passes per generation and pause: so far, or since `before` (an earlier
-    value of this)."""
+    """This process's voluntary context switches, minor page faults and CPU seconds (every
+    thread's), and the garbage collector's passes per generation and pause: so far, or since
+    `before` (an earlier value of this)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     now = {"context_switches": usage.ru_nvcsw, "page_faults": usage.ru_minflt, "gc_passes": list(GC_PAUSES.passes),
-           "gc_ms": 1e3 * sum(GC_PAUSES.seconds)}
+           "gc_ms": 1e3 * sum(GC_PAUSES.seconds), "cpu_seconds": usage.ru_utime + usage.ru_stime}
     if before is None:
         return now
-    return {"context_switches": now["context_switches"] - before["context_switches"],
-            "page_faults": now["page_faults"] - before["page_faults"],
-            "gc_passes": [n - b for n, b in zip(now["gc_passes"], before["gc_passes"])],
-            "gc_ms": now["gc_ms"] - before["gc_ms"]}
+    return {key: ([n - b for n, b in zip(value, before[key])] if isinstance(value, list) else value - before[key])
+            for key, value in now.items()}
 
 
 # Host calls that wait for the device (or read a device value back): in an eager step each one
@@ -357,13 +358,13 @@ def main() -> None:
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
           f"repeats={args.repeats} (median run shown)")
     print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}"
-          f"{'ctx sw':>8}{'faults':>8}{'gc ms':>8}")
+          f"{'ctx sw':>8}{'faults':>8}{'gc ms':>8}{'cpu/wall':>10}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, r in results.items():
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
         print(f"{name:<36}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
               f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}{r['context_switches']:>8}"
-              f"{r['page_faults']:>8}{r['gc_ms']:>8.1f}")
+              f"{r['page_faults']:>8}{r['gc_ms']:>8.1f}{r['cpu_seconds'] / r['seconds']:>10.2f}")
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]

@@ -151,14 +151,15 @@ class _GcPauses:
             self.seconds[info["generation"]] += time.perf_counter() - self._started
 
 
-GC_PAUSES = _GcPauses()
-gc.callbacks.append(GC_PAUSES)
+GC_PAUSES = _GcPauses()  # in gc.callbacks from the first _process_counters() on
 
 
 def _process_counters(before: dict | None = None) -> dict:
     """This process's voluntary context switches, minor page faults and CPU seconds (every
     thread's), and the garbage collector's passes per generation and pause: so far, or since
     `before` (an earlier value of this)."""
+    if GC_PAUSES not in gc.callbacks:
+        gc.callbacks.append(GC_PAUSES)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     now = {"context_switches": usage.ru_nvcsw, "page_faults": usage.ru_minflt, "gc_passes": list(GC_PAUSES.passes),
            "gc_ms": 1e3 * sum(GC_PAUSES.seconds), "cpu_seconds": usage.ru_utime + usage.ru_stime}

@@ -5,8 +5,9 @@ freed, and hands free memory at the top of the heap back to the kernel once ther
 than its trim threshold; both thresholds follow the largest mapped block freed so far (128 KiB
 at first, at most 32 MiB and twice that). A prefill layer's temporaries add up to several times
 its largest one, so where they come back to the top of the heap when freed (which depends on
-what else the heap holds: in every engine process measured, which load tokenizers through
-transformers, they did) each layer of each prefill faults its pages in afresh. On the engine
+what else the heap holds: in the engine processes measured on this project's AVX2 VM, which load
+tokenizers through transformers, they did; on CI's machine the same blocks stayed) each layer of
+each prefill faults its pages in afresh. On the engine
 benchmark's quick size (512 prompt tokens, hidden 256, this project's 2-core VM) that was 2,300
 to 6,500 minor page faults a prefill step, at about 5 us each; with this module none, and the
 prefill's median fell from 52-73 ms to 37-64 (base) and from 61-84 to 46-77 (gate routing) in

@@ -92,4 +92,3 @@ def test_the_switch_and_the_users_own_tuning_are_left_alone(monkeypatch, env):
         assert cpu_memory.keep_freed_memory() is False
     finally:
         cpu_memory.keep_freed_memory.cache_clear()
-

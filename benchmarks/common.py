@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -26,6 +27,73 @@ def _cpu_model() -> str:
         return ""
 
 
+def _cgroup_cpu_dir() -> Path | None:
+    """This process's cgroup directory for the CPU controller (v2, or v1's `cpu`), if mounted."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():  # v2's one hierarchy
+            candidates = [Path("/sys/fs/cgroup") / path.lstrip("/")]
+        elif "cpu" in controllers.split(","):
+            candidates = [Path("/sys/fs/cgroup") / name / path.lstrip("/") for name in ("cpu", "cpu,cpuacct")]
+        else:
+            continue
+        for directory in candidates + [Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")]:
+            if (directory / "cpu.stat").is_file():
+                return directory
+    return None
+
+
+def cpu_limits() -> dict:
+    """The CPUs this process may run on (`affinity_cpus`) and its cgroup's CPU quota in CPUs
+    (`quota_cpus`, None where there is none): a quota below the threads a run keeps busy
+    throttles every thread of the process, the launching one too."""
+    info = {"affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "quota_cpus": None}
+    directory = _cgroup_cpu_dir()
+    try:
+        if directory is not None and (directory / "cpu.max").is_file():  # v2: "<quota> <period>" or "max <period>"
+            quota, period = (directory / "cpu.max").read_text().split()
+            info["quota_cpus"] = None if quota == "max" else int(quota) / int(period)
+        elif directory is not None and (directory / "cpu.cfs_quota_us").is_file():  # v1: -1 for none
+            quota = int((directory / "cpu.cfs_quota_us").read_text())
+            period = int((directory / "cpu.cfs_period_us").read_text())
+            info["quota_cpus"] = None if quota < 0 else quota / period
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def cpu_throttling() -> dict | None:
+    """The cgroup's CPU throttling so far: periods throttled and milliseconds (`cpu.stat`); None
+    where it cannot be read."""
+    directory = _cgroup_cpu_dir()
+    if directory is None:
+        return None
+    try:
+        stat = dict(line.split() for line in (directory / "cpu.stat").read_text().splitlines() if line.strip())
+        if "throttled_usec" in stat:  # v2
+            return {"throttled_periods": int(stat["nr_throttled"]), "throttled_ms": int(stat["throttled_usec"]) / 1e3}
+        return {"throttled_periods": int(stat["nr_throttled"]), "throttled_ms": int(stat["throttled_time"]) / 1e6}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def cpu_steal_ms() -> float | None:
+    """Milliseconds the hypervisor ran something else while this machine's CPUs wanted to run
+    (`steal` in /proc/stat, summed over the CPUs, 10 ms ticks); None where there is no such
+    count. Machine-wide: on a VM it tells a slow spell of the host from one of the process."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return 1e3 * int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def environment(device: str | None = None, packages: tuple[str, ...] = ()) -> dict:
     """Command, Python, platform, device and versions (torch, triton, transformers, peft, redis,
     ray, plus `packages`) of this run."""
@@ -35,6 +103,7 @@ def environment(device: str | None = None, packages: tuple[str, ...] = ()) -> di
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "versions": {},
+        **cpu_limits(),
     }
     for package in ("torch", "triton", "transformers", "peft", "redis", "ray", *packages):
         try:

@@ -24,7 +24,15 @@ And the cyclic garbage collector's passes per generation (`gc_passes`) and their
 holds (in a CPU engine process of the quick size, 416k objects and 330-380 ms on the 2-core VM).
 And the CPU seconds of all its threads (`cpu_seconds`; the `cpu/wall` column): on a GPU a run
 that launches from one thread reads about 1, so more means other threads were busy meanwhile
-(OpenMP workers spinning on the cores the launching thread shares, for one).
+(OpenMP workers spinning on the cores the launching thread shares, for one); and the step
+thread's own (`thread_cpu_seconds`, the `step thr` column, per second of wall): below 1 it was
+off the CPU part of the run, waiting (on a lock, the GIL, a blocking device sync) or, where the
+`preempt` column (`involuntary_switches`) climbs, preempted; `throttled_ms` (the `thrtl ms`
+column) is the time the cgroup's CPU quota held the process's threads back, where readable;
+`steal_ms` (`steal ms`) is the machine's CPU time its hypervisor gave to others (all CPUs).
+The environment records the CPUs the process may use and its quota (`affinity_cpus`,
+`quota_cpus`). `--profile` also writes a timeline of one prefill per scenario, host and device,
+layer by layer.
 
 Prints a table, writes JSON (device, versions, command), prints each ratio repeat by repeat
 (runs back to back, so a slow spell of the machine moves both sides), and ends with
@@ -48,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import cpu_steal_ms, cpu_throttling, environment, write_json  # noqa: E402
 from kernels.backends import TritonBackend  # noqa: E402
 from molora_core.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from molora_core.engine.stats import percentile  # noqa: E402
@@ -155,18 +163,23 @@ GC_PAUSES = _GcPauses()  # in gc.callbacks from the first _process_counters() on
 
 
 def _process_counters(before: dict | None = None) -> dict:
-    """This process's voluntary context switches, minor page faults and CPU seconds (every
-    thread's), and the garbage collector's passes per generation and pause: so far, or since
-    `before` (an earlier value of this)."""
+    """This process's context switches (voluntary: a thread waited; involuntary: one was
+    preempted), minor page faults, CPU seconds (every thread's, and the calling thread's own:
+    the step thread's in these runs, whose steps run on the thread that consumes them), the
+    cgroup's CPU throttling and the machine's hypervisor steal where they can be read, and the
+    garbage collector's passes per generation and pause: so far, or since `before` (an earlier
+    value of this)."""
     if GC_PAUSES not in gc.callbacks:
         gc.callbacks.append(GC_PAUSES)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    now = {"context_switches": usage.ru_nvcsw, "page_faults": usage.ru_minflt, "gc_passes": list(GC_PAUSES.passes),
-           "gc_ms": 1e3 * sum(GC_PAUSES.seconds), "cpu_seconds": usage.ru_utime + usage.ru_stime}
+    usage, steal = resource.getrusage(resource.RUSAGE_SELF), cpu_steal_ms()
+    now = {"context_switches": usage.ru_nvcsw, "involuntary_switches": usage.ru_nivcsw, "page_faults": usage.ru_minflt,
+           "gc_passes": list(GC_PAUSES.passes), "gc_ms": 1e3 * sum(GC_PAUSES.seconds),
+           "cpu_seconds": usage.ru_utime + usage.ru_stime, "thread_cpu_seconds": time.thread_time(),
+           **(cpu_throttling() or {}), **({} if steal is None else {"steal_ms": steal})}
     if before is None:
         return now
     return {key: ([n - b for n, b in zip(value, before[key])] if isinstance(value, list) else value - before[key])
-            for key, value in now.items()}
+            for key, value in now.items() if key in before}
 
 
 # Host calls that wait for the device (or read a device value back): in an eager step each one
@@ -201,7 +214,9 @@ def profile_scenarios(scenarios: dict, s: dict, device: torch.device, path: str)
             if cuda and new == 1:
                 tables.append(f"== {name}: {part}, by host time\n"
                               f"{events.table(sort_by='self_cpu_time_total', row_limit=20)}")
-        tables.append(_prefill_host_profile(name, ours, functools.partial(requests, {**s, "new": 1}, routing), cuda))
+        prefill_requests = functools.partial(requests, {**s, "new": 1}, routing)
+        tables.append(_prefill_host_profile(name, ours, prefill_requests, cuda))
+        tables.append(_prefill_timeline(name, ours, prefill_requests, cuda))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(tables))
     print(f"wrote {path}")
@@ -232,6 +247,77 @@ def _prefill_host_profile(name: str, engine: Engine, make_requests: Callable[[],
     stats.sort_stats("cumulative").print_stats(40)
     return (f"== {name}: prefill (max_tokens=1), host Python (cProfile)\n"
             f"prefill wall ms, {runs} unprofiled runs: " + " ".join(f"{w:.1f}" for w in walls) + f"\n{text.getvalue()}")
+
+
+def _prefill_timeline(name: str, engine: Engine, make_requests: Callable[[], list[Request]], cuda: bool) -> str:
+    """One unprofiled prefill (max_tokens=1), marked before the embedding, before each decoder
+    layer and before the LM head: when the host reached each mark (ms from the generate call)
+    and, on a GPU, when the device did (a CUDA event recorded there). A device column far behind
+    the host's means the host ran ahead (device-bound); one that keeps pace means the device
+    waited on the host, and the rows say from where. The gate routes and the dispatch metadata
+    are built between `embed` and `layer 0`. Then the run's host counters (wall; the step
+    thread's CPU and every thread's; context switches; cgroup throttling) and, on a GPU, where a
+    second run synchronized with the device (torch.cuda's sync debug mode)."""
+    import warnings
+    from collections import Counter
+
+    model = engine.model
+    marks: list[tuple[str, float, torch.cuda.Event | None]] = []
+
+    def mark(label: str):
+        event = torch.cuda.Event(enable_timing=True) if cuda else None
+        if event is not None:
+            event.record()
+        marks.append((label, time.perf_counter(), event))
+
+    modules = [("embed", model.model.embed_tokens), *((f"layer {i}", layer) for i, layer in enumerate(model.model.layers)),
+               ("lm_head", model.lm_head)]
+    hooks = [module.register_forward_pre_hook(lambda *_, label=label: mark(label)) for label, module in modules]
+    try:
+        batch = make_requests()
+        before = _process_counters()
+        mark("generate")
+        engine.generate(batch)
+        mark("returned")
+        if cuda:
+            torch.cuda.synchronize()
+        counters = _process_counters(before)
+        wall = 1e3 * (time.perf_counter() - marks[0][1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    start, start_event = marks[0][1], marks[0][2]
+    lines = [f"== {name}: prefill (max_tokens=1), timeline of one unprofiled run (ms from the generate call)",
+             f"{'mark':<10}{'host':>9}{'+host':>8}" + (f"{'device':>9}{'+device':>8}" if cuda else "")]
+    prev_host = prev_device = 0.0
+    for label, host, event in marks:
+        host = 1e3 * (host - start)
+        row = f"{label:<10}{host:>9.2f}{host - prev_host:>8.2f}"
+        if event is not None:
+            device = start_event.elapsed_time(event)
+            row += f"{device:>9.2f}{device - prev_device:>8.2f}"
+            prev_device = device
+        lines.append(row)
+        prev_host = host
+    c = counters
+    lines.append(f"wall {wall:.1f} ms (to the device's end); step thread CPU {1e3 * c['thread_cpu_seconds']:.1f} ms, "
+                 f"every thread's {1e3 * c['cpu_seconds']:.1f} ms; context switches {c['context_switches']} voluntary, "
+                 f"{c['involuntary_switches']} involuntary; gc passes {c['gc_passes']} ({c['gc_ms']:.1f} ms); cgroup "
+                 + (f"throttled {c['throttled_periods']} periods, {c['throttled_ms']:.1f} ms" if "throttled_ms" in c
+                    else "throttling not readable")
+                 + ("" if "steal_ms" not in c else f"; hypervisor steal {c['steal_ms']:.0f} ms"))
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.generate(make_requests())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        where = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        lines.append("device syncs of a second run, by caller: "
+                     + (", ".join(f"{site} x{n}" for site, n in where.most_common(12)) or "none"))
+    return "\n".join(lines) + "\n"
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -359,13 +445,15 @@ def main() -> None:
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
           f"repeats={args.repeats} (median run shown)")
     print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}"
-          f"{'ctx sw':>8}{'faults':>8}{'gc ms':>8}{'cpu/wall':>10}")
+          f"{'ctx sw':>8}{'preempt':>8}{'faults':>8}{'gc ms':>8}{'cpu/wall':>10}{'step thr':>10}{'thrtl ms':>10}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for name, r in results.items():
         p50 = r.get("step_p50_ms", r.get("step_mean_ms"))
         print(f"{name:<36}{r['tokens_per_s']:>12.1f}{p50:>14.2f}{na(r.get('step_p99_ms')):>14}"
               f"{na(r.get('first_step_ms')):>12}{na(r.get('between_steps_ms')):>12}{r['context_switches']:>8}"
-              f"{r['page_faults']:>8}{r['gc_ms']:>8.1f}{r['cpu_seconds'] / r['seconds']:>10.2f}")
+              f"{r['involuntary_switches']:>8}{r['page_faults']:>8}{r['gc_ms']:>8.1f}"
+              f"{r['cpu_seconds'] / r['seconds']:>10.2f}{r['thread_cpu_seconds'] / r['seconds']:>10.2f}"
+              f"{na(r.get('throttled_ms')):>10}{na(r.get('steal_ms')):>10}")
     vs_peft = None if peft is None else (
         results["b_adapter_per_request"]["tokens_per_s"] / results["peft_mixed_adapter_names"]["tokens_per_s"])
     vs_base = results["c_gate_per_token"]["tokens_per_s"] / results["a_base"]["tokens_per_s"]

@@ -2,8 +2,12 @@
 
 Each step's new keys/values are written into the KV cache, then every query attends to its own
 sequence's cached positions (causal, optionally a sliding window) through torch SDPA:
-- a sequence with several new tokens (a prompt, or a later chunk of one) runs its own SDPA call,
-  with `is_causal` when nothing is cached and an explicit [n, ctx] mask otherwise;
+- fresh prompts (nothing cached yet) of one length, side by side in the flat batch, run one SDPA
+  call together, `is_causal`, straight over the step's own keys and values (views, no copy): a
+  batch of 16 such prompts makes one call a layer instead of 16, whose launches and Python an
+  eager GPU prefill otherwise waits on;
+- any other sequence with several new tokens (a later chunk of a prompt, or one longer than a
+  sliding window) runs its own SDPA call over its cache row, with an explicit [n, ctx] mask;
 - all single-token (decode) sequences run one SDPA call straight over the cache rows of the
   slot span they occupy (a view, never a copy of the cache), padded to the longest context and
   masked per row; slots in the span that are not decoding attend to position 0 and are dropped.
@@ -64,7 +68,7 @@ class AttentionMeta:
     device: torch.device
     has_cache: bool
     token_slots: torch.Tensor  # int64[T] KV-cache slot of each token's sequence
-    prefill: list[int]  # indices b of sequences on the per-sequence path
+    prefill: list[int]  # indices b of sequences on the prefill path (several new tokens, or fresh)
     decode_rows: torch.Tensor | None  # int64[B_d] flat token index of each decode sequence
     decode_index: torch.Tensor | None  # int64[B_d] its KV slot minus decode_span[0]
     decode_span: tuple[int, int]  # KV slots [lo, hi) that hold every decode sequence
@@ -77,6 +81,11 @@ class AttentionMeta:
     # Each decode row's KV slot and context length, int64[B_d] (eager steps; the compiled CPU path reads them)
     decode_row_slots: torch.Tensor | None = None
     decode_row_lens: torch.Tensor | None = None
+    # Fresh prefills (nothing cached) run together: (first flat token, tokens each, sequences b)
+    # for each run of equal-length ones side by side in the flat batch; the rest of `prefill` are
+    # continuations, one SDPA call each.
+    prefill_runs: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+    prefill_rest: list[int] = field(default_factory=list)
     _step_cache: dict = field(default_factory=dict)  # tensors every layer of the step reuses (masks, KV rows)
 
     @classmethod
@@ -106,8 +115,18 @@ class AttentionMeta:
         if decode:
             row_slots = torch.tensor([batch.slots[b] for b in decode], dtype=torch.int64).to(device)
             row_lens = torch.tensor([batch.context_lens[b] for b in decode], dtype=torch.int64).to(device)
+        runs, rest = [], []
+        for b in prefill:
+            start, n = batch.starts[b], batch.num_new[b]
+            if n != batch.context_lens[b]:
+                rest.append(b)
+            elif runs and runs[-1][1] == n and runs[-1][0] + len(runs[-1][2]) * n == start:
+                runs[-1] = (runs[-1][0], n, (*runs[-1][2], b))
+            else:
+                runs.append((start, n, (b,)))
         return cls(batch, device, has_cache, token_slots, prefill, decode_rows, decode_index, span,
-                   decode_lens, length, uniform, every, direct, decode_row_slots=row_slots, decode_row_lens=row_lens)
+                   decode_lens, length, uniform, every, direct, decode_row_slots=row_slots, decode_row_lens=row_lens,
+                   prefill_runs=runs, prefill_rest=rest)
 
     @classmethod
     def static_decode(cls, kv_slots: torch.Tensor, kv_lens: torch.Tensor, length: int) -> "AttentionMeta":
@@ -225,7 +244,19 @@ class Attention(nn.Module):
             return self.o_proj(out.reshape(t, -1))
         out = torch.empty_like(q)  # [T, H, D_h]
         batch = meta.batch
-        for b in meta.prefill:
+        # A run of fresh prompts reads its keys from this step's k and v, which equal what the cache
+        # now holds where it holds them in their dtype; past a sliding window each needs a mask.
+        together = kv_cache is None or kv_cache.dtype == k.dtype
+        rest = meta.prefill_rest
+        for start, n, seqs in meta.prefill_runs:
+            if not together or (self.sliding_window is not None and n > self.sliding_window):
+                rest = [*rest, *seqs]
+                continue
+            rows, shape = slice(start, start + len(seqs) * n), (len(seqs), n, -1, self.head_dim)
+            o = _sdpa(q[rows].view(shape).transpose(1, 2), k[rows].view(shape).transpose(1, 2),
+                      v[rows].view(shape).transpose(1, 2), None, n > 1, self.scaling)  # [B_run, H, n, D_h]
+            out[rows].view(len(seqs), n, heads, self.head_dim).copy_(o.transpose(1, 2))
+        for b in rest:
             start, n, ctx = batch.starts[b], batch.num_new[b], batch.context_lens[b]
             if kv_cache is not None:
                 ks, vs = kv_cache.view(self.layer_idx, batch.slots[b], ctx)

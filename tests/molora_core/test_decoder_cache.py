@@ -189,3 +189,58 @@ def test_decode_rows_skip_the_span_scatter_only_when_in_slot_order():
     batch = StepBatch((0, 1), (1, 0), (1, 1), (5, 3))
     meta = AttentionMeta.build(batch, torch.device("cpu"), True)
     assert (meta.decode_all, meta.decode_direct) == (False, True)
+
+
+# Fresh prompts of one length side by side run one SDPA call together (AttentionMeta.prefill_runs):
+# a step with two such runs split by a continuation chunk, a longer prompt between them, a decode
+# row, and a one-token prompt; in the sliding-window families the 5-token prompt is longer than
+# the window, so its run takes the per-sequence path with a mask.
+RUN_SCHEDULE = [
+    [("d", 0, 4), ("c", 0, 4)],
+    [("d", 4, 1), ("p1", 0, 3), ("p2", 0, 3), ("p3", 0, 3), ("c", 4, 4), ("p4", 0, 5), ("p5", 0, 3), ("p6", 0, 3),
+     ("p7", 0, 1)],
+    [("d", 5, 1), ("p1", 3, 1), ("p2", 3, 1), ("p3", 3, 1), ("c", 8, 1), ("p4", 5, 1), ("p5", 3, 1), ("p6", 3, 1),
+     ("p7", 1, 1)],
+]
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("qwen3", {}), ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}),
+     ("mistral", {"sliding_window": 4})],
+    ids=["qwen3", "qwen2-sliding", "mistral-sliding"],
+)
+def test_fresh_prompts_of_one_length_attend_together(tmp_path, family, overrides):
+    _, path = make_checkpoint(tmp_path, family, **overrides)
+    model = load_model(path, dtype=torch.float32)
+    names = ["d", "c", "p1", "p2", "p3", "p4", "p5", "p6", "p7"]
+    lengths = {name: 1 + max(pos + n for step in RUN_SCHEDULE for s, pos, n in step if s == name) for name in names}
+    seqs = {name: ids_for(1, lengths[name], seed=i)[0] for i, name in enumerate(names)}
+    slots = {name: i for i, name in enumerate(reversed(names))}
+    cache = KVCache.for_model(model, max_seqs=len(names), max_seq_len=16)
+    got = {name: torch.full((lengths[name] - 1, model.config.vocab_size), float("nan")) for name in names}
+    for step in RUN_SCHEDULE:
+        ids = torch.cat([seqs[name][pos : pos + n] for name, pos, n in step])
+        batch = StepBatch.build([slots[name] for name, _, _ in step], [n for _, _, n in step],
+                                [pos + n for _, pos, n in step])
+        with torch.no_grad():
+            logits = model(ids, batch.positions(), batch, cache)
+        for (name, pos, n), start in zip(step, batch.starts):
+            got[name][pos : pos + n] = logits[start : start + n]
+    for name in names:
+        with torch.no_grad():
+            want = model.forward_dense(seqs[name][None, :-1])[0]
+        assert (got[name] - want).abs().max().item() <= FP32_ATOL, name
+
+
+def test_fresh_prompts_are_grouped_into_runs():
+    """Runs are fresh prompts (nothing cached) of one length, adjacent in the flat batch; a
+    continuation chunk, a decode row or another length ends a run."""
+    num_new = [1, 3, 3, 3, 4, 5, 3, 3, 1]
+    context = [5, 3, 3, 3, 8, 5, 3, 3, 1]
+    meta = AttentionMeta.build(StepBatch.build(range(9), num_new, context), torch.device("cpu"), True)
+    assert meta.prefill_runs == [(1, 3, (1, 2, 3)), (14, 5, (5,)), (19, 3, (6, 7)), (25, 1, (8,))]
+    assert meta.prefill_rest == [4]
+    # Listed out of flat order: sequence 1's tokens come first, so the two are not side by side as listed.
+    meta = AttentionMeta.build(StepBatch((0, 1), (3, 0), (3, 3), (3, 3)), torch.device("cpu"), True)
+    assert meta.prefill_runs == [(3, 3, (0,)), (0, 3, (1,))]

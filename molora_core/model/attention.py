@@ -244,8 +244,8 @@ class Attention(nn.Module):
             return self.o_proj(out.reshape(t, -1))
         out = torch.empty_like(q)  # [T, H, D_h]
         batch = meta.batch
-        # A run of fresh prompts reads its keys from this step's k and v, which equal what the cache
-        # now holds where it holds them in their dtype; past a sliding window each needs a mask.
+        # A run of fresh prompts reads this step's k and v: what the cache now holds, where the cache
+        # keeps their dtype. A prompt longer than a sliding window needs a mask: its run goes one by one.
         together = kv_cache is None or kv_cache.dtype == k.dtype
         rest = meta.prefill_rest
         for start, n, seqs in meta.prefill_runs:

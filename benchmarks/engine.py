@@ -270,8 +270,8 @@ def _prefill_timeline(name: str, engine: Engine, make_requests: Callable[[], lis
             event.record()
         marks.append((label, time.perf_counter(), event))
 
-    modules = [("embed", model.model.embed_tokens), *((f"layer {i}", layer) for i, layer in enumerate(model.model.layers)),
-               ("lm_head", model.lm_head)]
+    layers = [(f"layer {i}", layer) for i, layer in enumerate(model.model.layers)]
+    modules = [("embed", model.model.embed_tokens), *layers, ("lm_head", model.lm_head)]
     hooks = [module.register_forward_pre_hook(lambda *_, label=label: mark(label)) for label, module in modules]
     try:
         batch = make_requests()

@@ -48,6 +48,7 @@ import gc
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,31 @@ def _process_counters(before: dict | None = None) -> dict:
             for key, value in now.items() if key in before}
 
 
+def _thread_cpu_ms() -> dict[int, tuple[str, float]]:
+    """Each of this process's threads' CPU time so far: thread id -> (name, ms), from
+    /proc/self/task/*/schedstat (nanoseconds); {} where there is no such file."""
+    threads = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            threads[int(task.name)] = ((task / "comm").read_text().strip(),
+                                       int((task / "schedstat").read_text().split()[0]) / 1e6)
+        except (OSError, ValueError, IndexError):
+            continue  # (a thread that ended meanwhile)
+    return threads
+
+
+def _busy_threads(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], limit: int = 8) -> str:
+    """The threads that ran at least 1 ms between two `_thread_cpu_ms()` readings, busiest first,
+    this one marked `step`: whether other threads (OpenMP workers spinning, a loader) shared
+    the CPUs while the step ran."""
+    me = threading.get_native_id()
+    used = sorted(((ms - before.get(tid, (name, 0.0))[1], tid, name) for tid, (name, ms) in after.items()),
+                  reverse=True)
+    busy = [f"{name}{' (step)' if tid == me else ''} {ms:.1f}" for ms, tid, name in used if ms >= 1.0]
+    more = f" and {len(busy) - limit} more" if len(busy) > limit else ""
+    return (", ".join(busy[:limit]) + more) if busy else "none"
+
+
 # Host calls that wait for the device (or read a device value back): in an eager step each one
 # stops the host queueing launches until the device has caught up.
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense",
@@ -256,8 +282,9 @@ def _prefill_timeline(name: str, engine: Engine, make_requests: Callable[[], lis
     the host's means the host ran ahead (device-bound); one that keeps pace means the device
     waited on the host, and the rows say from where. The gate routes and the dispatch metadata
     are built between `embed` and `layer 0`. Then the run's host counters (wall; the step
-    thread's CPU and every thread's; context switches; cgroup throttling) and, on a GPU, where a
-    second run synchronized with the device (torch.cuda's sync debug mode)."""
+    thread's CPU and every thread's; context switches; cgroup throttling; the busiest threads)
+    and, on a GPU, where a second run synchronized with the device (torch.cuda's sync debug
+    mode)."""
     import warnings
     from collections import Counter
 
@@ -275,13 +302,13 @@ def _prefill_timeline(name: str, engine: Engine, make_requests: Callable[[], lis
     hooks = [module.register_forward_pre_hook(lambda *_, label=label: mark(label)) for label, module in modules]
     try:
         batch = make_requests()
-        before = _process_counters()
+        before, threads_before = _process_counters(), _thread_cpu_ms()
         mark("generate")
         engine.generate(batch)
         mark("returned")
         if cuda:
             torch.cuda.synchronize()
-        counters = _process_counters(before)
+        counters, threads = _process_counters(before), _busy_threads(threads_before, _thread_cpu_ms())
         wall = 1e3 * (time.perf_counter() - marks[0][1])
     finally:
         for hook in hooks:
@@ -306,6 +333,7 @@ def _prefill_timeline(name: str, engine: Engine, make_requests: Callable[[], lis
                  + (f"throttled {c['throttled_periods']} periods, {c['throttled_ms']:.1f} ms" if "throttled_ms" in c
                     else "throttling not readable")
                  + ("" if "steal_ms" not in c else f"; hypervisor steal {c['steal_ms']:.0f} ms"))
+    lines.append(f"threads on a CPU for 1 ms or more (ms): {threads}")
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
         try:

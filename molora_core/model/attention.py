@@ -64,7 +64,7 @@ class AttentionMeta:
     host-to-device copies or syncs.
     """
 
-    batch: StepBatch | None  # None for a static decode step (no per-sequence path)
+    batch: StepBatch | None  # None for a static decode step (no prefill path)
     device: torch.device
     has_cache: bool
     token_slots: torch.Tensor  # int64[T] KV-cache slot of each token's sequence

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -27,8 +28,10 @@ def _cpu_model() -> str:
         return ""
 
 
+@functools.cache
 def _cgroup_cpu_dir() -> Path | None:
-    """This process's cgroup directory for the CPU controller (v2, or v1's `cpu`), if mounted."""
+    """This process's cgroup directory for the CPU controller (v2, or v1's `cpu`), if mounted
+    (read once: the counters ask on every run)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -47,24 +50,27 @@ def _cgroup_cpu_dir() -> Path | None:
     return None
 
 
+def _quota_cpus(directory: Path | None) -> float | None:
+    """The cgroup's CPU quota in CPUs: v2's cpu.max ("<quota> <period>", "max" for none) or v1's
+    cpu.cfs_quota_us (-1 for none) over its period; None where there is none or it is unreadable."""
+    try:
+        if directory is not None and (directory / "cpu.max").is_file():
+            quota, period = (directory / "cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+        if directory is not None and (directory / "cpu.cfs_quota_us").is_file():
+            quota = int((directory / "cpu.cfs_quota_us").read_text())
+            return None if quota < 0 else quota / int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def cpu_limits() -> dict:
     """The CPUs this process may run on (`affinity_cpus`) and its cgroup's CPU quota in CPUs
     (`quota_cpus`, None where there is none): a quota below the threads a run keeps busy
     throttles every thread of the process, the launching one too."""
-    info = {"affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "quota_cpus": None}
-    directory = _cgroup_cpu_dir()
-    try:
-        if directory is not None and (directory / "cpu.max").is_file():  # v2: "<quota> <period>" or "max <period>"
-            quota, period = (directory / "cpu.max").read_text().split()
-            info["quota_cpus"] = None if quota == "max" else int(quota) / int(period)
-        elif directory is not None and (directory / "cpu.cfs_quota_us").is_file():  # v1: -1 for none
-            quota = int((directory / "cpu.cfs_quota_us").read_text())
-            period = int((directory / "cpu.cfs_period_us").read_text())
-            info["quota_cpus"] = None if quota < 0 else quota / period
-    except (OSError, ValueError):
-        pass
-    return info
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"affinity_cpus": affinity, "quota_cpus": _quota_cpus(_cgroup_cpu_dir())}
 
 
 def cpu_throttling() -> dict | None:

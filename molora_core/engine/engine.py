@@ -37,7 +37,7 @@ from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
 from molora_core.engine.graphs import DecodeGraphs, graph_mode
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
-from molora_core.engine.sampling import sample
+from molora_core.engine.sampling import LogitAdjust, sample
 from molora_core.engine.sequence import Sequence
 from molora_core.engine.step import StepRunner
 from molora_core.engine.stats import Counters, EngineStats, percentile
@@ -329,11 +329,15 @@ class Engine:
                         "(move it with router.to(device) first)"
                     )
         p = request.sampling
+        bad = [t for t, _ in p.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise RequestInvalid(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         generator = None
         if not p.greedy:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-        return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator)
+        adjust = LogitAdjust(p, self.vocab_size, self.device) if p.adjusts_logits else None
+        return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
 
     def _check_router(self, router: GateRouter, what: str) -> None:
         hidden = self.model.config.hidden_size
@@ -536,6 +540,7 @@ class Engine:
                 logits if len(ready) == logits.shape[0] else logits[ready],
                 [entries[b][0].request.sampling for b in ready],
                 [entries[b][0].generator for b in ready],
+                [entries[b][0].adjust for b in ready],
             ) if ready else []
         except Exception as exc:
             for seq, _ in entries:
@@ -558,6 +563,8 @@ class Engine:
             seq.first_token_at = now
             self.counters.ttft_s.append(now - seq.arrival)
         seq.output_ids.append(token)
+        if seq.adjust is not None:
+            seq.adjust.observe(token)
         self.counters.generated_tokens += 1
         p = seq.request.sampling
         reason = None

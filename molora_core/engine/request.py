@@ -13,7 +13,7 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
 from molora_core.errors import RequestInvalid
 from molora_core.routing.spec import BaseSpec, RoutingSpec
@@ -36,6 +36,11 @@ class RouterSpec:
 class SamplingParams:
     """temperature 0 = greedy; otherwise softmax(logits / temperature) filtered by top_k and top_p.
 
+    Before either, as OpenAI defines them: logits[j] += logit_bias[j] - c[j] * frequency_penalty
+    - (c[j] > 0) * presence_penalty, with c[j] the times token j was generated so far (the
+    prompt does not count). `logit_bias` maps token ids to biases in [-100, 100] (a dict, or
+    (id, bias) pairs); penalties lie in [-2, 2].
+
     The same `seed` gives the same output for the same prompt and routing; None draws one.
     """
 
@@ -47,6 +52,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed lengths)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not self.temperature >= 0.0:
@@ -63,10 +71,27 @@ class SamplingParams:
             raise RequestInvalid(f"stop={self.stop!r}; expected non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestInvalid(f"{name}={getattr(self, name)}; expected -2 <= {name} <= 2")
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        bias = {}
+        for token, value in pairs:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise RequestInvalid(f"logit_bias key {token!r}; expected a token id >= 0")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+                raise RequestInvalid(f"logit_bias[{token}]={value}; expected -100 <= bias <= 100")
+            bias[token] = float(value)
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether logit_bias or a penalty changes the logits before sampling."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass

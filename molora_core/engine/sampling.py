@@ -1,9 +1,11 @@
 """Next-token sampling for a batch of sequences with per-request parameters.
 
-Greedy rows take the argmax in one call (on CPU a compiled one: `kernels.decode_cpu.argmax`).
-Other rows scale by temperature, keep the top_k logits and the smallest set whose probability
-reaches top_p, and draw with the request's own torch.Generator, so the same seed gives the same
-tokens whatever else shares the batch.
+Rows whose request sets logit_bias or a presence / frequency penalty first have their logits
+adjusted (`LogitAdjust`, one per such sequence, which counts the tokens it generated). Greedy rows
+then take the argmax in one call (on CPU a compiled one: `kernels.decode_cpu.argmax`). Other rows
+scale by temperature, keep the top_k logits and the smallest set whose probability reaches top_p,
+and draw with the request's own torch.Generator, so the same seed gives the same tokens whatever
+else shares the batch.
 
 Legend: B sequences sampled this step, V vocabulary.
 """
@@ -30,11 +32,47 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+class LogitAdjust:
+    """One sequence's logit_bias and presence / frequency penalties, as OpenAI defines them:
+    logits[j] += bias[j] - c[j] * frequency - (c[j] > 0) * presence, where c[j] counts the times
+    the sequence generated token j (kept on the logits' device, one float32[V])."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+        self.bias_ids = self.bias = self.counts = None
+        if params.logit_bias:
+            ids, bias = zip(*params.logit_bias)
+            self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
+            self.bias = torch.tensor(bias, dtype=torch.float32, device=device)
+        if self.presence or self.frequency:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def apply(self, row: torch.Tensor) -> None:
+        """Adjust one row of float32 logits [V] in place."""
+        if self.bias is not None:
+            row.index_add_(0, self.bias_ids, self.bias)
+        if self.counts is not None:
+            row.sub_(self.counts * self.frequency + (self.counts > 0).float() * self.presence)
+
+    def observe(self, token: int) -> None:
+        """Count a generated token."""
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+    adjusts: list[LogitAdjust | None] | None = None,
 ) -> list[int]:
-    """One token per row of logits [B, V] (any float dtype), row b under params[b]."""
-    logits = logits.float()
+    """One token per row of logits [B, V] (any float dtype), row b under params[b], after
+    adjusts[b] (None: none) changed its logits. The caller's logits are left as they were."""
+    converted = logits.float()
+    if adjusts and any(a is not None for a in adjusts):
+        converted = converted.clone() if converted is logits else converted
+        for b, adjust in enumerate(adjusts):
+            if adjust is not None:
+                adjust.apply(converted[b])
+    logits = converted
     out = decode_cpu.argmax(logits).tolist()
     for b, p in enumerate(params):
         if p.greedy:

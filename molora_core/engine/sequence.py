@@ -9,6 +9,7 @@ import torch
 
 from molora_core.engine.detokenize import IncrementalDetokenizer
 from molora_core.engine.request import Request, StreamDelta, _Stream
+from molora_core.engine.sampling import LogitAdjust
 from molora_core.routing.routers import Router
 from molora_core.routing.spec import RoutingSpec
 
@@ -20,6 +21,7 @@ class Sequence:
     prompt_ids: list[int]
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    adjust: LogitAdjust | None = None  # logit_bias and penalties, where the request sets them
     spec: RoutingSpec | None = None  # resolved at admission (a RouterSpec becomes a GateSpec)
     pinned: list[tuple[str, int]] = field(default_factory=list)  # (hot-set key, slot) held
     router: Router | None = None

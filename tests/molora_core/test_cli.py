@@ -31,9 +31,16 @@ def test_generate_streams_text(demo, capsys, routing):
                         adapter_loader=lambda n: load_peft_adapter(demo / "adapters" / n))
         want = engine.submit(Request(prompt, SamplingParams(max_tokens=8), AdapterSpec("math"))).result().text
         assert captured.out == want + "\n"
+        penalised = SamplingParams(max_tokens=8, presence_penalty=0.5, frequency_penalty=1.5)
+        want = engine.submit(Request(prompt, penalised, AdapterSpec("math"))).result().text
+        assert main([*argv, "--presence-penalty", "0.5", "--frequency-penalty", "1.5"]) == 0
+        assert capsys.readouterr().out == want + "\n"
 
 
 def test_generate_reports_bad_input(demo, capsys):
     assert main(["generate", "--model", str(demo / "model"), "--prompt", "x", "--adapter", "missing"]) == 2
     assert "adapter 'missing'" in capsys.readouterr().err
     assert main(["generate", "--model", str(demo / "model"), "--prompt", "x", "--mixture", "math"]) == 2
+    capsys.readouterr()
+    assert main(["generate", "--model", str(demo / "model"), "--prompt", "x", "--frequency-penalty", "3"]) == 2
+    assert "frequency_penalty=3.0" in capsys.readouterr().err

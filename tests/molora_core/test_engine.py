@@ -7,6 +7,7 @@ step is deterministic.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -120,6 +121,82 @@ def test_same_seed_same_output(engine):
     assert run(1) == first
     assert run(1, company=3) == first
     assert any(run(seed) != first for seed in (2, 3, 4)), "other seeds must be able to sample otherwise"
+
+
+class _OpenAIPenalties:
+    """A transformers logits processor with OpenAI's presence / frequency penalty formula over
+    the tokens generated after the prompt: logits[j] -= c[j] * frequency + (c[j] > 0) * presence."""
+
+    def __init__(self, prompt_len, presence, frequency):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        for row, ids in zip(scores, input_ids[:, self.prompt_len :]):
+            counts = torch.bincount(ids, minlength=scores.shape[-1]).float()
+            row -= counts * self.frequency + (counts > 0).float() * self.presence
+        return scores
+
+
+# Prompts whose greedy tokens repeat, so that every case below changes them.
+@pytest.mark.parametrize("adapter,prompt", [(None, PROMPTS[0]), ("code", PROMPTS[3])])
+def test_logit_bias_and_penalties_equal_transformers_generate(demo, engine, adapter, prompt):
+    """logit_bias against transformers' own `sequence_bias`; presence / frequency penalties
+    against transformers greedy with OpenAI's formula as a logits processor. The adjusted request
+    shares its batch with an unadjusted one, which must still give the plain greedy tokens."""
+    from transformers import AutoTokenizer, LogitsProcessorList, Qwen3ForCausalLM
+
+    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
+    if adapter:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    n = 20
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    stop_at_eos = functools.partial(SamplingParams, max_tokens=n)  # as transformers' generate does
+    plain = engine.submit(Request(prompt, stop_at_eos(), routing)).result().token_ids
+    bias = {plain[1]: -100.0, plain[4]: -3.5, int(ids[0, -1]): 2.0}
+    cases = [
+        (stop_at_eos(logit_bias=bias), {"sequence_bias": [[[t], b] for t, b in bias.items()]}),
+        (stop_at_eos(presence_penalty=0.7, frequency_penalty=1.3),
+         {"logits_processor": LogitsProcessorList([_OpenAIPenalties(ids.shape[1], 0.7, 1.3)])}),
+        (stop_at_eos(presence_penalty=-1.5),
+         {"logits_processor": LogitsProcessorList([_OpenAIPenalties(ids.shape[1], -1.5, 0.0)])}),
+    ]
+    for sampling, hf_kwargs in cases:
+        with torch.no_grad():
+            out = reference.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     **hf_kwargs)
+        want = out[0, ids.shape[1] :].tolist()
+        assert want != list(plain), f"{hf_kwargs} must change the greedy tokens for this test to tell"
+        adjusted = engine.submit(Request(prompt, sampling, routing))
+        beside = engine.submit(Request(prompt, stop_at_eos(), routing))
+        assert list(adjusted.result().token_ids) == want
+        assert beside.result().token_ids == plain
+
+
+def test_logit_bias_forces_and_bans_tokens_when_sampling(engine):
+    forced = engine.submit(Request(PROMPTS[0], greedy(6, temperature=1.0, seed=5, logit_bias={42: 100}))).result()
+    assert forced.token_ids == (42,) * 6
+    sampled = engine.submit(Request(PROMPTS[0], greedy(12, temperature=1.5, seed=5))).result().token_ids
+    banned = {t: -100 for t in set(sampled)}
+    other = engine.submit(Request(PROMPTS[0], greedy(12, temperature=1.5, seed=5, logit_bias=banned))).result()
+    assert not set(other.token_ids) & set(banned)
+
+
+def test_bad_sampling_adjustments_are_refused(engine):
+    with pytest.raises(RequestInvalid, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+    with pytest.raises(RequestInvalid, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=float("nan"))
+    with pytest.raises(RequestInvalid, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101})
+    with pytest.raises(RequestInvalid, match="logit_bias key"):
+        SamplingParams(logit_bias={-1: 1.0})
+    with pytest.raises(RequestInvalid, match="logit_bias token ids \\[99999\\]"):
+        engine.submit(Request(PROMPTS[0], greedy(2, logit_bias={99999: 1.0})))
+    assert not engine._waiting and not engine._running
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy(engine):

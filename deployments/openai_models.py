@@ -1,15 +1,26 @@
 """Request bodies of the OpenAI-compatible routes (the fields MoLoRA Serve reads).
 
 Unknown fields are ignored, as OpenAI clients send fields a server may not use (`user`,
-`logit_bias` at defaults, ...). Fields whose non-default values we cannot honour (n > 1,
-penalties, logprobs) are refused with a 400 instead of being silently dropped.
+`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, logprobs, echo,
+best_of, suffix, tools, response_format other than text, output modalities other than text) are
+refused with a 400 instead of being silently dropped.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+# At most this many logit_bias entries per request.
+MAX_LOGIT_BIAS = 1024
+
+
+def _refuse_unless(value: Any, allowed: bool, what: str) -> Any:
+    if not allowed:
+        raise ValueError(f"{what} is not supported")
+    return value
 
 
 class AdapterWeight(BaseModel):
@@ -40,9 +51,22 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported (must be 0).")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported (must be 0).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Taken once off each generated token's logit.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Taken off per time a token was generated.")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (a string) -> bias in [-100, 100], added to its logit."
+    )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks); not an OpenAI field.")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias key {key!r}; expected a token id (a non-negative integer)")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{key!r}]={bias}; expected -100 <= bias <= 100")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -56,7 +80,9 @@ class _Common(BaseModel):
         return {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
             "seed": self.seed, "max_tokens": self.max_tokens or default_max_tokens, "stop": list(self.stop or []),
-            "ignore_eos": self.ignore_eos,
+            "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": [[int(token), bias] for token, bias in (self.logit_bias or {}).items()],
         }
 
     @property
@@ -70,6 +96,18 @@ class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids.")
     echo: bool = Field(False, description="Not supported (must be false).")
     logprobs: int | None = Field(None, description="Not supported (must be unset).")
+    best_of: int | None = Field(None, description="Not supported (must be unset or 1).")
+    suffix: str | None = Field(None, description="Not supported (must be unset or empty).")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value):
+        return _refuse_unless(value, value in (None, 1), "best_of > 1")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value):
+        return _refuse_unless(value, not value, "suffix (insertion)")
 
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
@@ -111,6 +149,39 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20, description="Alias of max_tokens.")
     logprobs: bool = Field(False, description="Not supported (must be false).")
+    top_logprobs: int | None = Field(None, description="Not supported (must be unset or 0).")
+    tools: list[Any] | None = Field(None, description="Not supported (must be unset or empty).")
+    functions: list[Any] | None = Field(None, description="Not supported (must be unset or empty).")
+    tool_choice: Any = Field(None, description="Not supported (must be unset or 'none').")
+    function_call: Any = Field(None, description="Not supported (must be unset or 'none').")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    modalities: list[str] | None = Field(None, description="Only ['text'].")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value):
+        return _refuse_unless(value, not value, "top_logprobs (log-probabilities)")
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _tools(cls, value):
+        return _refuse_unless(value, not value, "tool calling")
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _tool_choice(cls, value):
+        return _refuse_unless(value, value in (None, "none"), "tool calling")
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value):
+        text = value is None or value.get("type") == "text"
+        return _refuse_unless(value, text, "structured output (response_format)")
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, value):
+        return _refuse_unless(value, not value or set(value) == {"text"}, "output other than text")
 
     @model_validator(mode="after")
     def _alias(self) -> "ChatCompletionRequest":

@@ -114,6 +114,8 @@ class ModelReplica:
         sampling = SamplingParams(
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"],
             max_tokens=s["max_tokens"], stop=tuple(s["stop"]), stop_token_ids=stop_ids, ignore_eos=s["ignore_eos"],
+            presence_penalty=s["presence_penalty"], frequency_penalty=s["frequency_penalty"],
+            logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]),
         )
         return Request(prompt, sampling, routing_spec(payload["routing"]), request_id=payload.get("request_id"))
 

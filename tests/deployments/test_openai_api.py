@@ -77,6 +77,27 @@ def test_register_over_http_then_greedy_equals_offline(served, oai):
     assert served_text == offline.text
 
 
+def test_logit_bias_and_penalties_reach_the_engine(served, oai):
+    """Served with logit_bias and both penalties, the greedy text equals the offline engine's with
+    the same SamplingParams, and differs from the plain greedy text."""
+    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+    from molora_core.peft_io import load_peft_adapter
+    from molora_core.routing import AdapterSpec
+
+    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
+                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
+    try:
+        plain = engine.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])[0]
+        bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: 4.0}
+        sampling = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=bias)
+        (offline,) = engine.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
+    finally:
+        engine.close()
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0, presence_penalty=0.5,
+                                 frequency_penalty=1.5, logit_bias={str(t): b for t, b in bias.items()})
+    assert out.choices[0].text == offline.text != plain.text
+
+
 def test_concurrent_mixed_requests(served):
     bodies = []
     for i in range(16):
@@ -119,6 +140,12 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "adapters": [{"name": "code", "weight": 1}]}, 400, "invalid_request"),
         ({"model": DEMO_MODEL_NAME, "prompt": "x", "adapters": [{"name": "nope", "weight": 1}]}, 404, "model_not_found"),
         ({"model": DEMO_MODEL_NAME, "prompt": "x", "adapters": [{"name": "code", "weight": -1}]}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "presence_penalty": 2.5}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "logit_bias": {"5": 101}}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "logit_bias": {"five": 1}}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "best_of": 3}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "suffix": "return a"}, 400, "invalid_request"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, code):
@@ -137,6 +164,18 @@ def test_bad_json_and_bad_chat(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = c.post("/v1/chat/completions", json={"model": "math", "messages": [{"role": "wizard", "content": "x"}]})
         assert r.status_code == 400
+        message = [{"role": "user", "content": "x"}]
+        tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+        refused = [("tools", [tool]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+                   ("modalities", ["text", "audio"]), ("top_logprobs", 2)]
+        for field, value in refused:
+            r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+            assert "not supported" in r.json()["error"]["message"]
+        # Their defaults pass, as clients send them.
+        r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, "max_tokens": 2, "tools": [],
+                                                 "tool_choice": "none", "response_format": {"type": "text"}})
+        assert r.status_code == 200, r.text
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and "error" in r.json()
 

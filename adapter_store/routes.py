@@ -25,7 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .errors import AdapterInvalid, AdapterTooLarge, StoreError, Unauthorized
+from .errors import AdapterInvalid, AdapterTooLarge, RouterInvalid, StoreError, Unauthorized
 from .http_models import DeleteResult, RegisterFromUri, RegisterRouterFromUri, error_body, store_error_body
 from .manifest import ArtifactManifest
 from .registry import Page, RegisterResult, Registry
@@ -100,14 +100,15 @@ def build_registry_router(
 
     async def register(request: Request, kind: str) -> JSONResponse:
         authorize(request)
+        invalid = RouterInvalid if kind == "router" else AdapterInvalid
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             staging = registry.staging()
             try:
-                fields = await receive_upload(request, staging, max_bytes=cap)
+                fields = await receive_upload(request, staging, max_bytes=cap, kind=kind)
                 name = field(fields, "name")
                 if not name:
-                    raise AdapterInvalid("multipart field 'name' is required", param="name")
+                    raise invalid("multipart field 'name' is required", param="name")
                 common = dict(description=field(fields, "description", "") or "", tags=list_field(fields, "tags"))
                 if kind == "adapter":
                     result = await run_in_threadpool(registry.register_adapter, staging, name, **common)

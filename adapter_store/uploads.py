@@ -12,7 +12,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from .archive import extract_archive, is_archive_name
-from .errors import AdapterInvalid, AdapterTooLarge, UnsafeArchive
+from .errors import AdapterInvalid, AdapterTooLarge, RouterInvalid, UnsafeArchive
 
 _OVERHEAD = 1 << 20  # multipart boundaries and small fields on top of the file bytes
 _CHUNK = 1 << 20
@@ -34,9 +34,11 @@ def _safe_name(filename: str) -> str:
     return path.name
 
 
-async def receive_upload(request: Request, staging: Path, *, max_bytes: int) -> dict[str, list[str]]:
-    """Parse the multipart body; write file parts (or an archive's members) flat into
-    ``staging``; return the text fields (name -> values)."""
+async def receive_upload(request: Request, staging: Path, *, max_bytes: int,
+                         kind: str = "adapter") -> dict[str, list[str]]:
+    """Parse the multipart body of a `kind` ("adapter" or "router") upload; write file parts (or
+    an archive's members) flat into ``staging``; return the text fields (name -> values)."""
+    invalid = RouterInvalid if kind == "router" else AdapterInvalid
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes + _OVERHEAD:
         raise AdapterTooLarge(f"upload of {length} bytes is over the cap of {max_bytes} bytes")
@@ -47,7 +49,7 @@ async def receive_upload(request: Request, staging: Path, *, max_bytes: int) -> 
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise AdapterInvalid(f"multipart body is malformed: {e.message}") from None
+        raise invalid(f"multipart body is malformed: {e.message}") from None
     fields: dict[str, list[str]] = {}
     uploads: list[UploadFile] = []
     try:
@@ -57,13 +59,13 @@ async def receive_upload(request: Request, staging: Path, *, max_bytes: int) -> 
             else:
                 fields.setdefault(key, []).append(value)
         if not uploads:
-            raise AdapterInvalid("multipart upload has no file parts, expected the adapter's files or an archive")
+            raise invalid(f"multipart upload has no file parts, expected the {kind}'s files or an archive")
         total = 0
         for up in uploads:
             name = _safe_name(up.filename or "")
             dest = staging / name
             if dest.exists():
-                raise AdapterInvalid(f"file {name!r} was uploaded twice")
+                raise invalid(f"file {name!r} was uploaded twice")
             with open(dest, "wb") as out:
                 while chunk := await up.read(_CHUNK):
                     total += len(chunk)

@@ -175,6 +175,12 @@ def test_routers_over_http(api, tmp_path):
                   404, "adapter_not_found")
     _assert_error(api.post("/v1/routers", data={"name": "g2", "kind": "nope", "adapters": "ra"}, files=_files(rd)),
                   400, "router_invalid")
+    # Uploads that miss their files or name are refused as routers, not as adapters.
+    r = api.post("/v1/routers", data={"name": "g3", "kind": "gate", "adapters": "ra"}, files={"x": ("", b"")})
+    _assert_error(r, 400, "router_invalid")
+    assert "router's files" in r.json()["error"]["message"]
+    r = api.post("/v1/routers", data={"kind": "gate", "adapters": "ra"}, files=_files(rd))
+    assert _assert_error(r, 400, "router_invalid")["param"] == "name"
     assert api.delete("/v1/routers/gate").json()["deleted_versions"] == [1]
 
 

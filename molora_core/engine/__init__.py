@@ -15,6 +15,7 @@ from molora_core.engine.request import (
     RouterSpec,
     SamplingParams,
     StreamDelta,
+    TokenLogprob,
 )
 from molora_core.engine.stats import EngineStats
 
@@ -31,4 +32,5 @@ __all__ = [
     "RouterSpec",
     "SamplingParams",
     "StreamDelta",
+    "TokenLogprob",
 ]

@@ -36,8 +36,10 @@ from molora_core.adapter import LoRAAdapter
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.detokenize import IncrementalDetokenizer
 from molora_core.engine.graphs import DecodeGraphs, graph_mode
-from molora_core.engine.request import Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, _Stream
-from molora_core.engine.sampling import LogitAdjust, sample
+from molora_core.engine.request import (
+    Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, TokenLogprob, _Stream,
+)
+from molora_core.engine.sampling import LogitAdjust, sample, token_logprobs
 from molora_core.engine.sequence import Sequence
 from molora_core.engine.step import StepRunner
 from molora_core.engine.stats import Counters, EngineStats, percentile
@@ -485,10 +487,11 @@ class Engine:
         self.counters.failed += 1
         seq.stream.put(exc)
 
-    def _finish(self, seq: Sequence, reason: str, token_ids: tuple[int, ...] = ()) -> None:
+    def _finish(self, seq: Sequence, reason: str, token_ids: tuple[int, ...] = (),
+                logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if reason != "stop" or not seq.detok.stopped:
             seq.detok.flush()
-        seq.stream.put(seq.delta(seq.detok.take_delta(final=True), token_ids, reason))
+        seq.stream.put(seq.delta(seq.detok.take_delta(final=True), token_ids, reason, logprobs))
         self._release(seq)
         if reason == "abort":
             self.counters.aborted += 1
@@ -536,12 +539,12 @@ class Engine:
         try:
             logits = self.runner.logits(entries, flat, is_decode)
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
+            rows = logits if len(ready) == logits.shape[0] else logits[ready]
+            params = [entries[b][0].request.sampling for b in ready]
             tokens = sample(
-                logits if len(ready) == logits.shape[0] else logits[ready],
-                [entries[b][0].request.sampling for b in ready],
-                [entries[b][0].generator for b in ready],
-                [entries[b][0].adjust for b in ready],
+                rows, params, [entries[b][0].generator for b in ready], [entries[b][0].adjust for b in ready],
             ) if ready else []
+            logprobs = token_logprobs(rows, tokens, [p.logprobs for p in params]) if ready else []
         except Exception as exc:
             for seq, _ in entries:
                 self._fail(seq, exc)
@@ -553,11 +556,11 @@ class Engine:
             seq.num_computed += n
             for key in (seq.spec.adapter_names() or ["base"]):
                 c.tokens_by_adapter[key] = c.tokens_by_adapter.get(key, 0) + n
-        for b, token in zip(ready, tokens):
-            self._emit(entries[b][0], token)
+        for b, token, logprob in zip(ready, tokens, logprobs):
+            self._emit(entries[b][0], token, logprob)
         c.step_s.append(time.perf_counter() - started)
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -576,10 +579,11 @@ class Engine:
                 reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_seq_len):
             reason = "length"
+        logprobs = () if logprob is None else (logprob,)
         if reason is None:
-            seq.stream.put(seq.delta(seq.detok.take_delta(final=False), (token,)))
+            seq.stream.put(seq.delta(seq.detok.take_delta(final=False), (token,), logprobs=logprobs))
         else:
-            self._finish(seq, reason, (token,))
+            self._finish(seq, reason, (token,), logprobs)
 
 
 def _slot_order(seq: Sequence) -> int:

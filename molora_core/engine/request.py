@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 _ids = itertools.count()
+# At most this many alternatives per generated token (`SamplingParams.logprobs`), as OpenAI's chat API.
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class SamplingParams:
     (id, bias) pairs); penalties lie in [-2, 2].
 
     The same `seed` gives the same output for the same prompt and routing; None draws one.
+
+    `logprobs` (0 to MAX_LOGPROBS; None = off) returns, with each generated token, its
+    log-probability and those of the `logprobs` likeliest tokens, from the model's own
+    distribution (log-softmax of the logits, before bias, penalties, temperature and filters).
     """
 
     temperature: float = 0.0
@@ -55,6 +61,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0.0:
@@ -83,6 +90,8 @@ class SamplingParams:
                 raise RequestInvalid(f"logit_bias[{token}]={value}; expected -100 <= bias <= 100")
             bias[token] = float(value)
         object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestInvalid(f"logprobs={self.logprobs}; expected 0 to {MAX_LOGPROBS} (None = off)")
 
     @property
     def greedy(self) -> bool:
@@ -114,8 +123,19 @@ class Request:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the `SamplingParams.logprobs` likeliest tokens'
+    (token id, log-probability), likeliest first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class StreamDelta:
-    """New text (and the tokens that produced it) since the previous delta of the request."""
+    """New text (and the tokens that produced it) since the previous delta of the request;
+    `logprobs` has one entry per token where the request asked for them, else None."""
 
     request_id: str
     text: str
@@ -124,6 +144,7 @@ class StreamDelta:
     completion_tokens: int
     finished: bool = False
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +155,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, where the request asked for them
 
 
 class _Stream:
@@ -188,6 +210,7 @@ class RequestHandle:
         self._done = False
         self._text: list[str] = []
         self._tokens: list[int] = []
+        self._logprobs: list[TokenLogprob] | None = None if request.sampling.logprobs is None else []
         self._last: StreamDelta | None = None
 
     @property
@@ -200,6 +223,8 @@ class RequestHandle:
             raise item
         self._text.append(item.text)
         self._tokens.extend(item.token_ids)
+        if self._logprobs is not None and item.logprobs:
+            self._logprobs.extend(item.logprobs)
         self._last = item
         if item.finished:
             self._done = True
@@ -257,6 +282,7 @@ class RequestHandle:
             last.prompt_tokens if last else 0,
             last.completion_tokens if last else 0,
             last.finish_reason if last else None,
+            None if self._logprobs is None else tuple(self._logprobs),
         )
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kernels import decode_cpu
-from molora_core.engine.request import SamplingParams
+from molora_core.engine.request import SamplingParams, TokenLogprob
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -81,4 +81,22 @@ def sample(
         probs = torch.softmax(row, dim=-1)
         # Draw on the CPU: a CPU generator gives the same stream on every device.
         out[b] = int(torch.multinomial(probs.cpu(), 1, generator=generators[b]).item())
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int | None]) -> list[TokenLogprob | None]:
+    """For each row b of logits [B, V] with tops[b] not None: the log-probability of tokens[b]
+    under log_softmax(row) in float32, and the tops[b] likeliest tokens' (one host read)."""
+    rows = [b for b, top in enumerate(tops) if top is not None]
+    out: list[TokenLogprob | None] = [None] * len(tops)
+    if not rows:
+        return out
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[b]] for b in rows], device=logp.device)).squeeze(1)
+    k = min(max(tops[b] for b in rows), logp.shape[-1])
+    top_values, top_ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
+    for i, b in enumerate(rows):
+        n = tops[b]
+        out[b] = TokenLogprob(tokens[b], chosen[i], tuple(zip(top_ids[i][:n], top_values[i][:n])))
     return out

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from molora_core.engine.detokenize import IncrementalDetokenizer
-from molora_core.engine.request import Request, StreamDelta, _Stream
+from molora_core.engine.request import Request, StreamDelta, TokenLogprob, _Stream
 from molora_core.engine.sampling import LogitAdjust
 from molora_core.routing.routers import Router
 from molora_core.routing.spec import RoutingSpec
@@ -51,8 +51,10 @@ class Sequence:
             return self.prompt_ids[start : start + n]
         return [self.token(i) for i in range(start, start + n)]
 
-    def delta(self, text: str, token_ids: tuple[int, ...], finish_reason=None) -> StreamDelta:
+    def delta(self, text: str, token_ids: tuple[int, ...], finish_reason=None,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> StreamDelta:
         return StreamDelta(
             self.request_id, text, token_ids, len(self.prompt_ids), len(self.output_ids),
             finish_reason is not None, finish_reason,
+            None if self.request.sampling.logprobs is None else logprobs,
         )

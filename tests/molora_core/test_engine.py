@@ -176,6 +176,43 @@ def test_logit_bias_and_penalties_equal_transformers_generate(demo, engine, adap
         assert beside.result().token_ids == plain
 
 
+@pytest.mark.parametrize("adapter", [None, "math"])
+def test_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
+    """Each generated token's log-probability and its top alternatives equal log_softmax of
+    transformers' raw logits at that step (the model's distribution: before the request's
+    logit_bias, which here changes the tokens), streamed deltas included."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
+    if adapter:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    prompt, n, top = PROMPTS[2], 12, 5
+    plain = engine.submit(Request(prompt, greedy(n), routing)).result().token_ids
+    sampling = greedy(n, logprobs=top, logit_bias={plain[2]: -100})
+    handle = engine.submit(Request(prompt, sampling, routing))
+    streamed = [lp for delta in handle for lp in delta.logprobs]
+    out = handle.output()
+    assert out.logprobs == tuple(streamed) and len(streamed) == len(out.token_ids) == n
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = reference(torch.cat([ids, torch.tensor([out.token_ids])], dim=1)).logits[0, ids.shape[1] - 1 : -1]
+    want = torch.log_softmax(logits.float(), dim=-1)
+    assert out.token_ids != plain  # the bias changed the tokens, not the reported distribution
+    for step, lp in enumerate(out.logprobs):
+        assert lp.token_id == out.token_ids[step]
+        assert lp.logprob == pytest.approx(want[step, lp.token_id].item(), abs=1e-4)
+        values, top_ids = torch.topk(want[step], top)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert engine.submit(Request(prompt, greedy(2), routing)).result().logprobs is None
+    only_chosen = engine.submit(Request(prompt, greedy(2, logprobs=0), routing)).result().logprobs
+    assert [lp.top for lp in only_chosen] == [(), ()]
+
+
 def test_logit_bias_forces_and_bans_tokens_when_sampling(engine):
     forced = engine.submit(Request(PROMPTS[0], greedy(6, temperature=1.0, seed=5, logit_bias={42: 100}))).result()
     assert forced.token_ids == (42,) * 6
@@ -192,6 +229,8 @@ def test_bad_sampling_adjustments_are_refused(engine):
         SamplingParams(frequency_penalty=float("nan"))
     with pytest.raises(RequestInvalid, match="logit_bias"):
         SamplingParams(logit_bias={3: 101})
+    with pytest.raises(RequestInvalid, match="logprobs"):
+        SamplingParams(logprobs=21)
     with pytest.raises(RequestInvalid, match="logit_bias key"):
         SamplingParams(logit_bias={-1: 1.0})
     with pytest.raises(RequestInvalid, match="logit_bias token ids \\[99999\\]"):

@@ -92,6 +92,31 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _completion_logprobs(items: list, offset: int) -> tuple[dict, int]:
+    """The completions API's `logprobs` object for [token, logprob, alternatives] items, the
+    first token's text starting at `offset` of the completion; and the offset after them.
+    Each top_logprobs entry holds the alternatives and the chosen token, as OpenAI's does."""
+    offsets = []
+    for token, _, _ in items:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": [token for token, _, _ in items],
+        "token_logprobs": [logprob for _, logprob, _ in items],
+        "top_logprobs": [{**dict(alternatives), token: logprob} for token, logprob, alternatives in items],
+        "text_offset": offsets,
+    }, offset
+
+
+def _chat_logprobs(items: list) -> dict:
+    """The chat API's `logprobs` object (`content`: token, logprob, UTF-8 bytes, top_logprobs)."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*alt) for alt in alternatives]}
+                        for token, logprob, alternatives in items], "refusal": None}
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
@@ -214,7 +239,7 @@ class Ingress:
         if body.stream:
             return StreamingResponse(self._events(route, body, meta, stream, started), headers=headers,
                                      media_type="text/event-stream")
-        text, finish, usage = [], None, (0, 0)
+        text, finish, usage, logprobs = [], None, (0, 0), []
         try:
             async for item in stream:
                 if item["type"] == "error":
@@ -224,6 +249,7 @@ class Ingress:
                     if not text and item["tokens"]:
                         self.metrics.first_token(time.monotonic() - started)
                     text.append(item["text"])
+                    logprobs += item.get("logprobs") or []
                     finish, usage = item["finish_reason"], (item["prompt_tokens"], item["completion_tokens"])
         except ApiError:
             raise
@@ -232,8 +258,13 @@ class Ingress:
         if finish == "abort":
             raise unavailable("the request was aborted by the model replica (shutting down?)")
         out = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish}
-                  if route == "chat" else {"index": 0, "text": out, "finish_reason": finish, "logprobs": None})
+        wanted = body.top_logprobs_wanted() is not None
+        if route == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish,
+                      "logprobs": _chat_logprobs(logprobs) if wanted else None}
+        else:
+            choice = {"index": 0, "text": out, "finish_reason": finish,
+                      "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None}
         body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
                      "choices": [choice], "usage": _usage(*usage)}
         return JSONResponse(body_json, headers=headers)
@@ -246,13 +277,23 @@ class Ingress:
         chat = route == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         usage, last = (0, 0), None
+        wanted = body.top_logprobs_wanted() is not None
+        pending, offset = [], 0  # log-probabilities of tokens whose text has not gone out yet
 
         def chunk(content: str | None, finish, role: bool = False) -> dict:
+            nonlocal pending, offset
             if chat:
                 delta = {"role": "assistant", "content": content} if role else ({"content": content} if content else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                if wanted and not role:
+                    choice["logprobs"] = _chat_logprobs(pending)
             else:
-                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+                logprobs = None
+                if wanted:
+                    logprobs, offset = _completion_logprobs(pending, offset)
+                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": logprobs}
+            if not role:
+                pending = []
             return {**meta, "object": obj, "choices": [choice]}
 
         try:
@@ -273,6 +314,7 @@ class Ingress:
                         self.metrics.inter_token(now - last)
                     last = now
                 usage = (item["prompt_tokens"], item["completion_tokens"])
+                pending += item.get("logprobs") or []
                 finish = item["finish_reason"]
                 if finish == "abort":
                     yield _sse(unavailable("the request was aborted by the model replica").body())

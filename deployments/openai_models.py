@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible routes (the fields MoLoRA Serve reads).
 
 Unknown fields are ignored, as OpenAI clients send fields a server may not use (`user`,
-`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, logprobs, echo,
-best_of, suffix, tools, response_format other than text, output modalities other than text) are
-refused with a 400 instead of being silently dropped.
+`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, echo, best_of,
+suffix, tools, response_format other than text, output modalities other than text) are refused
+with a 400 instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # At most this many logit_bias entries per request.
 MAX_LOGIT_BIAS = 1024
+# At most this many alternatives per generated token (as OpenAI's chat API; its completions API allows 5).
+MAX_LOGPROBS = 20
 
 
 def _refuse_unless(value: Any, allowed: bool, what: str) -> Any:
@@ -76,8 +78,13 @@ class _Common(BaseModel):
             raise ValueError(f"stop={value!r}; expected at most 4 non-empty strings")
         return stops
 
+    def top_logprobs_wanted(self) -> int | None:
+        """Alternatives per generated token with its log-probability; None: no log-probabilities."""
+        return None
+
     def sampling_fields(self, default_max_tokens: int) -> dict:
         return {
+            "logprobs": self.top_logprobs_wanted(),
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
             "seed": self.seed, "max_tokens": self.max_tokens or default_max_tokens, "stop": list(self.stop or []),
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
@@ -95,9 +102,12 @@ class CompletionRequest(_Common):
 
     prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids.")
     echo: bool = Field(False, description="Not supported (must be false).")
-    logprobs: int | None = Field(None, description="Not supported (must be unset).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token, with logprobs.")
     best_of: int | None = Field(None, description="Not supported (must be unset or 1).")
     suffix: str | None = Field(None, description="Not supported (must be unset or empty).")
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @field_validator("best_of")
     @classmethod
@@ -111,8 +121,8 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _unsupported(self) -> "CompletionRequest":
-        if self.echo or self.logprobs:
-            raise ValueError(f"echo={self.echo}, logprobs={self.logprobs}; expected echo false and no logprobs")
+        if self.echo:
+            raise ValueError("echo=true is not supported (prompt log-probabilities are not computed)")
         return self
 
     @field_validator("prompt")
@@ -148,19 +158,14 @@ class ChatCompletionRequest(_Common):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20, description="Alias of max_tokens.")
-    logprobs: bool = Field(False, description="Not supported (must be false).")
-    top_logprobs: int | None = Field(None, description="Not supported (must be unset or 0).")
+    logprobs: bool = Field(False, description="Each generated token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (with logprobs).")
     tools: list[Any] | None = Field(None, description="Not supported (must be unset or empty).")
     functions: list[Any] | None = Field(None, description="Not supported (must be unset or empty).")
     tool_choice: Any = Field(None, description="Not supported (must be unset or 'none').")
     function_call: Any = Field(None, description="Not supported (must be unset or 'none').")
     response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
     modalities: list[str] | None = Field(None, description="Only ['text'].")
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, value):
-        return _refuse_unless(value, not value, "top_logprobs (log-probabilities)")
 
     @field_validator("tools", "functions")
     @classmethod
@@ -187,11 +192,14 @@ class ChatCompletionRequest(_Common):
     def _alias(self) -> "ChatCompletionRequest":
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
-        if self.logprobs:
-            raise ValueError("logprobs=true; expected false (log-probabilities are not supported)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
         for m in self.messages:
             m.text()  # raises on non-text parts while the body is validated
         return self
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

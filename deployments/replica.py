@@ -115,9 +115,21 @@ class ModelReplica:
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"],
             max_tokens=s["max_tokens"], stop=tuple(s["stop"]), stop_token_ids=stop_ids, ignore_eos=s["ignore_eos"],
             presence_penalty=s["presence_penalty"], frequency_penalty=s["frequency_penalty"],
-            logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]),
+            logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]), logprobs=s["logprobs"],
         )
         return Request(prompt, sampling, routing_spec(payload["routing"]), request_id=payload.get("request_id"))
+
+    def _logprob_items(self, logprobs) -> list:
+        """[token text, logprob, [[alternative text, logprob], ...]] per token. The text is the
+        token decoded alone (a piece of a multi-byte character shows as U+FFFD); a logprob of
+        -inf is sent as -9999.0, which JSON can carry."""
+        decode = self.engine.tokenizer.decode
+
+        def finite(value: float) -> float:
+            return max(value, -9999.0)
+
+        return [[decode([lp.token_id]), finite(lp.logprob), [[decode([t]), finite(v)] for t, v in lp.top]]
+                for lp in logprobs]
 
     async def generate(self, payload: dict):
         try:
@@ -131,7 +143,8 @@ class ModelReplica:
         try:
             async for d in handle:
                 yield {"type": "delta", "text": d.text, "tokens": len(d.token_ids), "prompt_tokens": d.prompt_tokens,
-                       "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason}
+                       "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
+                       "logprobs": None if d.logprobs is None else self._logprob_items(d.logprobs)}
         except Exception as exc:  # unknown adapter at load, hot-set full too long, engine failure
             yield classify(exc).to_item()
         finally:

@@ -98,6 +98,49 @@ def test_logit_bias_and_penalties_reach_the_engine(served, oai):
     assert out.choices[0].text == offline.text != plain.text
 
 
+def test_logprobs_over_the_api_equal_the_engines(served, oai):
+    """Completions (`logprobs`: n) and chat (`logprobs`, `top_logprobs`) carry each generated
+    token's log-probability and alternatives as OpenAI shapes them, equal to the offline engine's,
+    whole and streamed alike."""
+    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+    from molora_core.peft_io import load_peft_adapter
+    from molora_core.routing import AdapterSpec
+
+    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
+                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
+    try:
+        (offline,) = engine.generate([Request(PROMPT, SamplingParams(max_tokens=10, logprobs=3), AdapterSpec("math"))])
+        decode = engine.tokenizer.decode
+    finally:
+        engine.close()
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [decode([t]) for t in offline.token_ids] and "".join(lp.tokens) == out.choices[0].text
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in offline.logprobs], abs=1e-5)
+    for top, want in zip(lp.top_logprobs, offline.logprobs):
+        alternatives = {decode([t]): v for t, v in want.top}
+        assert top == pytest.approx({**alternatives, decode([want.token_id]): want.logprob}, abs=1e-5)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    chunks = list(oai.completions.create(model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3,
+                                         stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    chat = oai.chat.completions.create(model="math", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= -9999.0 for e in content)
+    chunks = list(oai.chat.completions.create(model="math", messages=messages, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert oai.completions.create(model="math", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
+
+
 def test_concurrent_mixed_requests(served):
     bodies = []
     for i in range(16):
@@ -145,6 +188,8 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "logit_bias": {"five": 1}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "best_of": 3}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "echo": True}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "suffix": "return a"}, 400, "invalid_request"),
     ],
 )
@@ -167,7 +212,7 @@ def test_bad_json_and_bad_chat(served):
         message = [{"role": "user", "content": "x"}]
         tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
         refused = [("tools", [tool]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
-                   ("modalities", ["text", "audio"]), ("top_logprobs", 2)]
+                   ("modalities", ["text", "audio"])]
         for field, value in refused:
             r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, field: value})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
@@ -176,6 +221,9 @@ def test_bad_json_and_bad_chat(served):
         r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, "max_tokens": 2, "tools": [],
                                                  "tool_choice": "none", "response_format": {"type": "text"}})
         assert r.status_code == 200, r.text
+        for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+            r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, **extra})
+            assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"], r.text
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and "error" in r.json()
 

@@ -50,6 +50,8 @@ from molora_core.model import KVCache, LoadedModel, load_pretrained
 from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
+# Prompt tokens scored per LM-head call (`SamplingParams.prompt_logprobs`): bounds the fp32 [rows, V] logits.
+PROMPT_SCORE_ROWS = 256
 
 AdapterLoader = Callable[[str], LoRAAdapter]
 RouterLoader = Callable[[str], GateRouter]
@@ -339,7 +341,10 @@ class Engine:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
         adjust = LogitAdjust(p, self.vocab_size, self.device) if p.adjusts_logits else None
-        return Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
+        seq = Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
+        if p.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        return seq
 
     def _check_router(self, router: GateRouter, what: str) -> None:
         hidden = self.model.config.hidden_size
@@ -536,8 +541,12 @@ class Engine:
         entries = self._schedule()
         flat = [t for seq, n in entries for t in seq.pending_ids(n)]
         is_decode = all(n == 1 for _, n in entries) and all(s.num_computed > 0 for s, _ in entries)
+        scored = [b for b, (seq, _) in enumerate(entries)
+                  if seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_ids)]
         try:
-            logits = self.runner.logits(entries, flat, is_decode)
+            logits, hidden = self.runner.logits(entries, flat, is_decode, scored)
+            for b in scored:
+                self._score_prompt(*entries[b], hidden[b])
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
             rows = logits if len(ready) == logits.shape[0] else logits[ready]
             params = [entries[b][0].request.sampling for b in ready]
@@ -557,8 +566,23 @@ class Engine:
             for key in (seq.spec.adapter_names() or ["base"]):
                 c.tokens_by_adapter[key] = c.tokens_by_adapter.get(key, 0) + n
         for b, token, logprob in zip(ready, tokens, logprobs):
-            self._emit(entries[b][0], token, logprob)
+            if entries[b][0].request.sampling.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(entries[b][0], "length")
+            else:
+                self._emit(entries[b][0], token, logprob)
         c.step_s.append(time.perf_counter() - started)
+
+    def _score_prompt(self, seq: Sequence, n: int, hidden: torch.Tensor) -> None:
+        """Append the log-probabilities of the prompt tokens that this step's n new tokens
+        predict (each new token's successor within the prompt), a few hundred rows at a time."""
+        start = seq.num_computed
+        targets = seq.prompt_ids[start + 1 : start + n + 1]
+        top = seq.request.sampling.prompt_logprobs
+        with torch.inference_mode():
+            for i in range(0, len(targets), PROMPT_SCORE_ROWS):
+                chunk = targets[i : i + PROMPT_SCORE_ROWS]
+                logits = self.model.lm_head(hidden[i : i + len(chunk)])
+                seq.prompt_logprobs += token_logprobs(logits, chunk, [top] * len(chunk))
 
     def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()

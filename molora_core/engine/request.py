@@ -48,6 +48,8 @@ class SamplingParams:
     `logprobs` (0 to MAX_LOGPROBS; None = off) returns, with each generated token, its
     log-probability and those of the `logprobs` likeliest tokens, from the model's own
     distribution (log-softmax of the logits, before bias, penalties, temperature and filters).
+    `prompt_logprobs` does the same for each prompt token after the first (given the tokens
+    before it), and max_tokens=0 then scores the prompt without generating.
     """
 
     temperature: float = 0.0
@@ -62,6 +64,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0.0:
@@ -70,8 +73,8 @@ class SamplingParams:
             raise RequestInvalid(f"top_p={self.top_p}; expected 0 < top_p <= 1")
         if self.top_k < 0:
             raise RequestInvalid(f"top_k={self.top_k}; expected >= 0 (0 = off)")
-        if self.max_tokens < 1:
-            raise RequestInvalid(f"max_tokens={self.max_tokens}; expected >= 1")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise RequestInvalid(f"max_tokens={self.max_tokens}; expected >= 1 (0 only to score the prompt)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -90,8 +93,10 @@ class SamplingParams:
                 raise RequestInvalid(f"logit_bias[{token}]={value}; expected -100 <= bias <= 100")
             bias[token] = float(value)
         object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestInvalid(f"logprobs={self.logprobs}; expected 0 to {MAX_LOGPROBS} (None = off)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise RequestInvalid(f"{name}={value}; expected 0 to {MAX_LOGPROBS} (None = off)")
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +150,8 @@ class StreamDelta:
     finished: bool = False
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # With the request's first delta, where it asked for them: None for the first prompt token.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,7 @@ class RequestOutput:
     completion_tokens: int
     finish_reason: FinishReason | None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, where the request asked for them
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # one per prompt token, likewise
 
 
 class _Stream:
@@ -211,6 +219,7 @@ class RequestHandle:
         self._text: list[str] = []
         self._tokens: list[int] = []
         self._logprobs: list[TokenLogprob] | None = None if request.sampling.logprobs is None else []
+        self._prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
         self._last: StreamDelta | None = None
 
     @property
@@ -225,6 +234,8 @@ class RequestHandle:
         self._tokens.extend(item.token_ids)
         if self._logprobs is not None and item.logprobs:
             self._logprobs.extend(item.logprobs)
+        if item.prompt_logprobs is not None:
+            self._prompt_logprobs = item.prompt_logprobs
         self._last = item
         if item.finished:
             self._done = True
@@ -283,6 +294,7 @@ class RequestHandle:
             last.completion_tokens if last else 0,
             last.finish_reason if last else None,
             None if self._logprobs is None else tuple(self._logprobs),
+            self._prompt_logprobs,
         )
 
     @property

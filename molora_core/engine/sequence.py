@@ -30,6 +30,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # Where the request asked for them: the prompt tokens' log-probabilities scored so far
+    # (None for the first); handed out with the first delta, then None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def request_id(self) -> str:
@@ -53,8 +56,10 @@ class Sequence:
 
     def delta(self, text: str, token_ids: tuple[int, ...], finish_reason=None,
               logprobs: tuple[TokenLogprob, ...] = ()) -> StreamDelta:
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return StreamDelta(
             self.request_id, text, token_ids, len(self.prompt_ids), len(self.output_ids),
             finish_reason is not None, finish_reason,
             None if self.request.sampling.logprobs is None else logprobs,
+            None if prompt_logprobs is None else tuple(prompt_logprobs),
         )

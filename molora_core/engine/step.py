@@ -11,6 +11,8 @@ Legend: B sequences in the step, V vocabulary.
 
 from __future__ import annotations
 
+from typing import Collection, NamedTuple
+
 import torch
 
 from kernels import DispatchMeta
@@ -24,6 +26,11 @@ from molora_core.routing import GateSlotRouter, RoutingPlan
 Entries = list[tuple[Sequence, int]]  # (sequence, new tokens this step)
 
 
+class StepLogits(NamedTuple):
+    last: torch.Tensor  # [B, V]: each entry's last new token
+    hidden: dict[int, torch.Tensor]  # entry index -> final-normed hidden states [n, D] of all its new tokens
+
+
 class StepRunner:
     """Runs one step's forward for the engine; `graphs` None = every step eager."""
 
@@ -33,14 +40,17 @@ class StepRunner:
         self.graphs, self.max_top_k = graphs, max_top_k
         self.fixed_steps = 0  # steps run at a fixed shape (the engine's stats report them)
 
-    def logits(self, entries: Entries, flat: list[int], is_decode: bool) -> torch.Tensor:
-        """Logits [B, V] of each entry's last new token; flat: every entry's new token ids, in order."""
+    def logits(self, entries: Entries, flat: list[int], is_decode: bool,
+               keep_hidden: Collection[int] = ()) -> StepLogits:
+        """Logits of each entry's last new token; flat: every entry's new token ids, in order.
+        For the entries (indices) in keep_hidden, also the hidden states of all their new tokens
+        (the engine scores prompt tokens from them)."""
         try:
             with torch.inference_mode():
-                if self.graphs is not None and is_decode and _fits_fixed_shape(entries):
+                if self.graphs is not None and is_decode and not keep_hidden and _fits_fixed_shape(entries):
                     logits = self._fixed_shape(entries, flat)
                     self.fixed_steps += 1
-                    return logits
+                    return StepLogits(logits, {})
                 batch = StepBatch.build(
                     [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
                     [seq.num_computed + n for seq, n in entries],
@@ -48,7 +58,15 @@ class StepRunner:
                 device = self.model.device
                 ids = torch.tensor(flat, dtype=torch.int64, device=device)
                 hook = self._route(entries, ids, batch)
-                return self.model(ids, batch.positions(device), batch, self.kv_cache, on_embeddings=hook, logits="last")
+                positions = batch.positions(device)
+                if not keep_hidden:
+                    return StepLogits(
+                        self.model(ids, positions, batch, self.kv_cache, on_embeddings=hook, logits="last"), {}
+                    )
+                h = self.model(ids, positions, batch, self.kv_cache, on_embeddings=hook, logits="none")
+                last = torch.tensor(batch.last_token_indices(), dtype=torch.int64, device=h.device)
+                hidden = {b: h[batch.starts[b] : batch.starts[b] + entries[b][1]] for b in keep_hidden}
+                return StepLogits(self.model.lm_head(h[last]), hidden)
         finally:
             self.context.meta = None
 

@@ -213,6 +213,45 @@ def test_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
     assert [lp.top for lp in only_chosen] == [(), ()]
 
 
+@pytest.mark.parametrize("adapter", [None, "code"])
+def test_prompt_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
+    """Each prompt token's log-probability given the tokens before it (the prompt prefilled in
+    chunks of 5, so scored across chunk boundaries) and its top alternatives equal log_softmax of
+    transformers' logits; max_tokens=0 scores the prompt and generates nothing, and a request
+    beside it in the batch still gets its plain greedy tokens."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
+    if adapter:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    prompt, top = PROMPTS[2], 3
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+    plain = engine.submit(Request(PROMPTS[0], greedy(6), routing)).result().token_ids
+    scored = engine.submit(Request(prompt, SamplingParams(max_tokens=0, prompt_logprobs=top), routing))
+    beside = engine.submit(Request(PROMPTS[0], greedy(6), routing))
+    out = scored.result()
+    assert (out.token_ids, out.completion_tokens, out.finish_reason, out.logprobs) == ((), 0, "length", None)
+    assert len(out.prompt_logprobs) == len(ids) > 10 and out.prompt_logprobs[0] is None
+    for i, lp in enumerate(out.prompt_logprobs[1:], start=1):
+        assert lp.token_id == ids[i]
+        assert lp.logprob == pytest.approx(want[i - 1, ids[i]].item(), abs=1e-4)
+        values, top_ids = torch.topk(want[i - 1], top)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert beside.result().token_ids == plain
+    both = engine.submit(Request(prompt, greedy(4, logprobs=0, prompt_logprobs=0), routing)).result()
+    assert [lp.logprob for lp in both.prompt_logprobs[1:]] == [lp.logprob for lp in out.prompt_logprobs[1:]]
+    assert len(both.token_ids) == len(both.logprobs) == 4
+    with pytest.raises(RequestInvalid, match="max_tokens=0"):
+        SamplingParams(max_tokens=0)
+
+
 def test_logit_bias_forces_and_bans_tokens_when_sampling(engine):
     forced = engine.submit(Request(PROMPTS[0], greedy(6, temperature=1.0, seed=5, logit_bias={42: 100}))).result()
     assert forced.token_ids == (42,) * 6

@@ -140,11 +140,11 @@ def test_steps_on_two_gates_run_eagerly_and_old_gates_shapes_are_dropped(demo, t
     run, logits = fixed.graphs.run, fixed.runner.logits
     fixed.graphs.run = lambda *a: calls.append(a[4] is not None) or run(*a)
 
-    def counting_logits(entries, flat, is_decode):
+    def counting_logits(entries, flat, is_decode, keep_hidden=()):
         if is_decode:
             routers = [seq.router for seq, _ in entries if seq.router is not None and seq.router.needs_hidden]
             gates_per_decode_step.append(len({r.batch_key() for r in routers}))
-        return logits(entries, flat, is_decode)
+        return logits(entries, flat, is_decode, keep_hidden)
 
     fixed.runner.logits = counting_logits
     both = lambda: [Request(PROMPTS[0], greedy(6), RouterSpec("demo-gate")),  # noqa: E731

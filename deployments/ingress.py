@@ -95,7 +95,8 @@ def _usage(prompt: int, completion: int) -> dict:
 def _completion_logprobs(items: list, offset: int) -> tuple[dict, int]:
     """The completions API's `logprobs` object for [token, logprob, alternatives] items, the
     first token's text starting at `offset` of the completion; and the offset after them.
-    Each top_logprobs entry holds the alternatives and the chosen token, as OpenAI's does."""
+    Each top_logprobs entry holds the alternatives and the chosen token, as OpenAI's does; an
+    echoed prompt's first token has None for both."""
     offsets = []
     for token, _, _ in items:
         offsets.append(offset)
@@ -103,7 +104,8 @@ def _completion_logprobs(items: list, offset: int) -> tuple[dict, int]:
     return {
         "tokens": [token for token, _, _ in items],
         "token_logprobs": [logprob for _, logprob, _ in items],
-        "top_logprobs": [{**dict(alternatives), token: logprob} for token, logprob, alternatives in items],
+        "top_logprobs": [None if logprob is None else {**dict(alternatives), token: logprob}
+                         for token, logprob, alternatives in items],
         "text_offset": offsets,
     }, offset
 
@@ -226,7 +228,7 @@ class Ingress:
         if route == "chat":
             payload["messages"] = body.message_dicts()
         else:
-            payload["prompt"] = body.prompt
+            payload["prompt"], payload["echo"] = body.prompt, body.echo
         stream = self.replica.generate.remote(payload)
         try:
             first = await stream.__anext__()
@@ -248,6 +250,9 @@ class Ingress:
                 if item["type"] == "delta":
                     if not text and item["tokens"]:
                         self.metrics.first_token(time.monotonic() - started)
+                    if "echo" in item:
+                        text.append(item["echo"])
+                        logprobs += item.get("prompt_logprobs") or []
                     text.append(item["text"])
                     logprobs += item.get("logprobs") or []
                     finish, usage = item["finish_reason"], (item["prompt_tokens"], item["completion_tokens"])
@@ -314,6 +319,9 @@ class Ingress:
                         self.metrics.inter_token(now - last)
                     last = now
                 usage = (item["prompt_tokens"], item["completion_tokens"])
+                if "echo" in item:
+                    pending += item.get("prompt_logprobs") or []
+                    yield _sse(chunk(item["echo"], None))
                 pending += item.get("logprobs") or []
                 finish = item["finish_reason"]
                 if finish == "abort":

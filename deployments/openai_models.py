@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible routes (the fields MoLoRA Serve reads).
 
 Unknown fields are ignored, as OpenAI clients send fields a server may not use (`user`,
-`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, echo, best_of,
-suffix, tools, response_format other than text, output modalities other than text) are refused
-with a 400 instead of being silently dropped.
+`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, best_of, suffix,
+tools, response_format other than text, output modalities other than text) are refused with a
+400 instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _Common(BaseModel):
     adapters: list[AdapterWeight] | None = Field(
         None, min_length=1, max_length=16, description="Explicit mixture; `model` must then be the base model."
     )
-    max_tokens: int | None = Field(None, ge=1, le=1 << 20, description="Tokens to generate.")
+    max_tokens: int | None = Field(None, ge=0, le=1 << 20, description="Tokens to generate (0: completions with echo).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=-1, le=1 << 20, description="Top-k filter (0 or -1 = off); not an OpenAI field.")
@@ -82,11 +82,16 @@ class _Common(BaseModel):
         """Alternatives per generated token with its log-probability; None: no log-probabilities."""
         return None
 
+    def prompt_logprobs_wanted(self) -> int | None:
+        """Alternatives per prompt token with its log-probability; None: the prompt is not scored."""
+        return None
+
     def sampling_fields(self, default_max_tokens: int) -> dict:
         return {
-            "logprobs": self.top_logprobs_wanted(),
+            "logprobs": self.top_logprobs_wanted(), "prompt_logprobs": self.prompt_logprobs_wanted(),
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
-            "seed": self.seed, "max_tokens": self.max_tokens or default_max_tokens, "stop": list(self.stop or []),
+            "seed": self.seed, "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
+            "stop": list(self.stop or []),
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": [[int(token), bias] for token, bias in (self.logit_bias or {}).items()],
@@ -101,13 +106,16 @@ class CompletionRequest(_Common):
     """`POST /v1/completions`."""
 
     prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids.")
-    echo: bool = Field(False, description="Not supported (must be false).")
+    echo: bool = Field(False, description="The prompt before the completion (and its tokens' logprobs).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token, with logprobs.")
     best_of: int | None = Field(None, description="Not supported (must be unset or 1).")
     suffix: str | None = Field(None, description="Not supported (must be unset or empty).")
 
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("best_of")
     @classmethod
@@ -120,9 +128,9 @@ class CompletionRequest(_Common):
         return _refuse_unless(value, not value, "suffix (insertion)")
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo=true is not supported (prompt log-probabilities are not computed)")
+    def _scoring_only(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens=0 needs echo=true (it returns the prompt, scored with logprobs)")
         return self
 
     @field_validator("prompt")
@@ -192,6 +200,8 @@ class ChatCompletionRequest(_Common):
     def _alias(self) -> "ChatCompletionRequest":
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens=0; expected at least 1 for a chat completion")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
         for m in self.messages:

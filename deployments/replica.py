@@ -104,6 +104,9 @@ class ModelReplica:
     # -- serving ---------------------------------------------------------------------------
     def _request(self, payload: dict) -> Request:
         prompt = payload.get("prompt")
+        if payload.get("echo") and isinstance(prompt, str):
+            # Token ids, so the echoed prompt's scores line up with the ids they score.
+            prompt = list(self.engine.tokenizer(prompt)["input_ids"])
         stop_ids: tuple[int, ...] = ()
         if payload.get("messages") is not None:
             prompt = chat_prompt(self.engine.tokenizer, payload["messages"])
@@ -116,6 +119,7 @@ class ModelReplica:
             max_tokens=s["max_tokens"], stop=tuple(s["stop"]), stop_token_ids=stop_ids, ignore_eos=s["ignore_eos"],
             presence_penalty=s["presence_penalty"], frequency_penalty=s["frequency_penalty"],
             logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]), logprobs=s["logprobs"],
+            prompt_logprobs=s.get("prompt_logprobs"),
         )
         return Request(prompt, sampling, routing_spec(payload["routing"]), request_id=payload.get("request_id"))
 
@@ -131,20 +135,36 @@ class ModelReplica:
         return [[decode([lp.token_id]), finite(lp.logprob), [[decode([t]), finite(v)] for t, v in lp.top]]
                 for lp in logprobs]
 
+    def _echo(self, payload: dict, ids: list[int], prompt_logprobs) -> dict:
+        """The echoed prompt's fields of the first delta: its text and, where asked for, its
+        tokens' [text, logprob, alternatives] (the first token's logprob and alternatives None)."""
+        prompt = payload["prompt"]
+        echo = {"echo": prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)}
+        if prompt_logprobs is not None:
+            first = [self.engine.tokenizer.decode(ids[:1]), None, None]
+            echo["prompt_logprobs"] = [first, *self._logprob_items(prompt_logprobs[1:])]
+        return echo
+
     async def generate(self, payload: dict):
         try:
-            handle = self.engine.submit(self._request(payload))
+            request = self._request(payload)
+            handle = self.engine.submit(request)
         except Exception as exc:  # bad prompt or sampling, queue full, engine down
             yield classify(exc).to_item()
             return
         with self._usage_lock:
             self.usage.observe(payload["routing"]["adapters"])
         yield {"type": "start", "replica": self.replica_id, "actor": self.actor_name}
+        echo = bool(payload.get("echo"))
         try:
             async for d in handle:
-                yield {"type": "delta", "text": d.text, "tokens": len(d.token_ids), "prompt_tokens": d.prompt_tokens,
-                       "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
-                       "logprobs": None if d.logprobs is None else self._logprob_items(d.logprobs)}
+                item = {"type": "delta", "text": d.text, "tokens": len(d.token_ids), "prompt_tokens": d.prompt_tokens,
+                        "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
+                        "logprobs": None if d.logprobs is None else self._logprob_items(d.logprobs)}
+                if echo:  # with the first delta
+                    item.update(self._echo(payload, list(request.prompt), d.prompt_logprobs))
+                    echo = False
+                yield item
         except Exception as exc:  # unknown adapter at load, hot-set full too long, engine failure
             yield classify(exc).to_item()
         finally:

@@ -141,6 +141,44 @@ def test_logprobs_over_the_api_equal_the_engines(served, oai):
     assert oai.completions.create(model="math", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
 
 
+def test_echo_returns_the_prompt_scored_as_the_engine_scores_it(served, oai):
+    """echo with max_tokens=0 and logprobs scores the prompt (lm-eval-harness's loglikelihood
+    call): the prompt's text, its tokens, None for the first token and the offline engine's
+    log-probabilities for the rest; echo with generation puts the prompt before the completion,
+    whole and streamed alike."""
+    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+    from molora_core.peft_io import load_peft_adapter
+    from molora_core.routing import AdapterSpec
+
+    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
+                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
+    try:
+        ids = list(engine.tokenizer(PROMPT)["input_ids"])
+        sampling = SamplingParams(max_tokens=0, prompt_logprobs=2)
+        (offline,) = engine.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
+        decode = engine.tokenizer.decode
+    finally:
+        engine.close()
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    choice = out.choices[0]
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert lp.tokens == [decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([t.logprob for t in offline.prompt_logprobs[1:]], abs=1e-5)
+    assert all(len(top) in (2, 3) for top in lp.top_logprobs[1:])
+    plain = oai.completions.create(model="math", prompt=PROMPT, max_tokens=6, temperature=0)
+    echoed = oai.completions.create(model="math", prompt=PROMPT, max_tokens=6, temperature=0, echo=True, logprobs=1)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    assert echoed.choices[0].logprobs.tokens[: len(ids)] == lp.tokens
+    assert len(echoed.choices[0].logprobs.tokens) == len(ids) + echoed.usage.completion_tokens
+    chunks = list(oai.completions.create(model="math", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                         logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
+        echoed.choices[0].logprobs.tokens
+
+
 def test_concurrent_mixed_requests(served):
     bodies = []
     for i in range(16):
@@ -189,7 +227,7 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "best_of": 3}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "invalid_request"),
-        ({"model": "math", "prompt": "x", "echo": True}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "max_tokens": 0, "logprobs": 1}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "suffix": "return a"}, 400, "invalid_request"),
     ],
 )
@@ -221,6 +259,8 @@ def test_bad_json_and_bad_chat(served):
         r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, "max_tokens": 2, "tools": [],
                                                  "tool_choice": "none", "response_format": {"type": "text"}})
         assert r.status_code == 200, r.text
+        r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, "max_tokens": 0})
+        assert r.status_code == 400 and "max_tokens=0" in r.json()["error"]["message"], r.text
         for extra in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
             r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, **extra})
             assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"], r.text

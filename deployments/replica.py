@@ -119,7 +119,7 @@ class ModelReplica:
             max_tokens=s["max_tokens"], stop=tuple(s["stop"]), stop_token_ids=stop_ids, ignore_eos=s["ignore_eos"],
             presence_penalty=s["presence_penalty"], frequency_penalty=s["frequency_penalty"],
             logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]), logprobs=s["logprobs"],
-            prompt_logprobs=s.get("prompt_logprobs"),
+            prompt_logprobs=s["prompt_logprobs"],
         )
         return Request(prompt, sampling, routing_spec(payload["routing"]), request_id=payload.get("request_id"))
 

@@ -129,8 +129,9 @@ class Request:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability and the `SamplingParams.logprobs` likeliest tokens'
-    (token id, log-probability), likeliest first."""
+    """A token's log-probability at its position and the likeliest tokens' there (token id,
+    log-probability), likeliest first: `SamplingParams.logprobs` (generated tokens) or
+    `prompt_logprobs` (prompt tokens) of them."""
 
     token_id: int
     logprob: float

@@ -8,14 +8,17 @@
     GET  /metrics                   Prometheus text format
 
 The ingress resolves `model` against the registry (deployments.resolve), sends the request to a
-model replica through the adapter-affinity request router, and turns the replica's stream into
-OpenAI bodies or SSE chunks. Every error is `{"error": {message, type, param, code}}`; the
-replica that served a request is named in the `x-molora-replica` response header.
+model replica through the adapter-affinity request router (one call per choice, for `n`), and
+turns the replicas' streams into OpenAI bodies or SSE chunks. Every error is `{"error": {message,
+type, param, code}}`; the replicas that served a request are named in the `x-molora-replica`
+response header.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the methods' signatures for FastAPI,
 # which must see `Request` as a class, not a string.
+import asyncio
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +44,7 @@ from deployments.placement import PlacementController
 from deployments.replica import stats_key
 from deployments.resolve import ROUTER_PREFIX, Resolver
 
+log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-molora-replica"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions when max_tokens is unset
 MAX_BODY_BYTES = 4 << 20
@@ -117,6 +121,27 @@ def _chat_logprobs(items: list) -> dict:
 
     return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*alt) for alt in alternatives]}
                         for token, logprob, alternatives in items], "refusal": None}
+
+
+def _choice_payload(payload: dict, i: int, n: int) -> dict:
+    """The replica payload of choice i of n (the payload itself when n is 1): its own request id
+    and, where the request is seeded, seed + i."""
+    if n == 1:
+        return payload
+    sampling = dict(payload["sampling"])
+    if sampling["seed"] is not None:
+        sampling["seed"] = (sampling["seed"] + i) % (1 << 63)
+    return {**payload, "request_id": f"{payload['request_id']}-{i}", "sampling": sampling}
+
+
+def _cancel(streams: list) -> None:
+    """Cancel replica calls, best effort: their engines abort the requests. (A call that never
+    reached a replica raises its own error, BackPressureError say, from `cancel`: ignored.)"""
+    for stream in streams:
+        try:
+            stream.cancel()
+        except Exception as exc:
+            log.debug("cancelling a replica call: %s: %s", type(exc).__name__, exc)
 
 
 def _sse(data: dict) -> str:
@@ -229,18 +254,54 @@ class Ingress:
             payload["messages"] = body.message_dicts()
         else:
             payload["prompt"], payload["echo"] = body.prompt, body.echo
-        stream = self.replica.generate.remote(payload)
+        # One replica call per choice; choice i samples with seed + i, so n seeded choices differ
+        # from each other and repeat from run to run.
+        streams = [self.replica.generate.remote(_choice_payload(payload, i, body.n)) for i in range(body.n)]
         try:
-            first = await stream.__anext__()
+            firsts = await asyncio.gather(*(stream.__anext__() for stream in streams))
         except Exception as exc:
+            _cancel(streams)
             raise _ray_error(exc) from None
-        if first["type"] == "error":
-            raise ApiError.from_item(first)
-        headers = {REPLICA_HEADER: first["replica"]}
+        for first in firsts:
+            if first["type"] == "error":
+                _cancel(streams)
+                raise ApiError.from_item(first)
+        headers = {REPLICA_HEADER: ",".join(dict.fromkeys(first["replica"] for first in firsts))}
         meta = {"id": rid, "created": int(time.time()), "model": body.model}
         if body.stream:
-            return StreamingResponse(self._events(route, body, meta, stream, started), headers=headers,
+            return StreamingResponse(self._events(route, body, meta, streams, started), headers=headers,
                                      media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(self._collect(stream, started)) for stream in streams]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((task for task in tasks if task.done() and task.exception()), None)
+            if failed is not None:
+                raise failed.exception()
+        except BaseException:  # a choice failed, or the client went away: stop the others
+            for task, stream in zip(tasks, streams):
+                if not task.done():
+                    task.cancel()
+                    _cancel([stream])
+            raise
+        outs = [task.result() for task in tasks]
+        wanted = body.top_logprobs_wanted() is not None
+        choices = []
+        for i, (text, finish, usage, logprobs) in enumerate(outs):
+            if finish == "abort":
+                raise unavailable("the request was aborted by the model replica (shutting down?)")
+            if route == "chat":
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                                "logprobs": _chat_logprobs(logprobs) if wanted else None})
+            else:
+                choices.append({"index": i, "text": text, "finish_reason": finish,
+                                "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None})
+        usage = (outs[0][2][0], sum(out[2][1] for out in outs))  # the prompt once, every choice's tokens
+        body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
+                     "choices": choices, "usage": _usage(*usage)}
+        return JSONResponse(body_json, headers=headers)
+
+    async def _collect(self, stream, started: float) -> tuple[str, str | None, tuple[int, int], list]:
+        """One choice's whole output: (text, finish reason, (prompt, completion) tokens, logprob items)."""
         text, finish, usage, logprobs = [], None, (0, 0), []
         try:
             async for item in stream:
@@ -260,51 +321,64 @@ class Ingress:
             raise
         except Exception as exc:
             raise _ray_error(exc) from None
-        if finish == "abort":
-            raise unavailable("the request was aborted by the model replica (shutting down?)")
-        out = "".join(text)
-        wanted = body.top_logprobs_wanted() is not None
-        if route == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": finish,
-                      "logprobs": _chat_logprobs(logprobs) if wanted else None}
-        else:
-            choice = {"index": 0, "text": out, "finish_reason": finish,
-                      "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None}
-        body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
-                     "choices": [choice], "usage": _usage(*usage)}
-        return JSONResponse(body_json, headers=headers)
+        return "".join(text), finish, usage, logprobs
 
     def _observe(self, item: dict) -> None:
         if item["type"] == "delta" and item["tokens"]:
             self.metrics.generated(item["tokens"])
 
-    async def _events(self, route: str, body, meta: dict, stream, started: float):
+    async def _events(self, route: str, body, meta: dict, streams: list, started: float):
+        """Server-sent events of every choice's stream, merged as their items arrive."""
         chat = route == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
-        usage, last = (0, 0), None
+        n = len(streams)
+        usage, last = [(0, 0)] * n, [None] * n
         wanted = body.top_logprobs_wanted() is not None
-        pending, offset = [], 0  # log-probabilities of tokens whose text has not gone out yet
+        # Per choice: log-probabilities of tokens whose text has not gone out yet, and the text offset.
+        pending, offset = [[] for _ in range(n)], [0] * n
 
-        def chunk(content: str | None, finish, role: bool = False) -> dict:
-            nonlocal pending, offset
+        def chunk(i: int, content: str | None, finish, role: bool = False) -> dict:
             if chat:
                 delta = {"role": "assistant", "content": content} if role else ({"content": content} if content else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                choice = {"index": i, "delta": delta, "finish_reason": finish}
                 if wanted and not role:
-                    choice["logprobs"] = _chat_logprobs(pending)
+                    choice["logprobs"] = _chat_logprobs(pending[i])
             else:
                 logprobs = None
                 if wanted:
-                    logprobs, offset = _completion_logprobs(pending, offset)
-                choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": logprobs}
+                    logprobs, offset[i] = _completion_logprobs(pending[i], offset[i])
+                choice = {"index": i, "text": content or "", "finish_reason": finish, "logprobs": logprobs}
             if not role:
-                pending = []
+                pending[i] = []
             return {**meta, "object": obj, "choices": [choice]}
 
+        queue: asyncio.Queue = asyncio.Queue()
+
+        ended = [False] * n
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for item in stream:
+                    await queue.put((i, item))
+                await queue.put((i, None))
+            except Exception as exc:  # the replica died mid-stream
+                await queue.put((i, exc))
+            ended[i] = True
+
+        tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
         try:
             if chat:
-                yield _sse(chunk("", None, role=True))
-            async for item in stream:
+                for i in range(n):
+                    yield _sse(chunk(i, "", None, role=True))
+            running = n
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, Exception):  # end this stream with an error event
+                    yield _sse(_ray_error(item).body())
+                    return
                 if item["type"] == "error":
                     yield _sse(ApiError.from_item(item).body())
                     return
@@ -313,24 +387,28 @@ class Ingress:
                 now = time.monotonic()
                 if item["tokens"]:
                     self.metrics.generated(item["tokens"])
-                    if last is None:
+                    if last[i] is None:
                         self.metrics.first_token(now - started)
                     else:
-                        self.metrics.inter_token(now - last)
-                    last = now
-                usage = (item["prompt_tokens"], item["completion_tokens"])
+                        self.metrics.inter_token(now - last[i])
+                    last[i] = now
+                usage[i] = (item["prompt_tokens"], item["completion_tokens"])
                 if "echo" in item:
-                    pending += item.get("prompt_logprobs") or []
-                    yield _sse(chunk(item["echo"], None))
-                pending += item.get("logprobs") or []
+                    pending[i] += item.get("prompt_logprobs") or []
+                    yield _sse(chunk(i, item["echo"], None))
+                pending[i] += item.get("logprobs") or []
                 finish = item["finish_reason"]
                 if finish == "abort":
                     yield _sse(unavailable("the request was aborted by the model replica").body())
                     return
                 if item["text"] or finish:
-                    yield _sse(chunk(item["text"], finish))
+                    yield _sse(chunk(i, item["text"], finish))
             if body.include_usage:
-                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*usage)})
+                total = (usage[0][0], sum(u[1] for u in usage))
+                yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*total)})
             yield "data: [DONE]\n\n"
-        except Exception as exc:  # the replica died mid-stream: end this stream with an error event
-            yield _sse(_ray_error(exc).body())
+        finally:  # done, failed, or the client went away: stop what still runs
+            for task, stream, over in zip(tasks, streams, ended):
+                if not over:
+                    task.cancel()
+                    _cancel([stream])

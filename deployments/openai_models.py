@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible routes (the fields MoLoRA Serve reads).
 
 Unknown fields are ignored, as OpenAI clients send fields a server may not use (`user`,
-`metadata`, ...). Fields whose non-default values we cannot honour (n > 1, best_of, suffix,
-tools, response_format other than text, output modalities other than text) are refused with a
-400 instead of being silently dropped.
+`metadata`, ...). Fields whose non-default values we cannot honour (best_of, suffix, tools,
+response_format other than text, output modalities other than text) are refused with a 400
+instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # At most this many logit_bias entries per request.
 MAX_LOGIT_BIAS = 1024
+# At most this many choices (`n`) per request.
+MAX_CHOICES = 16
 # At most this many alternatives per generated token (as OpenAI's chat API; its completions API allows 5).
 MAX_LOGPROBS = 20
 
@@ -52,7 +54,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (choice i samples with seed + i).")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Taken once off each generated token's logit.")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Taken off per time a token was generated.")
     logit_bias: dict[str, float] | None = Field(

@@ -179,6 +179,60 @@ def test_echo_returns_the_prompt_scored_as_the_engine_scores_it(served, oai):
         echoed.choices[0].logprobs.tokens
 
 
+def test_n_choices_whole_and_streamed(served, oai):
+    """n choices come back with indices 0..n-1; choice i is the single request seeded seed + i
+    (so seeded choices differ and repeat); usage counts the prompt once and every choice's tokens;
+    a stream interleaves the choices' chunks by index."""
+    kw = dict(model="chat", prompt="Hello", max_tokens=10, temperature=1.0, seed=11)
+    out = oai.completions.create(n=3, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    alone = [oai.completions.create(**{**kw, "seed": 11 + i}) for i in range(3)]
+    assert [c.text for c in out.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in out.choices}) > 1
+    assert out.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert out.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    chat = oai.chat.completions.create(model="molora:demo-gate", messages=messages, max_tokens=8, temperature=0.8,
+                                       seed=3, n=2)
+    chunks = list(oai.chat.completions.create(model="molora:demo-gate", messages=messages, max_tokens=8,
+                                              temperature=0.8, seed=3, n=2, stream=True,
+                                              stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert [texts[0], texts[1]] == [c.message.content for c in chat.choices]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_a_client_that_leaves_a_stream_of_n_choices_aborts_them(served):
+    """Closing a streamed request of 2 choices early aborts both in the engines (the replicas'
+    published `aborted` counters grow by 2) instead of letting them run to max_tokens."""
+    import time
+
+    from deployments.replica import stats_key
+
+    client = served.registry.client
+
+    def aborted() -> int:
+        keys = list(client.scan_iter(match=stats_key("molora", "*")))
+        return sum(json.loads(raw)["aborted"] for raw in client.mget(keys) if raw)
+
+    time.sleep(1.0)
+    before = aborted()
+    body = {"model": "code", "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 2}
+    with served.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 6:
+                break
+    deadline = time.monotonic() + 20
+    while aborted() < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert aborted() == before + 2
+
+
 def test_concurrent_mixed_requests(served):
     bodies = []
     for i in range(16):
@@ -215,7 +269,7 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "temperature": -1}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "top_p": 0}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "max_tokens": 0}, 400, "invalid_request"),
-        ({"model": "math", "prompt": "x", "n": 2}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "n": 17}, 400, "invalid_request"),
         ({"model": "math"}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x " * 400}, 400, "context_length_exceeded"),
         ({"model": "math", "prompt": "x", "adapters": [{"name": "code", "weight": 1}]}, 400, "invalid_request"),

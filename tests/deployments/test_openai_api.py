@@ -9,6 +9,9 @@ import pytest
 from openai import OpenAI
 
 from deployments.bootstrap import DEMO_MODEL_NAME
+from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+from molora_core.peft_io import load_peft_adapter
+from molora_core.routing import AdapterSpec
 
 PROMPT = "Q: What is 2 + 3? A:"
 
@@ -16,6 +19,16 @@ PROMPT = "Q: What is 2 + 3? A:"
 @pytest.fixture(scope="module")
 def oai(served):
     return OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline_math(served):
+    """An offline engine on the demo model whose adapter keys all load the demo `math` adapter:
+    what the served app's outputs are held against."""
+    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
+                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
+    yield engine
+    engine.close()
 
 
 def test_healthz_and_models(served):
@@ -55,11 +68,7 @@ def test_seeded_sampling_is_reproducible(oai):
     assert a.choices[0].text == b.choices[0].text
 
 
-def test_register_over_http_then_greedy_equals_offline(served, oai):
-    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
-    from molora_core.peft_io import load_peft_adapter
-    from molora_core.routing import AdapterSpec
-
+def test_register_over_http_then_greedy_equals_offline(served, oai, offline_math):
     src = served.demo / "adapters" / "math"
     files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(src.iterdir())]
     with served.client() as c:
@@ -68,51 +77,29 @@ def test_register_over_http_then_greedy_equals_offline(served, oai):
     assert r.json()["name"] == "math-http" and r.json()["version"] == 1
 
     served_text = oai.completions.create(model="math-http", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
-    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
-                    adapter_loader=lambda key: load_peft_adapter(src, name=key))
-    try:
-        (offline,) = engine.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])
-    finally:
-        engine.close()
+    (offline,) = offline_math.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])
     assert served_text == offline.text
 
 
-def test_logit_bias_and_penalties_reach_the_engine(served, oai):
+def test_logit_bias_and_penalties_reach_the_engine(oai, offline_math):
     """Served with logit_bias and both penalties, the greedy text equals the offline engine's with
     the same SamplingParams, and differs from the plain greedy text."""
-    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
-    from molora_core.peft_io import load_peft_adapter
-    from molora_core.routing import AdapterSpec
-
-    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
-                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
-    try:
-        plain = engine.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])[0]
-        bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: 4.0}
-        sampling = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=bias)
-        (offline,) = engine.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
-    finally:
-        engine.close()
+    plain = offline_math.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])[0]
+    bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: 4.0}
+    sampling = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=bias)
+    (offline,) = offline_math.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0, presence_penalty=0.5,
                                  frequency_penalty=1.5, logit_bias={str(t): b for t, b in bias.items()})
     assert out.choices[0].text == offline.text != plain.text
 
 
-def test_logprobs_over_the_api_equal_the_engines(served, oai):
+def test_logprobs_over_the_api_equal_the_engines(oai, offline_math):
     """Completions (`logprobs`: n) and chat (`logprobs`, `top_logprobs`) carry each generated
     token's log-probability and alternatives as OpenAI shapes them, equal to the offline engine's,
     whole and streamed alike."""
-    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
-    from molora_core.peft_io import load_peft_adapter
-    from molora_core.routing import AdapterSpec
-
-    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
-                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
-    try:
-        (offline,) = engine.generate([Request(PROMPT, SamplingParams(max_tokens=10, logprobs=3), AdapterSpec("math"))])
-        decode = engine.tokenizer.decode
-    finally:
-        engine.close()
+    sampling = SamplingParams(max_tokens=10, logprobs=3)
+    (offline,) = offline_math.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
+    decode = offline_math.tokenizer.decode
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs
     assert lp.tokens == [decode([t]) for t in offline.token_ids] and "".join(lp.tokens) == out.choices[0].text
@@ -141,24 +128,15 @@ def test_logprobs_over_the_api_equal_the_engines(served, oai):
     assert oai.completions.create(model="math", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
 
 
-def test_echo_returns_the_prompt_scored_as_the_engine_scores_it(served, oai):
+def test_echo_returns_the_prompt_scored_as_the_engine_scores_it(oai, offline_math):
     """echo with max_tokens=0 and logprobs scores the prompt (lm-eval-harness's loglikelihood
     call): the prompt's text, its tokens, None for the first token and the offline engine's
     log-probabilities for the rest; echo with generation puts the prompt before the completion,
     whole and streamed alike."""
-    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
-    from molora_core.peft_io import load_peft_adapter
-    from molora_core.routing import AdapterSpec
-
-    engine = Engine(served.demo / "model", EngineConfig(max_seq_len=256, hot_slots=2, max_rank=16),
-                    adapter_loader=lambda key: load_peft_adapter(served.demo / "adapters" / "math", name=key))
-    try:
-        ids = list(engine.tokenizer(PROMPT)["input_ids"])
-        sampling = SamplingParams(max_tokens=0, prompt_logprobs=2)
-        (offline,) = engine.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
-        decode = engine.tokenizer.decode
-    finally:
-        engine.close()
+    ids = list(offline_math.tokenizer(PROMPT)["input_ids"])
+    sampling = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    (offline,) = offline_math.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
+    decode = offline_math.tokenizer.decode
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
     choice = out.choices[0]
     assert choice.text == PROMPT and out.usage.completion_tokens == 0 and choice.finish_reason == "length"

@@ -50,6 +50,18 @@ def greedy(n, **kw):
     return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
 
 
+def hf_reference(demo, adapter):
+    """transformers' model (with PEFT's adapter where one is named), its tokenizer, and our routing spec alike."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
+    if adapter:
+        from peft import PeftModel
+
+        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
+    return reference, AutoTokenizer.from_pretrained(demo / "model"), AdapterSpec(adapter) if adapter else BaseSpec()
+
+
 def hf_greedy(model, tokenizer, prompt, n):
     """transformers' greedy tokens, stopping at EOS as our engine does (min_new_tokens would
     instead forbid EOS, a different distribution)."""
@@ -61,15 +73,7 @@ def hf_greedy(model, tokenizer, prompt, n):
 
 @pytest.mark.parametrize("adapter", [None, "code"])
 def test_greedy_equals_transformers_generate(demo, engine, adapter):
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
-    if adapter:
-        from peft import PeftModel
-
-        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
-    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    reference, tokenizer, routing = hf_reference(demo, adapter)
     # The long prompt is prefilled in chunks of 5 tokens.
     for prompt in (PROMPTS[0], PROMPTS[2]):
         want = hf_greedy(reference, tokenizer, prompt, 24)
@@ -143,15 +147,9 @@ def test_logit_bias_and_penalties_equal_transformers_generate(demo, engine, adap
     """logit_bias against transformers' own `sequence_bias`; presence / frequency penalties
     against transformers greedy with OpenAI's formula as a logits processor. The adjusted request
     shares its batch with an unadjusted one, which must still give the plain greedy tokens."""
-    from transformers import AutoTokenizer, LogitsProcessorList, Qwen3ForCausalLM
+    from transformers import LogitsProcessorList
 
-    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
-    if adapter:
-        from peft import PeftModel
-
-        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
-    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    reference, tokenizer, routing = hf_reference(demo, adapter)
     n = 20
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     stop_at_eos = functools.partial(SamplingParams, max_tokens=n)  # as transformers' generate does
@@ -181,15 +179,7 @@ def test_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
     """Each generated token's log-probability and its top alternatives equal log_softmax of
     transformers' raw logits at that step (the model's distribution: before the request's
     logit_bias, which here changes the tokens), streamed deltas included."""
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
-    if adapter:
-        from peft import PeftModel
-
-        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
-    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    reference, tokenizer, routing = hf_reference(demo, adapter)
     prompt, n, top = PROMPTS[2], 12, 5
     plain = engine.submit(Request(prompt, greedy(n), routing)).result().token_ids
     sampling = greedy(n, logprobs=top, logit_bias={plain[2]: -100})
@@ -219,15 +209,7 @@ def test_prompt_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
     chunks of 5, so scored across chunk boundaries) and its top alternatives equal log_softmax of
     transformers' logits; max_tokens=0 scores the prompt and generates nothing, and a request
     beside it in the batch still gets its plain greedy tokens."""
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-    reference = Qwen3ForCausalLM.from_pretrained(demo / "model").eval()
-    if adapter:
-        from peft import PeftModel
-
-        reference = PeftModel.from_pretrained(reference, str(demo / "adapters" / adapter)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
-    routing = AdapterSpec(adapter) if adapter else BaseSpec()
+    reference, tokenizer, routing = hf_reference(demo, adapter)
     prompt, top = PROMPTS[2], 3
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():

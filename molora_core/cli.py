@@ -101,7 +101,7 @@ def _cmd_generate(args) -> int:
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_tokens=args.max_tokens, stop=tuple(args.stop or ()), presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
+        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
     )
     started = time.perf_counter()
     handle = engine.submit(Request(args.prompt, sampling, routing))
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--presence-penalty", type=float, default=0.0, help="-2 to 2, as OpenAI's")
     gen.add_argument("--frequency-penalty", type=float, default=0.0, help="-2 to 2, as OpenAI's")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="(0, 10], as transformers'")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the output")
     gen.add_argument("--max-seq-len", type=int, default=1024)
     gen.add_argument("--max-rank", type=int, default=64)

@@ -340,7 +340,7 @@ class Engine:
         if not p.greedy:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-        adjust = LogitAdjust(p, self.vocab_size, self.device) if p.adjusts_logits else None
+        adjust = LogitAdjust(p, self.vocab_size, self.device, ids) if p.adjusts_logits else None
         seq = Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
         if p.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]

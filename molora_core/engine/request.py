@@ -41,7 +41,9 @@ class SamplingParams:
     Before either, as OpenAI defines them: logits[j] += logit_bias[j] - c[j] * frequency_penalty
     - (c[j] > 0) * presence_penalty, with c[j] the times token j was generated so far (the
     prompt does not count). `logit_bias` maps token ids to biases in [-100, 100] (a dict, or
-    (id, bias) pairs); penalties lie in [-2, 2].
+    (id, bias) pairs); penalties lie in [-2, 2]. `repetition_penalty` (transformers' and vLLM's,
+    in (0, 10]) then divides the positive logits, and multiplies the negative ones, of every token
+    in the prompt or generated so far.
 
     The same `seed` gives the same output for the same prompt and routing; None draws one.
 
@@ -62,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed lengths)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
@@ -84,6 +87,8 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise RequestInvalid(f"{name}={getattr(self, name)}; expected -2 <= {name} <= 2")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise RequestInvalid(f"repetition_penalty={self.repetition_penalty}; expected 0 < repetition_penalty <= 10")
         pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
         bias = {}
         for token, value in pairs:
@@ -105,7 +110,8 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """Whether logit_bias or a penalty changes the logits before sampling."""
-        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
 
 
 @dataclass

@@ -33,19 +33,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 class LogitAdjust:
-    """One sequence's logit_bias and presence / frequency penalties, as OpenAI defines them:
-    logits[j] += bias[j] - c[j] * frequency - (c[j] > 0) * presence, where c[j] counts the times
-    the sequence generated token j (kept on the logits' device, one float32[V])."""
+    """One sequence's logit_bias and penalties. OpenAI's: logits[j] += bias[j] - c[j] * frequency
+    - (c[j] > 0) * presence, where c[j] counts the times the sequence generated token j; then
+    transformers' repetition penalty: logits[j] / p where positive, * p where negative, for every
+    token j of the prompt or generated so far. The counts and the seen-token mask live on the
+    logits' device (a float32[V] and a bool[V])."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device,
+                 prompt_ids: list[int] = ()) -> None:
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
-        self.bias_ids = self.bias = self.counts = None
+        self.repetition = params.repetition_penalty
+        self.bias_ids = self.bias = self.counts = self.seen = None
         if params.logit_bias:
             ids, bias = zip(*params.logit_bias)
             self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
             self.bias = torch.tensor(bias, dtype=torch.float32, device=device)
         if self.presence or self.frequency:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if self.repetition != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
 
     def apply(self, row: torch.Tensor) -> None:
         """Adjust one row of float32 logits [V] in place."""
@@ -53,11 +60,16 @@ class LogitAdjust:
             row.index_add_(0, self.bias_ids, self.bias)
         if self.counts is not None:
             row.sub_(self.counts * self.frequency + (self.counts > 0).float() * self.presence)
+        if self.seen is not None:
+            penalised = torch.where(row > 0, row / self.repetition, row * self.repetition)
+            row.copy_(torch.where(self.seen, penalised, row))
 
     def observe(self, token: int) -> None:
         """Count a generated token."""
         if self.counts is not None:
             self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
 
 
 def sample(

@@ -144,8 +144,9 @@ class _OpenAIPenalties:
 # Prompts whose greedy tokens repeat, so that every case below changes them.
 @pytest.mark.parametrize("adapter,prompt", [(None, PROMPTS[0]), ("code", PROMPTS[3])])
 def test_logit_bias_and_penalties_equal_transformers_generate(demo, engine, adapter, prompt):
-    """logit_bias against transformers' own `sequence_bias`; presence / frequency penalties
-    against transformers greedy with OpenAI's formula as a logits processor. The adjusted request
+    """logit_bias and repetition_penalty against transformers' own (`sequence_bias`,
+    `repetition_penalty`); presence / frequency penalties against transformers greedy with
+    OpenAI's formula as a logits processor. The adjusted request
     shares its batch with an unadjusted one, which must still give the plain greedy tokens."""
     from transformers import LogitsProcessorList
 
@@ -161,6 +162,8 @@ def test_logit_bias_and_penalties_equal_transformers_generate(demo, engine, adap
          {"logits_processor": LogitsProcessorList([_OpenAIPenalties(ids.shape[1], 0.7, 1.3)])}),
         (stop_at_eos(presence_penalty=-1.5),
          {"logits_processor": LogitsProcessorList([_OpenAIPenalties(ids.shape[1], -1.5, 0.0)])}),
+        (stop_at_eos(repetition_penalty=1.8), {"repetition_penalty": 1.8}),
+        (stop_at_eos(repetition_penalty=0.6), {"repetition_penalty": 0.6}),
     ]
     for sampling, hf_kwargs in cases:
         with torch.no_grad():
@@ -250,6 +253,8 @@ def test_bad_sampling_adjustments_are_refused(engine):
         SamplingParams(frequency_penalty=float("nan"))
     with pytest.raises(RequestInvalid, match="logit_bias"):
         SamplingParams(logit_bias={3: 101})
+    with pytest.raises(RequestInvalid, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=0)
     with pytest.raises(RequestInvalid, match="logprobs"):
         SamplingParams(logprobs=21)
     with pytest.raises(RequestInvalid, match="logit_bias key"):

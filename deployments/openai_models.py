@@ -61,6 +61,8 @@ class _Common(BaseModel):
         None, max_length=MAX_LOGIT_BIAS, description="Token id (a string) -> bias in [-100, 100], added to its logit."
     )
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks); not an OpenAI field.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="transformers' and vLLM's; not OpenAI's.")
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="Token ids that end the output too.")
 
     @field_validator("logit_bias")
     @classmethod
@@ -95,7 +97,8 @@ class _Common(BaseModel):
             "seed": self.seed, "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
             "stop": list(self.stop or []),
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
+            "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+            "stop_token_ids": list(self.stop_token_ids or []),
             "logit_bias": [[int(token), bias] for token, bias in (self.logit_bias or {}).items()],
         }
 

@@ -82,15 +82,23 @@ def test_register_over_http_then_greedy_equals_offline(served, oai, offline_math
 
 
 def test_logit_bias_and_penalties_reach_the_engine(oai, offline_math):
-    """Served with logit_bias and both penalties, the greedy text equals the offline engine's with
-    the same SamplingParams, and differs from the plain greedy text."""
+    """Served with logit_bias and the three penalties, the greedy text equals the offline engine's
+    with the same SamplingParams, and differs from the plain greedy text."""
     plain = offline_math.generate([Request(PROMPT, SamplingParams(max_tokens=16), AdapterSpec("math"))])[0]
     bias = {plain.token_ids[0]: -100.0, plain.token_ids[2]: 4.0}
-    sampling = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=bias)
+    sampling = SamplingParams(max_tokens=16, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=bias,
+                              repetition_penalty=1.4)
     (offline,) = offline_math.generate([Request(PROMPT, sampling, AdapterSpec("math"))])
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0, presence_penalty=0.5,
-                                 frequency_penalty=1.5, logit_bias={str(t): b for t, b in bias.items()})
+                                 frequency_penalty=1.5, logit_bias={str(t): b for t, b in bias.items()},
+                                 extra_body={"repetition_penalty": 1.4})
     assert out.choices[0].text == offline.text != plain.text
+    # stop_token_ids (an extension): the output ends at the first of them.
+    stop = plain.token_ids[3]
+    first = plain.token_ids.index(stop)
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0,
+                                 extra_body={"stop_token_ids": [stop]})
+    assert (out.choices[0].finish_reason, out.usage.completion_tokens) == ("stop", first + 1)
 
 
 def test_logprobs_over_the_api_equal_the_engines(oai, offline_math):
@@ -254,6 +262,7 @@ def test_concurrent_mixed_requests(served):
         ({"model": DEMO_MODEL_NAME, "prompt": "x", "adapters": [{"name": "nope", "weight": 1}]}, 404, "model_not_found"),
         ({"model": DEMO_MODEL_NAME, "prompt": "x", "adapters": [{"name": "code", "weight": -1}]}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "presence_penalty": 2.5}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "repetition_penalty": 0}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"5": 101}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"five": 1}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_request"),

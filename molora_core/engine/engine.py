@@ -39,7 +39,7 @@ from molora_core.engine.graphs import DecodeGraphs, graph_mode
 from molora_core.engine.request import (
     Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, TokenLogprob, _Stream,
 )
-from molora_core.engine.sampling import LogitAdjust, sample, token_logprobs
+from molora_core.engine.sampling import LogitAdjust, sample, score_tokens, token_logprobs
 from molora_core.engine.sequence import Sequence
 from molora_core.engine.step import StepRunner
 from molora_core.engine.stats import Counters, EngineStats, percentile
@@ -50,8 +50,6 @@ from molora_core.model import KVCache, LoadedModel, load_pretrained
 from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
-# Prompt tokens scored per LM-head call (`SamplingParams.prompt_logprobs`): bounds the fp32 [rows, V] logits.
-PROMPT_SCORE_ROWS = 256
 
 AdapterLoader = Callable[[str], LoRAAdapter]
 RouterLoader = Callable[[str], GateRouter]
@@ -545,8 +543,11 @@ class Engine:
                   if seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_ids)]
         try:
             logits, hidden = self.runner.logits(entries, flat, is_decode, scored)
-            for b in scored:
-                self._score_prompt(*entries[b], hidden[b])
+            for b in scored:  # the prompt tokens this step's new tokens predict: their successors in the prompt
+                seq, n = entries[b]
+                targets = seq.prompt_ids[seq.num_computed + 1 : seq.num_computed + n + 1]
+                seq.prompt_logprobs += score_tokens(self.model.lm_head, hidden[b], targets,
+                                                    seq.request.sampling.prompt_logprobs)
             ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
             rows = logits if len(ready) == logits.shape[0] else logits[ready]
             params = [entries[b][0].request.sampling for b in ready]
@@ -571,18 +572,6 @@ class Engine:
             else:
                 self._emit(entries[b][0], token, logprob)
         c.step_s.append(time.perf_counter() - started)
-
-    def _score_prompt(self, seq: Sequence, n: int, hidden: torch.Tensor) -> None:
-        """Append the log-probabilities of the prompt tokens that this step's n new tokens
-        predict (each new token's successor within the prompt), a few hundred rows at a time."""
-        start = seq.num_computed
-        targets = seq.prompt_ids[start + 1 : start + n + 1]
-        top = seq.request.sampling.prompt_logprobs
-        with torch.inference_mode():
-            for i in range(0, len(targets), PROMPT_SCORE_ROWS):
-                chunk = targets[i : i + PROMPT_SCORE_ROWS]
-                logits = self.model.lm_head(hidden[i : i + len(chunk)])
-                seq.prompt_logprobs += token_logprobs(logits, chunk, [top] * len(chunk))
 
     def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()

@@ -17,6 +17,9 @@ import torch
 from kernels import decode_cpu
 from molora_core.engine.request import SamplingParams, TokenLogprob
 
+# Rows per LM-head call when scoring many tokens (`score_tokens`): bounds the float32 [rows, V] logits.
+SCORE_ROWS = 256
+
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits float32[V] with everything outside top_k / the top_p nucleus set to -inf."""
@@ -93,6 +96,17 @@ def sample(
         probs = torch.softmax(row, dim=-1)
         # Draw on the CPU: a CPU generator gives the same stream on every device.
         out[b] = int(torch.multinomial(probs.cpu(), 1, generator=generators[b]).item())
+    return out
+
+
+def score_tokens(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    """Log-probabilities of targets[i] under lm_head(hidden[i]) with the `top` likeliest tokens'
+    (prompt scoring), SCORE_ROWS rows per LM-head call."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(targets), SCORE_ROWS):
+            chunk = targets[i : i + SCORE_ROWS]
+            out += token_logprobs(lm_head(hidden[i : i + len(chunk)]), chunk, [top] * len(chunk))
     return out
 
 

@@ -5,8 +5,9 @@
     for delta in handle: ...          # or: async for delta in handle
 """
 
+from molora_core.engine.admission import AdapterLoader, RouterLoader
 from molora_core.engine.config import EngineConfig
-from molora_core.engine.engine import AdapterLoader, Engine, RouterLoader
+from molora_core.engine.engine import Engine
 from molora_core.engine.request import (
     FinishReason,
     Request,

@@ -8,7 +8,9 @@ max_tokens, a full KV-cache row, an abort, or when its consumer drops its handle
 
 Requests pin their adapters in the hot-set from admission to exit. When every slot is pinned,
 a request waits (bounded by `pin_timeout_s`) and is admitted once a running request releases
-a slot; the wait queue itself is bounded by `max_queue`.
+a slot; the wait queue itself is bounded by `max_queue`. Checking requests, loading their
+adapters and routers off the step thread and pinning them is `Admission`'s
+(`molora_core.engine.admission`).
 
 The KV cache, the hot-set and the routing plan's dispatch buffers are allocated once at
 start-up, at fixed addresses, so decode steps run as CUDA graphs captured per batch and length
@@ -20,26 +22,22 @@ from __future__ import annotations
 
 import heapq
 import logging
-import random
 import threading
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from kernels import cpu_ext, default_backend_name, get_backend
 from molora_core import cpu_memory, cpu_threads
 from molora_core.adapter import LoRAAdapter
+from molora_core.engine.admission import AdapterLoader, Admission, RouterLoader
 from molora_core.engine.config import EngineConfig
-from molora_core.engine.detokenize import IncrementalDetokenizer
 from molora_core.engine.graphs import DecodeGraphs, graph_mode
-from molora_core.engine.request import (
-    Request, RequestHandle, RequestOutput, RouterSpec, SamplingParams, TokenLogprob, _Stream,
-)
-from molora_core.engine.sampling import LogitAdjust, sample, score_tokens, token_logprobs
+from molora_core.engine.request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
+from molora_core.engine.sampling import sample, score_tokens, token_logprobs
 from molora_core.engine.sequence import Sequence
 from molora_core.engine.step import StepRunner
 from molora_core.engine.stats import Counters, EngineStats, percentile
@@ -47,12 +45,9 @@ from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
 from molora_core.model import KVCache, LoadedModel, load_pretrained
-from molora_core.routing import GateRouter, GateSpec, MixtureSpec, RoutingPlan, SequenceRouter
+from molora_core.routing import RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
-
-AdapterLoader = Callable[[str], LoRAAdapter]
-RouterLoader = Callable[[str], GateRouter]
 
 
 class Engine:
@@ -124,18 +119,12 @@ class Engine:
             except Exception as exc:  # a capture that fails must not take the engine down
                 log.warning("decode graphs turned off, every step runs eagerly: capture failed: %r", exc)
                 self.runner.graphs, self.graph_error = None, repr(exc)
-        self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self.eos_ids = loaded.eos_token_ids()
+        self.admission = Admission(
+            config, self.tokenizer, self.vocab_size, self.model.config.hidden_size, self.device, self.hotset,
+            adapter_loader, router_loader,
+        )
         self.counters = Counters()
-
-        self._routers: OrderedDict[str, GateRouter] = OrderedDict()
-        # Cold adapter loads run here, off the step thread, so running requests keep decoding
-        # while a new request's adapters come from object storage. Confined to one CPU thread
-        # each: an OpenMP team of their own would slow every step's ops (see cpu_threads).
-        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="molora-fetch",
-                                           initializer=cpu_threads.confine)
-        self._fetches: dict[str, Future] = {}  # hot-set key -> load in flight or finished
-        self._router_fetches: dict[str, Future] = {}  # router name -> load in flight or finished
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         # Free KV slots as a min-heap: the lowest goes first, so running sequences stay packed at
@@ -155,6 +144,22 @@ class Engine:
             cpu_threads.release()
             self._thread = threading.Thread(target=self._loop, name="molora-engine", daemon=True)
             self._thread.start()
+
+    @property
+    def adapter_loader(self) -> AdapterLoader | None:
+        return self.admission.adapter_loader
+
+    @adapter_loader.setter
+    def adapter_loader(self, loader: AdapterLoader | None) -> None:
+        self.admission.adapter_loader = loader
+
+    @property
+    def router_loader(self) -> RouterLoader | None:
+        return self.admission.router_loader
+
+    @router_loader.setter
+    def router_loader(self, loader: RouterLoader | None) -> None:
+        self.admission.router_loader = loader
 
     @property
     def graphs(self) -> DecodeGraphs | None:
@@ -182,7 +187,7 @@ class Engine:
             request = Request(request, sampling or SamplingParams())
         self.check_alive()
         try:
-            seq = self._sequence(request)
+            seq = self.admission.sequence(request)
         except (RequestInvalid, RouterInvalid):
             self.counters.rejected += 1
             raise
@@ -260,7 +265,7 @@ class Engine:
             self._thread.join(timeout=30)
         with self._step_lock:
             self._apply_aborts()
-        self._fetcher.shutdown(wait=False, cancel_futures=True)
+        self.admission.close()
 
     def __enter__(self):
         return self
@@ -297,150 +302,6 @@ class Engine:
                     self._fail(seq, RuntimeError(f"engine step failed: {exc!r}"))
 
     # -- admission -------------------------------------------------------------------------
-    def _sequence(self, request: Request) -> Sequence:
-        prompt = request.prompt
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise RequestInvalid(f"request {request.request_id!r} has an empty prompt")
-        if len(ids) >= self.config.max_seq_len:
-            raise RequestInvalid(
-                f"prompt of {len(ids)} tokens does not fit max_seq_len={self.config.max_seq_len} "
-                "with room for one generated token"
-            )
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestInvalid(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        spec = request.routing
-        if not isinstance(spec, RouterSpec):
-            names = spec.adapter_names()
-            if len(names) > self.config.hot_slots:
-                raise RequestInvalid(
-                    f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots"
-                )
-            if isinstance(spec, MixtureSpec) and len(names) > self.config.max_top_k:
-                raise RequestInvalid(f"a mixture of {len(names)} adapters exceeds max_top_k={self.config.max_top_k}")
-            if isinstance(spec, GateSpec):
-                self._check_router(spec.router, "the request's gate router")
-                device = spec.router.gate.weight.device
-                if device != self.device:
-                    raise RouterInvalid(
-                        f"the request's gate router is on {device}; this engine runs on {self.device} "
-                        "(move it with router.to(device) first)"
-                    )
-        p = request.sampling
-        bad = [t for t, _ in p.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise RequestInvalid(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        generator = None
-        if not p.greedy:
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        adjust = LogitAdjust(p, self.vocab_size, self.device, ids) if p.adjusts_logits else None
-        seq = Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
-        if p.prompt_logprobs is not None:
-            seq.prompt_logprobs = [None]
-        return seq
-
-    def _check_router(self, router: GateRouter, what: str) -> None:
-        hidden = self.model.config.hidden_size
-        if router.hidden_size != hidden:
-            raise RouterInvalid(f"{what} reads hidden size {router.hidden_size}; the model's is {hidden}")
-        if router.top_k > self.config.max_top_k:
-            raise RouterInvalid(f"{what} has top_k={router.top_k} > max_top_k={self.config.max_top_k}")
-
-    def _gate(self, name: str) -> GateRouter | None:
-        """Router `name`, or None while its load runs in the background (started here, so a
-        router read from object storage never stalls the step thread). A failed load raises
-        here, for the request that waited on it; the next request retries."""
-        router = self._routers.get(name)
-        if router is not None:
-            self._routers.move_to_end(name)
-            return router
-        if self.router_loader is None:
-            raise RouterInvalid(f"router {name!r} requested but the engine has no router_loader")
-        future = self._router_fetches.get(name)
-        if future is None:
-            self._router_fetches[name] = self._fetcher.submit(self.router_loader, name)
-            return None
-        if not future.done():
-            return None
-        del self._router_fetches[name]
-        router = future.result()
-        self._check_router(router, f"router {name!r}")
-        router = router.to(self.device).eval()
-        self._routers[name] = router
-        while len(self._routers) > self.config.max_routers:
-            self._routers.popitem(last=False)
-        return router
-
-    def _pin(self, seq: Sequence) -> bool:
-        """Pin every adapter of seq's routing; False (holding nothing) when the hot-set is full."""
-        if seq.spec is None:
-            spec = seq.request.routing
-            if isinstance(spec, RouterSpec):
-                router = self._gate(spec.router)
-                if router is None:
-                    return False  # loading in the background
-                spec = GateSpec(router)
-            seq.spec = spec
-        names = seq.spec.adapter_names()
-        if len(names) > self.config.hot_slots:
-            raise RequestInvalid(f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots")
-        if not self._fetched(names):
-            return False
-        try:
-            for name in names:
-                future = self._fetches.get(name)
-                if future is not None:
-                    loader = future.result
-                elif self.adapter_loader is not None:  # evicted since _fetched: rare, load in line
-                    loader = lambda n=name: self.adapter_loader(n)  # noqa: E731
-                else:
-                    loader = None
-                seq.pinned.append((name, self.hotset.acquire(name, loader)))
-                self._fetches.pop(name, None)
-        except CapacityExceeded:
-            self._unpin(seq)
-            return False
-        except BaseException:
-            self._unpin(seq)
-            for name in names:  # a failed load is retried by the next request that needs it
-                future = self._fetches.get(name)
-                if future is not None and future.done() and future.exception() is not None:
-                    del self._fetches[name]
-            raise
-        seq.router = seq.spec.bind(dict(seq.pinned))
-        return True
-
-    def _fetched(self, names: list[str]) -> bool:
-        """Start background loads of the adapters that are neither resident nor in host memory;
-        True once none of `names` is still loading."""
-        ready = True
-        for name in names:
-            if self.hotset.holds(name) or self.adapter_loader is None:
-                continue  # acquire pins it, or raises AdapterNotFound without a loader
-            future = self._fetches.get(name)
-            if future is None:
-                self._fetches[name] = self._fetcher.submit(self._load_adapter, name)
-                ready = False
-            elif not future.done():
-                ready = False
-        return ready
-
-    def _load_adapter(self, name: str) -> LoRAAdapter:
-        started = time.perf_counter()
-        adapter = self.adapter_loader(name)
-        self.hotset.stats.load_seconds += time.perf_counter() - started
-        return adapter
-
-    def _unpin(self, seq: Sequence) -> None:
-        for key, slot in seq.pinned:
-            self.hotset.release(key, slot)
-        seq.pinned.clear()
-
     def _admit(self) -> None:
         with self._lock:
             candidates = list(self._waiting)
@@ -448,18 +309,14 @@ class Engine:
             if not self._free_kv:
                 return
             try:
-                admitted = self._pin(seq)
+                admitted = self.admission.pin(seq)
             except Exception as exc:  # unknown or invalid adapter / router, loader failure
                 self._fail(seq, exc)
                 continue
             if not admitted:
                 waited = time.monotonic() - seq.arrival
                 if waited > self.config.pin_timeout_s:
-                    if seq.spec is None:
-                        what = f"router {seq.request.routing.router!r} to load"
-                    else:
-                        what = (f"its adapters {seq.spec.adapter_names()} to load and find hot-set slots "
-                                f"(all {self.config.hot_slots} stay pinned, or loading is that slow)")
+                    what = self.admission.waiting_for(seq)
                     self._fail(seq, CapacityExceeded(f"request {seq.request_id!r} waited {waited:.1f}s for {what}"))
                 continue
             with self._lock:
@@ -470,7 +327,7 @@ class Engine:
 
     # -- exits -----------------------------------------------------------------------------
     def _release(self, seq: Sequence) -> None:
-        self._unpin(seq)
+        self.admission.unpin(seq)
         if seq.kv_slot >= 0:
             # Decode attention reads a slot's rows past its own length (masked, weight 0): zeroed,
             # an earlier occupant's inf or NaN values can never leak in as 0 * NaN.

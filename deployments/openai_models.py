@@ -63,6 +63,9 @@ class _Common(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks); not an OpenAI field.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="transformers' and vLLM's; not OpenAI's.")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="Token ids that end the output too.")
+    min_tokens: int = Field(
+        0, ge=0, le=1 << 20, description="Tokens generated before EOS, stop tokens or strings can end it; vLLM's."
+    )
 
     @field_validator("logit_bias")
     @classmethod
@@ -82,6 +85,17 @@ class _Common(BaseModel):
             raise ValueError(f"stop={value!r}; expected at most 4 non-empty strings")
         return stops
 
+    @model_validator(mode="after")
+    def _min_tokens(self) -> "_Common":
+        requested = self.requested_max_tokens()
+        if requested is not None and self.min_tokens > requested:
+            raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={requested}")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        """max_tokens as the body sets it; None: unset."""
+        return self.max_tokens
+
     def top_logprobs_wanted(self) -> int | None:
         """Alternatives per generated token with its log-probability; None: no log-probabilities."""
         return None
@@ -91,10 +105,13 @@ class _Common(BaseModel):
         return None
 
     def sampling_fields(self, default_max_tokens: int) -> dict:
+        """The engine's SamplingParams fields. Unset, max_tokens is the default, or min_tokens
+        where that is more."""
+        max_tokens = max(default_max_tokens, self.min_tokens) if self.max_tokens is None else self.max_tokens
         return {
             "logprobs": self.top_logprobs_wanted(), "prompt_logprobs": self.prompt_logprobs_wanted(),
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
-            "seed": self.seed, "max_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
+            "seed": self.seed, "max_tokens": max_tokens, "min_tokens": self.min_tokens,
             "stop": list(self.stop or []),
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
@@ -212,6 +229,9 @@ class ChatCompletionRequest(_Common):
         for m in self.messages:
             m.text()  # raises on non-text parts while the body is validated
         return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
 
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -100,8 +100,9 @@ def _cmd_generate(args) -> int:
                     router_loader=lambda name: GateRouter.load(name))
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-        max_tokens=args.max_tokens, stop=tuple(args.stop or ()), presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+        max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=tuple(args.stop or ()),
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
     started = time.perf_counter()
     handle = engine.submit(Request(args.prompt, sampling, routing))
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapters-dir", help="where adapter names resolve (default <model>/../adapters)")
     gen.add_argument("--routers-dir", help="where router names resolve (default <model>/../routers)")
     gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--min-tokens", type=int, default=0, help="tokens before EOS or a stop can end the output")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

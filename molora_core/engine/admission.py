@@ -42,17 +42,19 @@ class Admission:
         vocab_size, hidden_size: the model's.
         device: where sequences' logit adjustments and gate routers live.
         hotset: the slots adapters are pinned in.
+        eos_ids: the model's end-of-sequence tokens (which `min_tokens` holds back).
         adapter_loader: hot-set key -> LoRAAdapter, called on a hot-set miss (cold load).
         router_loader: router name -> GateRouter, for RouterSpec routing.
     """
 
     def __init__(
         self, config: EngineConfig, tokenizer, vocab_size: int, hidden_size: int, device: torch.device,
-        hotset: HotSet, adapter_loader: AdapterLoader | None = None,
+        hotset: HotSet, eos_ids: tuple[int, ...], adapter_loader: AdapterLoader | None = None,
         router_loader: RouterLoader | None = None,
     ):
         self.config, self.tokenizer, self.hotset = config, tokenizer, hotset
         self.vocab_size, self.hidden_size, self.device = vocab_size, hidden_size, device
+        self.eos_ids = tuple(eos_ids)
         self.adapter_loader, self.router_loader = adapter_loader, router_loader
         self._routers: OrderedDict[str, GateRouter] = OrderedDict()
         # Confined to one CPU thread each: an OpenMP team of their own would slow every step's
@@ -108,7 +110,11 @@ class Admission:
         if not p.greedy:
             seed = p.seed if p.seed is not None else random.getrandbits(63)
             generator = torch.Generator().manual_seed(seed)
-        adjust = LogitAdjust(p, self.vocab_size, self.device, ids) if p.adjusts_logits else None
+        adjust = None
+        if p.adjusts_logits:
+            ends = () if p.ignore_eos else self.eos_ids
+            held = sorted({t for t in ends + p.stop_token_ids if 0 <= t < self.vocab_size}) if p.min_tokens else ()
+            adjust = LogitAdjust(p, self.vocab_size, self.device, ids, held)
         seq = Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
         if p.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]

@@ -36,21 +36,26 @@ class IncrementalDetokenizer:
             return self._backend_decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> None:
-        """Append one token; sets `stopped` (and cuts `text`) when a stop string appears."""
+    def add(self, token_id: int, check_stop: bool = True) -> None:
+        """Append one token; sets `stopped` (and cuts `text`) when a stop string appears. With
+        check_stop False the new text is taken as checked: a later check finds a stop string in
+        it only where the string ends past it."""
         self.ids.append(token_id)
         prefix_text = self._decode(self.ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self.ids[self._prefix_offset :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
             self.text += new_text[len(prefix_text) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-            self._check_stop()
+            self._check_stop(check_stop)
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, search: bool = True) -> None:
         if not self.stop:
             return
-        start = max(0, self._stop_checked - self._holdback)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if not search:
+            self._stop_checked = len(self.text)
+            return
+        # Only a string that ends past the checked text is new (each string's own window).
+        hits = [i for i in (self.text.find(s, max(0, self._stop_checked - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True

@@ -122,7 +122,7 @@ class Engine:
         self.eos_ids = loaded.eos_token_ids()
         self.admission = Admission(
             config, self.tokenizer, self.vocab_size, self.model.config.hidden_size, self.device, self.hotset,
-            adapter_loader, router_loader,
+            self.eos_ids, adapter_loader, router_loader,
         )
         self.counters = Counters()
         self._waiting: deque[Sequence] = deque()
@@ -441,10 +441,11 @@ class Engine:
         self.counters.generated_tokens += 1
         p = seq.request.sampling
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+        stops = len(seq.output_ids) >= p.min_tokens  # before min_tokens nothing stops the sequence
+        if stops and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             reason = "stop"
         else:
-            seq.detok.add(token)
+            seq.detok.add(token, check_stop=stops)
             if seq.detok.stopped:
                 reason = "stop"
         if reason is None and (len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.config.max_seq_len):

@@ -52,6 +52,10 @@ class SamplingParams:
     distribution (log-softmax of the logits, before bias, penalties, temperature and filters).
     `prompt_logprobs` does the same for each prompt token after the first (given the tokens
     before it), and max_tokens=0 then scores the prompt without generating.
+
+    `min_tokens` (vLLM's): until that many tokens are generated, EOS (unless `ignore_eos`) and
+    `stop_token_ids` are kept from being sampled (their logits -inf) and stop strings are not
+    looked for; a stop string that ends in later text still counts when it began earlier.
     """
 
     temperature: float = 0.0
@@ -59,6 +63,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None
     max_tokens: int = 64
+    min_tokens: int = 0
     stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed lengths)
@@ -78,6 +83,10 @@ class SamplingParams:
             raise RequestInvalid(f"top_k={self.top_k}; expected >= 0 (0 = off)")
         if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
             raise RequestInvalid(f"max_tokens={self.max_tokens}; expected >= 1 (0 only to score the prompt)")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestInvalid(
+                f"min_tokens={self.min_tokens}; expected 0 <= min_tokens <= max_tokens={self.max_tokens}"
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -109,9 +118,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether logit_bias or a penalty changes the logits before sampling."""
+        """Whether logit_bias, a penalty or min_tokens changes the logits before sampling."""
         return (bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
+                or self.repetition_penalty != 1.0 or self.min_tokens > 0)
 
 
 @dataclass

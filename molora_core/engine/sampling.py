@@ -1,7 +1,7 @@
 """Next-token sampling for a batch of sequences with per-request parameters.
 
-Rows whose request sets logit_bias or a presence / frequency penalty first have their logits
-adjusted (`LogitAdjust`, one per such sequence, which counts the tokens it generated). Greedy rows
+Rows whose request sets logit_bias, a penalty or min_tokens first have their logits adjusted
+(`LogitAdjust`, one per such sequence, which counts the tokens it generated). Greedy rows
 then take the argmax in one call (on CPU a compiled one: `kernels.decode_cpu.argmax`). Other rows
 scale by temperature, keep the top_k logits and the smallest set whose probability reaches top_p,
 and draw with the request's own torch.Generator, so the same seed gives the same tokens whatever
@@ -40,13 +40,17 @@ class LogitAdjust:
     - (c[j] > 0) * presence, where c[j] counts the times the sequence generated token j; then
     transformers' repetition penalty: logits[j] / p where positive, * p where negative, for every
     token j of the prompt or generated so far. The counts and the seen-token mask live on the
-    logits' device (a float32[V] and a bool[V])."""
+    logits' device (a float32[V] and a bool[V]). Last, `held_ids` (the sequence's EOS and stop
+    tokens) get -inf until it has generated `min_tokens` tokens."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device,
-                 prompt_ids: list[int] = ()) -> None:
+                 prompt_ids: list[int] = (), held_ids: list[int] = ()) -> None:
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
-        self.bias_ids = self.bias = self.counts = self.seen = None
+        self.min_tokens, self.generated = params.min_tokens, 0
+        self.bias_ids = self.bias = self.counts = self.seen = self.held_ids = None
+        if self.min_tokens and held_ids:
+            self.held_ids = torch.tensor(list(held_ids), dtype=torch.long, device=device)
         if params.logit_bias:
             ids, bias = zip(*params.logit_bias)
             self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
@@ -66,9 +70,12 @@ class LogitAdjust:
         if self.seen is not None:
             penalised = torch.where(row > 0, row / self.repetition, row * self.repetition)
             row.copy_(torch.where(self.seen, penalised, row))
+        if self.held_ids is not None and self.generated < self.min_tokens:
+            row.index_fill_(0, self.held_ids, float("-inf"))
 
     def observe(self, token: int) -> None:
         """Count a generated token."""
+        self.generated += 1
         if self.counts is not None:
             self.counts[token] += 1
         if self.seen is not None:

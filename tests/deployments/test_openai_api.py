@@ -99,6 +99,15 @@ def test_logit_bias_and_penalties_reach_the_engine(oai, offline_math):
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0,
                                  extra_body={"stop_token_ids": [stop]})
     assert (out.choices[0].finish_reason, out.usage.completion_tokens) == ("stop", first + 1)
+    # min_tokens (an extension) holds that stop token and EOS back for its first tokens.
+    held = SamplingParams(max_tokens=16, min_tokens=first + 3, stop_token_ids=(stop,))
+    (offline,) = offline_math.generate([Request(PROMPT, held, AdapterSpec("math"))])
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0,
+                                 extra_body={"stop_token_ids": [stop], "min_tokens": first + 3})
+    assert out.choices[0].text == offline.text and out.usage.completion_tokens == len(offline.token_ids) >= first + 3
+    # With max_tokens unset, min_tokens past the default (16) raises it to min_tokens.
+    out = oai.completions.create(model="math", prompt=PROMPT, temperature=0, extra_body={"min_tokens": 20})
+    assert out.usage.completion_tokens >= 20
 
 
 def test_logprobs_over_the_api_equal_the_engines(oai, offline_math):
@@ -270,6 +279,8 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "max_tokens": 0, "logprobs": 1}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "suffix": "return a"}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "max_tokens": 3, "min_tokens": 4}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "min_tokens": -1}, 400, "invalid_request"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, code):
@@ -289,6 +300,9 @@ def test_bad_json_and_bad_chat(served):
         r = c.post("/v1/chat/completions", json={"model": "math", "messages": [{"role": "wizard", "content": "x"}]})
         assert r.status_code == 400
         message = [{"role": "user", "content": "x"}]
+        r = c.post("/v1/chat/completions", json={"model": "math", "messages": message, "max_completion_tokens": 3,
+                                                 "min_tokens": 5})
+        assert r.status_code == 400 and "min_tokens=5 exceeds max_tokens=3" in r.json()["error"]["message"], r.text
         tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
         refused = [("tools", [tool]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
                    ("modalities", ["text", "audio"])]

@@ -237,6 +237,55 @@ def test_prompt_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
         SamplingParams(max_tokens=0)
 
 
+@pytest.mark.parametrize("adapter,prompt", [(None, PROMPTS[0]), ("code", PROMPTS[1])])
+def test_min_tokens_equals_transformers_min_new_tokens(demo, engine, adapter, prompt):
+    """min_tokens keeps EOS and stop_token_ids from being sampled until that many tokens are out,
+    as transformers' `min_new_tokens` does for its eos_token_id list; past it they end the output
+    again. Each case asserts that min_tokens changes the tokens."""
+    reference, tokenizer, routing = hf_reference(demo, adapter)
+    n = 20
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    plain = engine.submit(Request(prompt, SamplingParams(max_tokens=n), routing)).result().token_ids
+    i = next(i for i in range(2, len(plain)) if plain[i] not in plain[:i])  # a token first seen at i
+    cases = [(SamplingParams(max_tokens=n, min_tokens=len(plain) + 3), list(engine.eos_ids), len(plain)),
+             (SamplingParams(max_tokens=n, min_tokens=i + 2, stop_token_ids=(plain[i],)),
+              [plain[i], *engine.eos_ids], i + 1)]
+    for sampling, ends, unheld in cases:
+        with torch.no_grad():
+            out = reference.generate(ids, max_new_tokens=n, min_new_tokens=sampling.min_tokens, do_sample=False,
+                                     eos_token_id=ends, pad_token_id=tokenizer.pad_token_id)
+        want = out[0, ids.shape[1] :].tolist()
+        assert len(want) >= sampling.min_tokens > unheld, "min_tokens must hold an end back for this test to tell"
+        got = engine.submit(Request(prompt, sampling, routing)).result()
+        assert list(got.token_ids) == want
+        assert got.finish_reason == ("stop" if want[-1] in ends else "length")
+    with pytest.raises(RequestInvalid, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(RequestInvalid, match="min_tokens"):
+        SamplingParams(min_tokens=-1)
+
+
+def test_min_tokens_looks_for_stop_strings_from_its_last_token_on(engine):
+    """Until min_tokens tokens are out no stop string ends the output; from the min_tokens-th
+    token on, a stop string counts where it ends in new text, even if it began earlier (vLLM's
+    rule), each string in its own window. The plain text here, token by token: ' I', ' am',
+    ' doing', ' well', ',', ' thank', ..."""
+    plain = engine.submit(Request(PROMPTS[2], greedy(16))).result().text
+    assert plain.startswith(" I am doing well, thank you for asking. How can I help you?")
+    cases = [  # stop strings, the text without min_tokens, and with min_tokens=6
+        (("doing",), " I am ", plain, "length"),  # in the first five tokens' text only
+        (("l, th",), " I am doing wel", " I am doing wel", "stop"),  # begins there, ends in the sixth token
+        (("thank",), " I am doing well, ", " I am doing well, ", "stop"),  # the sixth token itself
+        ((",", "?", "xyzzyq"), " I am doing well", plain[: plain.index("?")], "stop"),  # "," is old, "?" new
+    ]
+    for stop, unheld, text, reason in cases:
+        assert engine.submit(Request(PROMPTS[2], greedy(16, stop=stop))).result().text == unheld
+        handle = engine.submit(Request(PROMPTS[2], greedy(16, stop=stop, min_tokens=6)))
+        streamed = "".join(delta.text for delta in handle)
+        out = handle.output()
+        assert (out.text, streamed, out.finish_reason) == (text, text, reason), stop
+
+
 def test_logit_bias_forces_and_bans_tokens_when_sampling(engine):
     forced = engine.submit(Request(PROMPTS[0], greedy(6, temperature=1.0, seed=5, logit_bias={42: 100}))).result()
     assert forced.token_ids == (42,) * 6

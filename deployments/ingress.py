@@ -174,27 +174,37 @@ class Ingress:
             return _error_response(classify(exc))
         return JSONResponse({"status": "ok", "model": self.base_model})
 
+    def _model_entry(self, kind: str, m, model_id: str | None = None) -> dict:
+        """An OpenAI model object; `model_id` where the caller named one (a pinned version)."""
+        if kind == "base":
+            return {"id": self.base_model, "object": "model", "created": 0, "owned_by": "molora", "kind": "base"}
+        entry = {"id": model_id or (m.name if kind == "adapter" else f"{ROUTER_PREFIX}{m.name}"), "object": "model",
+                 "created": int(m.created_at), "owned_by": "molora", "kind": kind, "version": m.version,
+                 "parent": self.base_model}
+        if kind == "router":
+            entry["adapters"] = list(m.adapters)
+        return entry
+
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
         def collect():
-            data = [{"id": self.base_model, "object": "model", "created": 0, "owned_by": "molora", "kind": "base"}]
+            data = [self._model_entry("base", None)]
             for page_of, kind in ((self.registry.list_adapters, "adapter"), (self.registry.list_routers, "router")):
                 cursor = None
                 while True:
                     page = page_of(limit=1000, cursor=cursor)
-                    for m in page.items:
-                        entry = {"id": m.name if kind == "adapter" else f"{ROUTER_PREFIX}{m.name}", "object": "model",
-                                 "created": int(m.created_at), "owned_by": "molora", "kind": kind,
-                                 "version": m.version, "parent": self.base_model}
-                        if kind == "router":
-                            entry["adapters"] = list(m.adapters)
-                        data.append(entry)
+                    data += [self._model_entry(kind, m) for m in page.items]
                     cursor = page.next_cursor
                     if cursor is None:
                         break
             return data
 
         return JSONResponse({"object": "list", "data": await run_in_threadpool(collect)})
+
+    @app.get("/v1/models/{model_id}")
+    async def retrieve_model(self, model_id: str) -> JSONResponse:
+        kind, m = await run_in_threadpool(self.resolver.manifest, model_id)
+        return JSONResponse(self._model_entry(kind, m, model_id))
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:

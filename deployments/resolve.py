@@ -87,6 +87,18 @@ class Resolver:
                                   f"nor '{ROUTER_PREFIX}<router>'") from None
         return f"{m.name}@{m.version}"
 
+    def manifest(self, model: str) -> tuple[str, object]:
+        """("base", None), ("adapter", its manifest) or ("router", its manifest) for a model id
+        as GET /v1/models lists it (`@N` pins a version). Blocking (Redis reads)."""
+        if model == self.base_model:
+            return "base", None
+        kind, text = ("router", model[len(ROUTER_PREFIX):]) if model.startswith(ROUTER_PREFIX) else ("adapter", model)
+        name, version = split_version(text)
+        try:
+            return kind, self._cached(kind, name, version)
+        except (NotFound, InvalidName):
+            raise model_not_found(model, "is not served here (GET /v1/models lists the models)") from None
+
     def resolve(self, model: str, adapters: list | None = None) -> Routing:
         """Blocking (Redis reads): call from a thread pool."""
         if adapters:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -38,6 +39,21 @@ def test_healthz_and_models(served):
     assert ids[DEMO_MODEL_NAME]["kind"] == "base"
     assert {"code", "math", "chat", "multilingual"} <= set(ids)
     assert ids["molora:demo-gate"]["adapters"] == ["code", "math", "chat", "multilingual"]
+
+
+def test_openai_client_retrieves_each_model(served, oai):
+    """GET /v1/models/{id}: what the list says of each model, a pinned version too; 404 otherwise."""
+    with served.client() as c:
+        listed = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
+    for model_id in (DEMO_MODEL_NAME, "math", "molora:demo-gate"):
+        got = oai.models.retrieve(model_id)
+        assert got.id == model_id and got.model_dump(exclude_none=True) == listed[model_id]
+    pinned = oai.models.retrieve("math@1")
+    assert (pinned.id, pinned.version, pinned.kind) == ("math@1", 1, "adapter")
+    for missing in ("no-such-model", "math@999", "molora:no-such-router"):
+        with pytest.raises(openai.NotFoundError) as err:
+            oai.models.retrieve(missing)
+        assert err.value.body["code"] == "model_not_found" and missing in err.value.body["message"]
 
 
 def test_openai_client_completions(oai):

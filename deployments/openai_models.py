@@ -106,12 +106,14 @@ class _Common(BaseModel):
 
     def sampling_fields(self, default_max_tokens: int) -> dict:
         """The engine's SamplingParams fields. Unset, max_tokens is the default, or min_tokens
-        where that is more."""
+        where that is more, and the replica lets the context's end cut it short; set, a prompt
+        plus max_tokens past the context is refused (400 context_length_exceeded), as OpenAI's."""
         max_tokens = max(default_max_tokens, self.min_tokens) if self.max_tokens is None else self.max_tokens
         return {
             "logprobs": self.top_logprobs_wanted(), "prompt_logprobs": self.prompt_logprobs_wanted(),
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
-            "seed": self.seed, "max_tokens": max_tokens, "min_tokens": self.min_tokens,
+            "seed": self.seed, "max_tokens": max_tokens, "max_tokens_set": self.requested_max_tokens() is not None,
+            "min_tokens": self.min_tokens,
             "stop": list(self.stop or []),
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,

@@ -31,7 +31,7 @@ from ray import serve
 from adapter_store import ReplicaHeartbeat, UsageCounter
 from deployments.bootstrap import engine_config, open_store
 from deployments.config import AppConfig
-from deployments.errors import ApiError, classify
+from deployments.errors import ApiError, bad_request, classify
 from deployments.resolve import parse_router_key
 from molora_core import cpu_threads
 from molora_core.engine import Engine, Request, RouterSpec, SamplingParams
@@ -103,17 +103,26 @@ class ModelReplica:
 
     # -- serving ---------------------------------------------------------------------------
     def _request(self, payload: dict) -> Request:
+        tokenizer = self.engine.tokenizer
         prompt = payload.get("prompt")
-        if payload.get("echo") and isinstance(prompt, str):
-            # Token ids, so the echoed prompt's scores line up with the ids they score.
-            prompt = list(self.engine.tokenizer(prompt)["input_ids"])
         stop_ids: tuple[int, ...] = ()
         if payload.get("messages") is not None:
-            prompt = chat_prompt(self.engine.tokenizer, payload["messages"])
-            end = self.engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if isinstance(end, int) and end != self.engine.tokenizer.unk_token_id:
+            prompt = chat_prompt(tokenizer, payload["messages"])
+            end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if isinstance(end, int) and end != tokenizer.unk_token_id:
                 stop_ids = (end,)
+        if isinstance(prompt, str):
+            # Token ids: the context check counts them, and echoed prompt scores line up with them.
+            prompt = list(tokenizer(prompt)["input_ids"])
         s = payload["sampling"]
+        limit = self.engine.config.max_seq_len
+        if s.get("max_tokens_set") and len(prompt) < limit < len(prompt) + s["max_tokens"]:
+            raise bad_request(
+                f"this model's maximum context length is {limit} tokens (max_seq_len); the request asks for "
+                f"{len(prompt) + s['max_tokens']}: {len(prompt)} in the prompt, max_tokens={s['max_tokens']} for "
+                "the completion. Shorten the prompt or lower max_tokens",
+                param="max_tokens", code="context_length_exceeded",
+            )
         sampling = SamplingParams(
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"],
             max_tokens=s["max_tokens"], min_tokens=s["min_tokens"], stop=tuple(s["stop"]),

@@ -307,6 +307,27 @@ def test_bad_requests_get_openai_errors(served, body, status, code):
     assert err["code"] == code and err["message"] and "type" in err and "param" in err
 
 
+def test_max_tokens_past_the_context_is_refused_unless_unset(served, oai):
+    """The served app's max_seq_len is 256. A prompt of 250 tokens with max_tokens set past the
+    rest of the context gets OpenAI's 400 context_length_exceeded (chat's max_completion_tokens
+    too); with max_tokens unset, the default (16) ends at the context's end instead."""
+    prompt = [17] * 250
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model="math", prompt=prompt, max_tokens=7, extra_body={"ignore_eos": True})
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "max_tokens"
+    assert "250 in the prompt, max_tokens=7" in err.value.body["message"]
+    fits = oai.completions.create(model="math", prompt=prompt, max_tokens=6, extra_body={"ignore_eos": True})
+    cut = oai.completions.create(model="math", prompt=prompt, extra_body={"ignore_eos": True})
+    for out in (fits, cut):
+        usage = out.usage
+        assert (usage.prompt_tokens, usage.completion_tokens, out.choices[0].finish_reason) == (250, 6, "length")
+    with served.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "math", "messages": [{"role": "user", "content": "x " * 120}],
+                                                 "max_completion_tokens": 200})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert "max_tokens=200 for the completion" in r.json()["error"]["message"]
+
+
 def test_bad_json_and_bad_chat(served):
     with served.client() as c:
         r = c.post("/v1/chat/completions", content=b'{"model": "math", "messages": [', headers={"content-type": "application/json"})

@@ -39,7 +39,7 @@ from deployments.bootstrap import open_store
 from deployments.config import AppConfig
 from deployments.errors import ApiError, bad_request, classify, overloaded, unavailable
 from deployments.metrics import IngressMetrics
-from deployments.openai_models import ChatCompletionRequest, CompletionRequest
+from deployments.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from deployments.placement import PlacementController
 from deployments.replica import stats_key
 from deployments.resolve import ROUTER_PREFIX, Resolver
@@ -160,6 +160,7 @@ class Ingress:
         self.registry = self.store.registry
         self.resolver = Resolver(self.registry, self.base_model)
         self.replica = replica.options(stream=True)
+        self.replica_unary = replica  # calls that answer once (tokenize, detokenize)
         self.metrics = IngressMetrics()
         app.include_router(build_registry_router(self.registry, api_key=cfg.api_key))
         self.placement = PlacementController(self.registry, self.store.settings.namespace, placement_interval_s)
@@ -228,9 +229,21 @@ class Ingress:
     async def chat_completions(self, request: Request):
         return await self._serve("chat", request, ChatCompletionRequest)
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self._serve("tokenize", request, TokenizeRequest)
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self._serve("detokenize", request, DetokenizeRequest)
+
     async def _serve(self, route: str, request: Request, model: type):
         try:
-            response = await self._generate(route, await self._parse(request, model))
+            body = await self._parse(request, model)
+            if route in ("tokenize", "detokenize"):
+                response = await self._tokens(route, body)
+            else:
+                response = await self._generate(route, body)
         except Exception as exc:
             err = exc if isinstance(exc, ApiError) else classify(exc)
             self.metrics.request(route, err.status)
@@ -253,6 +266,18 @@ class Ingress:
             return model.model_validate(data)
         except ValidationError as exc:
             raise _validation(exc.errors()) from None
+
+    async def _tokens(self, route: str, body) -> JSONResponse:
+        """One replica call: any replica holds the tokenizer. An unknown model is a 404, as for
+        generation."""
+        await run_in_threadpool(self.resolver.manifest, body.model)
+        try:
+            result = await getattr(self.replica_unary, route).remote(body.payload())
+        except Exception as exc:
+            raise _ray_error(exc) from None
+        if result["type"] == "error":
+            raise ApiError.from_item(result)
+        return JSONResponse({key: value for key, value in result.items() if key != "type"})
 
     async def _generate(self, route: str, body):
         started = time.monotonic()

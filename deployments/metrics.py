@@ -92,7 +92,8 @@ class IngressMetrics:
             lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
 
         with self._lock:
-            family("molora_requests_total", "counter", "HTTP generation requests by route and status.")
+            family("molora_requests_total", "counter",
+                   "HTTP requests by route (completions, chat, tokenize, detokenize) and status.")
             for (route, status), n in sorted(self.requests.items()):
                 lines.append(f"molora_requests_total{_labels(route=route, status=status)} {n}")
             family("molora_time_to_first_token_seconds", "histogram", "Request arrival to first generated token.")

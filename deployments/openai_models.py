@@ -185,6 +185,11 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """The messages as the chat template takes them ("developer" is OpenAI's newer "system")."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_Common):
     """`POST /v1/chat/completions`."""
 
@@ -239,4 +244,41 @@ class ChatCompletionRequest(_Common):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def message_dicts(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        return message_dicts(self.messages)
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's extension): a prompt, or chat messages, as generation tokenizes it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200, description="A served model (any: they share one tokenizer).")
+    prompt: str | None = Field(None, description="Text, tokenized as /v1/completions does.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, max_length=1024, description="Chat messages, rendered as /v1/chat/completions does."
+    )
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("expected exactly one of prompt and messages")
+        for m in self.messages or []:
+            m.text()
+        return self
+
+    def payload(self) -> dict:
+        if self.messages is not None:
+            return {"messages": message_dicts(self.messages)}
+        return {"prompt": self.prompt}
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize` (vLLM's extension)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=200, description="A served model.")
+    tokens: list[int] = Field(max_length=1 << 20, description="Token ids to decode.")
+
+    def payload(self) -> dict:
+        return {"tokens": self.tokens}

@@ -102,7 +102,9 @@ class ModelReplica:
         log.info("model replica %s up: %s, %d hot slots", self.replica_id, self.model_dir, cfg.hot_slots)
 
     # -- serving ---------------------------------------------------------------------------
-    def _request(self, payload: dict) -> Request:
+    def _prompt_ids(self, payload: dict) -> tuple[list[int], tuple[int, ...]]:
+        """The prompt's token ids as the engine prefills them (chat messages through the chat
+        template), and the chat's end-of-turn token where it has one."""
         tokenizer = self.engine.tokenizer
         prompt = payload.get("prompt")
         stop_ids: tuple[int, ...] = ()
@@ -112,8 +114,12 @@ class ModelReplica:
             if isinstance(end, int) and end != tokenizer.unk_token_id:
                 stop_ids = (end,)
         if isinstance(prompt, str):
-            # Token ids: the context check counts them, and echoed prompt scores line up with them.
             prompt = list(tokenizer(prompt)["input_ids"])
+        return list(prompt), stop_ids
+
+    def _request(self, payload: dict) -> Request:
+        # Token ids: the context check counts them, and echoed prompt scores line up with them.
+        prompt, stop_ids = self._prompt_ids(payload)
         s = payload["sampling"]
         limit = self.engine.config.max_seq_len
         if s.get("max_tokens_set") and len(prompt) < limit < len(prompt) + s["max_tokens"]:
@@ -180,6 +186,22 @@ class ModelReplica:
             yield classify(exc).to_item()
         finally:
             handle.close()  # no-op when finished; aborts when the caller went away
+
+    def tokenize(self, payload: dict) -> dict:
+        """`/tokenize`: the ids generation would prefill for this prompt or these messages."""
+        try:
+            ids, _ = self._prompt_ids(payload)
+        except Exception as exc:  # a chat template that refuses the messages
+            return classify(exc).to_item()
+        return {"type": "tokens", "count": len(ids), "max_model_len": self.engine.config.max_seq_len, "tokens": ids}
+
+    def detokenize(self, payload: dict) -> dict:
+        """`/detokenize`: the text of token ids (special tokens included)."""
+        tokens, vocab = payload["tokens"], self.engine.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            return bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "tokens").to_item()
+        return {"type": "text", "prompt": self.engine.tokenizer.decode(tokens)}
 
     def record_routing_stats(self) -> dict:
         """Pulled by Serve every request_routing_stats_period_s for the request router."""

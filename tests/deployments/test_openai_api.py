@@ -307,6 +307,31 @@ def test_bad_requests_get_openai_errors(served, body, status, code):
     assert err["code"] == code and err["message"] and "type" in err and "param" in err
 
 
+def test_tokenize_and_detokenize_count_what_generation_prefills(served, oai, offline_math):
+    """/tokenize gives the ids a completion (or a chat completion) prefills: as many as its
+    usage's prompt_tokens, the offline tokenizer's for a prompt; /detokenize turns them back."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    completion = oai.completions.create(model="math", prompt=PROMPT, max_tokens=1)
+    chat = oai.chat.completions.create(model="math", messages=messages, max_tokens=1)
+    with served.client() as c:
+        prompt = c.post("/tokenize", json={"model": "math", "prompt": PROMPT}).json()
+        chatted = c.post("/tokenize", json={"model": "molora:demo-gate", "messages": messages}).json()
+        text = c.post("/detokenize", json={"model": DEMO_MODEL_NAME, "tokens": prompt["tokens"]}).json()
+        refused = [
+            (c.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404, "model_not_found"),
+            (c.post("/tokenize", json={"model": "math", "prompt": "x", "messages": messages}), 400, "invalid_request"),
+            (c.post("/tokenize", json={"model": "math"}), 400, "invalid_request"),
+            (c.post("/detokenize", json={"model": "math", "tokens": [5, 10**7]}), 400, "invalid_request"),
+        ]
+    assert prompt["tokens"] == offline_math.tokenizer(PROMPT)["input_ids"]
+    assert (prompt["count"], prompt["max_model_len"]) == (completion.usage.prompt_tokens, 256)
+    assert chatted["count"] == len(chatted["tokens"]) == chat.usage.prompt_tokens
+    assert text == {"prompt": PROMPT}
+    for r, status, code in refused:
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+    assert "10000000" in refused[-1][0].json()["error"]["message"]
+
+
 def test_max_tokens_past_the_context_is_refused_unless_unset(served, oai):
     """The served app's max_seq_len is 256. A prompt of 250 tokens with max_tokens set past the
     rest of the context gets OpenAI's 400 context_length_exceeded (chat's max_completion_tokens

@@ -61,7 +61,7 @@ class IncrementalDetokenizer:
             self.stopped = True
         self._stop_checked = len(self.text)
 
-    def flush(self) -> None:
+    def flush(self, check_stop: bool = True) -> None:
         """At the end of the request: take whatever the window still holds (even a broken char)."""
         if self.stopped:
             return
@@ -70,7 +70,7 @@ class IncrementalDetokenizer:
         if len(tail) > len(head):
             self.text += tail[len(head) :]
             self._read_offset = len(self.ids)
-            self._check_stop()
+            self._check_stop(check_stop)
 
     def take_delta(self, final: bool) -> str:
         """Text not sent yet; all of it when final, else minus a possible stop-string prefix."""

@@ -350,7 +350,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, token_ids: tuple[int, ...] = (),
                 logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if reason != "stop" or not seq.detok.stopped:
-            seq.detok.flush()
+            seq.detok.flush(check_stop=len(seq.output_ids) >= seq.request.sampling.min_tokens)
         seq.stream.put(seq.delta(seq.detok.take_delta(final=True), token_ids, reason, logprobs))
         self._release(seq)
         if reason == "abort":

@@ -107,3 +107,26 @@ def test_detokenizer_flushes_a_broken_tail(demo):
     assert detok.take_delta(final=False) == "x"
     detok.flush()
     assert detok.take_delta(final=True) == tokenizer.decode(ids)[1:]
+
+
+def test_detokenizer_skips_stop_strings_while_told_to(demo):
+    """min_tokens' side: text added (or flushed) with check_stop=False counts as checked; a stop
+    string is found later only where it ends in newer text, each string in its own window."""
+    tokenizer = AutoTokenizer.from_pretrained(demo / "model")
+    ids = byte_token_ids(tokenizer, "ab,cd?e")
+    detok = IncrementalDetokenizer(tokenizer, stop=(",", "?", "a-long-stop"))
+    for token in ids[:3]:  # "ab,"
+        detok.add(token, check_stop=False)
+    assert not detok.stopped
+    for token in ids[3:]:
+        detok.add(token)
+        if detok.stopped:
+            break
+    assert detok.stopped and detok.text == "ab,cd"
+    broken = byte_token_ids(tokenizer, "x日")[:-1]  # the flush releases a U+FFFD
+    for check_stop in (False, True):
+        detok = IncrementalDetokenizer(tokenizer, stop=("\ufffd",))
+        for token in broken:
+            detok.add(token, check_stop=False)
+        detok.flush(check_stop=check_stop)
+        assert detok.stopped == check_stop and detok.text == ("x" if check_stop else tokenizer.decode(broken))

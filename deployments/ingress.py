@@ -123,15 +123,17 @@ def _chat_logprobs(items: list) -> dict:
                         for token, logprob, alternatives in items], "refusal": None}
 
 
-def _choice_payload(payload: dict, i: int, n: int) -> dict:
-    """The replica payload of choice i of n (the payload itself when n is 1): its own request id
-    and, where the request is seeded, seed + i."""
-    if n == 1:
-        return payload
+def _choice_payload(payload: dict, index: int, choice: int, calls: int, prompt=None) -> dict:
+    """The replica payload of call `index` of `calls`: its prompt where a batch gives one, and
+    (with more than one call) its own request id and, where the request is seeded, seed + its
+    choice number among its prompt's n."""
+    out = payload if prompt is None else {**payload, "prompt": prompt}
+    if calls == 1:
+        return out
     sampling = dict(payload["sampling"])
     if sampling["seed"] is not None:
-        sampling["seed"] = (sampling["seed"] + i) % (1 << 63)
-    return {**payload, "request_id": f"{payload['request_id']}-{i}", "sampling": sampling}
+        sampling["seed"] = (sampling["seed"] + choice) % (1 << 63)
+    return {**out, "request_id": f"{payload['request_id']}-{index}", "sampling": sampling}
 
 
 def _cancel(streams: list) -> None:
@@ -287,11 +289,15 @@ class Ingress:
                    "sampling": body.sampling_fields(DEFAULT_MAX_TOKENS)}
         if route == "chat":
             payload["messages"] = body.message_dicts()
+            prompts = [None]
         else:
-            payload["prompt"], payload["echo"] = body.prompt, body.echo
-        # One replica call per choice; choice i samples with seed + i, so n seeded choices differ
-        # from each other and repeat from run to run.
-        streams = [self.replica.generate.remote(_choice_payload(payload, i, body.n)) for i in range(body.n)]
+            payload["echo"] = body.echo
+            prompts = body.prompts()
+        # One replica call per prompt and choice, choice j of prompt p at index p * n + j (OpenAI's
+        # order); choice j samples with seed + j, so n seeded choices differ and repeat run to run.
+        n, calls = body.n, len(prompts) * body.n
+        streams = [self.replica.generate.remote(_choice_payload(payload, p * n + j, j, calls, prompt))
+                   for p, prompt in enumerate(prompts) for j in range(n)]
         try:
             firsts = await asyncio.gather(*(stream.__anext__() for stream in streams))
         except Exception as exc:
@@ -330,7 +336,7 @@ class Ingress:
             else:
                 choices.append({"index": i, "text": text, "finish_reason": finish,
                                 "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None})
-        usage = (outs[0][2][0], sum(out[2][1] for out in outs))  # the prompt once, every choice's tokens
+        usage = (sum(out[2][0] for out in outs[::n]), sum(out[2][1] for out in outs))  # each prompt once
         body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
                      "choices": choices, "usage": _usage(*usage)}
         return JSONResponse(body_json, headers=headers)
@@ -439,7 +445,7 @@ class Ingress:
                 if item["text"] or finish:
                     yield _sse(chunk(i, item["text"], finish))
             if body.include_usage:
-                total = (usage[0][0], sum(u[1] for u in usage))
+                total = (sum(u[0] for u in usage[:: body.n]), sum(u[1] for u in usage))  # each prompt once
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*total)})
             yield "data: [DONE]\n\n"
         finally:  # done, failed, or the client went away: stop what still runs

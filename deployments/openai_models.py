@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_LOGIT_BIAS = 1024
 # At most this many choices (`n`) per request.
 MAX_CHOICES = 16
+# At most this many prompts in one completions request, and replica calls (prompts x n) per request.
+MAX_PROMPTS = 64
+MAX_CALLS = 64
 # At most this many alternatives per generated token (as OpenAI's chat API; its completions API allows 5).
 MAX_LOGPROBS = 20
 
@@ -129,7 +132,9 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """`POST /v1/completions`."""
 
-    prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids.")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description=f"A prompt (text, or token ids), or a batch of up to {MAX_PROMPTS} (texts, or token-id lists)."
+    )
     echo: bool = Field(False, description="The prompt before the completion (and its tokens' logprobs).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token, with logprobs.")
     best_of: int | None = Field(None, description="Not supported (must be unset or 1).")
@@ -155,18 +160,27 @@ class CompletionRequest(_Common):
     def _scoring_only(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens=0 needs echo=true (it returns the prompt, scored with logprobs)")
+        if len(self.prompts()) * self.n > MAX_CALLS:
+            raise ValueError(f"{len(self.prompts())} prompts x n={self.n} choices; at most {MAX_CALLS} per request")
         return self
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            if len(value) != 1:
-                raise ValueError(f"{len(value)} prompts; expected one prompt per request")
-            value = value[0]
         if not value:
             raise ValueError("prompt is empty")
+        if isinstance(value, list) and isinstance(value[0], (str, list)):
+            if len(value) > MAX_PROMPTS:
+                raise ValueError(f"{len(value)} prompts; at most {MAX_PROMPTS} per request")
+            empty = [i for i, prompt in enumerate(value) if not prompt]
+            if empty:
+                raise ValueError(f"prompts {empty[:5]} are empty")
         return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one prompt, text or token ids, per entry."""
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else list(self.prompt)
 
 
 class ChatMessage(BaseModel):

@@ -217,6 +217,32 @@ def test_n_choices_whole_and_streamed(served, oai):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_in_openais_order(oai, offline_math):
+    """prompt as a batch (texts, or token-id lists as lm-evaluation-harness sends them): choice j
+    of prompt p at index p * n + j, each the offline engine's output for its prompt; usage counts
+    every prompt once; a stream carries the same choices by index; a batch of echo scoring calls
+    (max_tokens 0) scores each prompt."""
+    prompts = [PROMPT, "def add(a, b):", "Bonjour"]
+    offline = offline_math.generate([Request(p, SamplingParams(max_tokens=6), AdapterSpec("math")) for p in prompts])
+    out = oai.completions.create(model="math", prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [c.index for c in out.choices] == list(range(6))
+    assert [c.text for c in out.choices] == [o.text for o in offline for _ in range(2)]
+    assert out.usage.prompt_tokens == sum(o.prompt_tokens for o in offline)
+    assert out.usage.completion_tokens == 2 * sum(len(o.token_ids) for o in offline)
+    chunks = list(oai.completions.create(model="math", prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True,
+                                         stream_options={"include_usage": True}))
+    texts = [""] * 6
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in out.choices] and chunks[-1].usage == out.usage
+    ids = [offline_math.tokenizer(p)["input_ids"] for p in prompts]
+    scored = oai.completions.create(model="math", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    for choice, prompt_ids, prompt in zip(scored.choices, ids, prompts):
+        assert choice.text == prompt and len(choice.logprobs.token_logprobs) == len(prompt_ids)
+        assert choice.logprobs.token_logprobs[0] is None and None not in choice.logprobs.token_logprobs[1:]
+
+
 def test_a_client_that_leaves_a_stream_of_n_choices_aborts_them(served):
     """Closing a streamed request of 2 choices early aborts both in the engines (the replicas'
     published `aborted` counters grow by 2) instead of letting them run to max_tokens."""
@@ -281,6 +307,10 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "top_p": 0}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "max_tokens": 0}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "n": 17}, 400, "invalid_request"),
+        ({"model": "math", "prompt": ["x"] * 65}, 400, "invalid_request"),
+        ({"model": "math", "prompt": ["x"] * 5, "n": 13}, 400, "invalid_request"),
+        ({"model": "math", "prompt": ["x", ""]}, 400, "invalid_request"),
+        ({"model": "math", "prompt": [[1, 2], []]}, 400, "invalid_request"),
         ({"model": "math"}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x " * 400}, 400, "context_length_exceeded"),
         ({"model": "math", "prompt": "x", "adapters": [{"name": "code", "weight": 1}]}, 400, "invalid_request"),

@@ -337,6 +337,7 @@ class Ingress:
                 choices.append({"index": i, "text": text, "finish_reason": finish,
                                 "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None})
         usage = (sum(out[2][0] for out in outs[::n]), sum(out[2][1] for out in outs))  # each prompt once
+        self.metrics.finished(usage[0], time.monotonic() - started)
         body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
                      "choices": choices, "usage": _usage(*usage)}
         return JSONResponse(body_json, headers=headers)
@@ -444,8 +445,9 @@ class Ingress:
                     return
                 if item["text"] or finish:
                     yield _sse(chunk(i, item["text"], finish))
+            total = (sum(u[0] for u in usage[:: body.n]), sum(u[1] for u in usage))  # each prompt once
+            self.metrics.finished(total[0], time.monotonic() - started)
             if body.include_usage:
-                total = (sum(u[0] for u in usage[:: body.n]), sum(u[1] for u in usage))  # each prompt once
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*total)})
             yield "data: [DONE]\n\n"
         finally:  # done, failed, or the client went away: stop what still runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -415,17 +416,48 @@ def test_bad_json_and_bad_chat(served):
         assert r.status_code == 404 and "error" in r.json()
 
 
-def test_metrics_exposes_serving_figures(served):
-    with served.client() as c:
-        c.post("/v1/completions", json={"model": "code", "prompt": "x", "max_tokens": 2})
-        import time
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}, summed over the replica label."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            key = re.sub(r'replica="[^"]*",?', "", key).replace("{}", "")
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
 
+
+def test_metrics_exposes_serving_figures(served):
+    """Every family is there; a request of a known prompt adds its prompt tokens and one latency
+    observation at the ingress, and one finished request in the replicas' engines."""
+    import time
+
+    with served.client() as c:
         time.sleep(1.5)  # one heartbeat publishes the replicas' counters
-        text = c.get("/metrics").text
+        before = _samples(c.get("/metrics").text)
+        r = c.post("/v1/completions", json={"model": "code", "prompt": "x", "max_tokens": 2}).json()
+        deadline = time.monotonic() + 15
+        while True:  # until a heartbeat (every 0.5 s here) has published the replica's counters
+            text = c.get("/metrics").text
+            finished = 'molora_engine_requests_total{outcome="finished"}'
+            if _samples(text).get(finished, 0.0) > before.get(finished, 0.0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
     for name in ("molora_time_to_first_token_seconds_bucket", "molora_tokens_per_second", "molora_queue_depth",
                  "molora_hotset_hits_total", "molora_hotset_misses_total", "molora_hotset_evictions_total",
                  "molora_adapter_load_seconds_sum", "molora_adapter_tokens_total", "molora_engine_decode_steps_total",
-                 "molora_engine_graph_steps_total", "molora_engine_graph_captures_total"):
+                 "molora_engine_graph_steps_total", "molora_engine_graph_captures_total",
+                 "molora_request_latency_seconds_bucket", "molora_engine_prompt_tokens_total"):
         assert name in text, name
     assert 'adapter="code@1"' in text
+    after = _samples(text)
+
+    def grew(key: str) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    prompt = r["usage"]["prompt_tokens"]
+    assert (grew("molora_prompt_tokens_total"), grew("molora_request_latency_seconds_count")) == (prompt, 1)
+    assert grew("molora_engine_prompt_tokens_total") == prompt
+    assert grew('molora_engine_requests_total{outcome="finished"}') == 1
+    assert grew("molora_generated_tokens_total") == grew("molora_engine_generated_tokens_total") == 2
     json.dumps(text)

@@ -303,10 +303,13 @@ class Ingress:
         except Exception as exc:
             _cancel(streams)
             raise _ray_error(exc) from None
-        for first in firsts:
+        for index, first in enumerate(firsts):
             if first["type"] == "error":
                 _cancel(streams)
-                raise ApiError.from_item(first)
+                err = ApiError.from_item(first)
+                if len(prompts) > 1 and err.status == 400:  # name the batch's prompt at fault
+                    err.message, err.param = f"prompt[{index // n}]: {err.message}", err.param or "prompt"
+                raise err
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(first["replica"] for first in firsts))}
         meta = {"id": rid, "created": int(time.time()), "model": body.model}
         if body.stream:

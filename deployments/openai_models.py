@@ -164,6 +164,17 @@ class CompletionRequest(_Common):
             raise ValueError(f"{len(self.prompts())} prompts x n={self.n} choices; at most {MAX_CALLS} per request")
         return self
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value):
+        def ids(item) -> bool:
+            return isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+        if not (isinstance(value, str) or ids(value) or (isinstance(value, list) and (
+                all(isinstance(item, str) for item in value) or all(ids(item) for item in value)))):
+            raise ValueError("expected a string, a list of token ids, a list of strings or a list of token-id lists")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value):

@@ -242,6 +242,12 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_openais_order(oai, offline_ma
     for choice, prompt_ids, prompt in zip(scored.choices, ids, prompts):
         assert choice.text == prompt and len(choice.logprobs.token_logprobs) == len(prompt_ids)
         assert choice.logprobs.token_logprobs[0] is None and None not in choice.logprobs.token_logprobs[1:]
+    with pytest.raises(openai.BadRequestError) as err:  # the prompt at fault is named
+        oai.completions.create(model="math", prompt=[[5, 6], [7, 10**6]], max_tokens=1)
+    assert err.value.body["message"].startswith("prompt[1]: prompt token ids [1000000]")
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model="math", prompt=[[5, 6], ["a"]], max_tokens=1)
+    assert "a list of strings or a list of token-id lists" in err.value.body["message"]
 
 
 def test_a_client_that_leaves_a_stream_of_n_choices_aborts_them(served):
@@ -312,6 +318,7 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": ["x"] * 5, "n": 13}, 400, "invalid_request"),
         ({"model": "math", "prompt": ["x", ""]}, 400, "invalid_request"),
         ({"model": "math", "prompt": [[1, 2], []]}, 400, "invalid_request"),
+        ({"model": "math", "prompt": [[1, 2], ["a"]]}, 400, "invalid_request"),
         ({"model": "math"}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x " * 400}, 400, "context_length_exceeded"),
         ({"model": "math", "prompt": "x", "adapters": [{"name": "code", "weight": 1}]}, 400, "invalid_request"),

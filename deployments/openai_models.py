@@ -66,6 +66,9 @@ class _Common(BaseModel):
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks); not an OpenAI field.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="transformers' and vLLM's; not OpenAI's.")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="Token ids that end the output too.")
+    include_stop_str_in_output: bool = Field(
+        False, description="End after the stop string (or stop token's text) instead of before it; vLLM's."
+    )
     min_tokens: int = Field(
         0, ge=0, le=1 << 20, description="Tokens generated before EOS, stop tokens or strings can end it; vLLM's."
     )
@@ -117,7 +120,7 @@ class _Common(BaseModel):
             "temperature": self.temperature, "top_p": self.top_p, "top_k": max(self.top_k, 0),
             "seed": self.seed, "max_tokens": max_tokens, "max_tokens_set": self.requested_max_tokens() is not None,
             "min_tokens": self.min_tokens,
-            "stop": list(self.stop or []),
+            "stop": list(self.stop or []), "include_stop_str_in_output": self.include_stop_str_in_output,
             "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
             "stop_token_ids": list(self.stop_token_ids or []),

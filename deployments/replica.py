@@ -133,6 +133,7 @@ class ModelReplica:
             temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"], seed=s["seed"],
             max_tokens=s["max_tokens"], min_tokens=s["min_tokens"], stop=tuple(s["stop"]),
             stop_token_ids=stop_ids + tuple(s["stop_token_ids"]),
+            include_stop_str_in_output=s["include_stop_str_in_output"],
             ignore_eos=s["ignore_eos"], presence_penalty=s["presence_penalty"],
             frequency_penalty=s["frequency_penalty"], repetition_penalty=s["repetition_penalty"],
             logit_bias=tuple((token, bias) for token, bias in s["logit_bias"]), logprobs=s["logprobs"],

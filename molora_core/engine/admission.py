@@ -115,7 +115,8 @@ class Admission:
             ends = () if p.ignore_eos else self.eos_ids
             held = sorted({t for t in ends + p.stop_token_ids if 0 <= t < self.vocab_size}) if p.min_tokens else ()
             adjust = LogitAdjust(p, self.vocab_size, self.device, ids, held)
-        seq = Sequence(request, _Stream(), ids, IncrementalDetokenizer(self.tokenizer, p.stop), generator, adjust)
+        detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output)
+        seq = Sequence(request, _Stream(), ids, detok, generator, adjust)
         if p.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]
         return seq

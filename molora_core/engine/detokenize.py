@@ -15,13 +15,14 @@ REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Turns generated token ids, one at a time, into safe-to-send text deltas."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), include_stop: bool = False):
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust decoder directly: what its `decode` runs (cleanup is off here),
         # without the Python wrapper around it (1 us instead of 5 per call, two calls per token).
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend_decode = getattr(backend, "decode", None)
         self.stop = stop
+        self.include_stop = include_stop  # the text ends after the stop string instead of before it
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self._prefix_offset = 0  # start of the decode window
@@ -55,9 +56,11 @@ class IncrementalDetokenizer:
             self._stop_checked = len(self.text)
             return
         # Only a string that ends past the checked text is new (each string's own window).
-        hits = [i for i in (self.text.find(s, max(0, self._stop_checked - len(s) + 1)) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, max(0, self._stop_checked - len(s) + 1)), s)
+                                         for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            start, length = min(hits)  # the first to begin; of two there, the first to end
+            self.text = self.text[: start + length if self.include_stop else start]
             self.stopped = True
         self._stop_checked = len(self.text)
 

@@ -444,6 +444,8 @@ class Engine:
         stops = len(seq.output_ids) >= p.min_tokens  # before min_tokens nothing stops the sequence
         if stops and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             reason = "stop"
+            if p.include_stop_str_in_output and token in p.stop_token_ids:
+                seq.detok.add(token, check_stop=False)
         else:
             seq.detok.add(token, check_stop=stops)
             if seq.detok.stopped:

@@ -66,6 +66,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop: tuple[str, ...] = ()  # stop strings; the output ends before the first one
     stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False  # end after the stop string (or stop token's text) instead
     ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed lengths)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -122,6 +122,11 @@ def test_logit_bias_and_penalties_reach_the_engine(oai, offline_math):
     out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0,
                                  extra_body={"stop_token_ids": [stop], "min_tokens": first + 3})
     assert out.choices[0].text == offline.text and out.usage.completion_tokens == len(offline.token_ids) >= first + 3
+    # include_stop_str_in_output (an extension): the text ends after the stop string.
+    stop_text = plain.text[2:5]
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop_text],
+                                 extra_body={"include_stop_str_in_output": True})
+    assert len(stop_text) == 3 and out.choices[0].text == plain.text[: plain.text.index(stop_text) + 3]
     # With max_tokens unset, min_tokens past the default (16) raises it to min_tokens.
     out = oai.completions.create(model="math", prompt=PROMPT, temperature=0, extra_body={"min_tokens": 20})
     assert out.usage.completion_tokens >= 20

@@ -331,6 +331,26 @@ def test_stop_string_ends_the_output_before_it(engine):
     assert out.finish_reason == "stop" and out.completion_tokens < 30
 
 
+def test_include_stop_str_in_output_ends_after_the_stop(engine):
+    """vLLM's include_stop_str_in_output: the text ends after the first stop string, streamed
+    alike (of two strings that begin at one place and arrive in one token, the shorter); a stop
+    token's text stays in it."""
+    plain = engine.submit(Request(PROMPTS[2], greedy(30))).result()
+    text = plain.text
+    assert text.startswith(" I am doing")  # " doing" is one token: " d" and " doi" arrive together
+    for stop, end in (((text[5:8], "never-appears"), text.index(text[5:8]) + 3), ((" doi", " d"), 7)):
+        handle = engine.submit(Request(PROMPTS[2], greedy(30, stop=stop, include_stop_str_in_output=True)))
+        deltas = [d.text for d in handle]
+        out = handle.output()
+        assert (out.text, "".join(deltas), out.finish_reason) == (text[:end], text[:end], "stop"), stop
+    first = plain.token_ids.index(plain.token_ids[3])
+    sampling = SamplingParams(max_tokens=30, stop_token_ids=(plain.token_ids[3],), include_stop_str_in_output=True)
+    out = engine.submit(Request(PROMPTS[2], sampling)).result()
+    assert out.token_ids == plain.token_ids[: first + 1]
+    before = engine.tokenizer.decode(plain.token_ids[:first])
+    assert out.text == engine.tokenizer.decode(plain.token_ids[: first + 1]) and len(out.text) > len(before)
+
+
 def test_max_tokens_and_eos(engine):
     out = engine.submit(Request(PROMPTS[0], greedy(3))).result()
     assert (out.completion_tokens, out.finish_reason) == (3, "length")

@@ -38,10 +38,10 @@ if [[ $stages == *tests* ]]; then
     # them the engine suite on CUDA, where every decode step with at most one gate router replays
     # a captured graph.
     # (On an H200 on 2026-11-26: 171-181 s for the first; the second, 38 tests, over 200 s in one
-    # worker and over 240 s in four, where the 38th did not finish. It has 49 since 2026-11-27,
-    # the sampling and log-probability tests among them: six workers, 400 s. With the engine
-    # benchmark after it, that can pass the device tool's 600 s a call: run "tests" and "engine"
-    # as two calls then.)
+    # worker and over 240 s in four, where the 38th did not finish. It has 54 since 2026-11-27,
+    # the sampling, log-probability and min_tokens tests among them: six workers, 400 s. With the
+    # engine benchmark after it, that can pass the device tool's 600 s a call: run "tests" and
+    # "engine" as two calls then.)
     timeout 240 python3 -m pytest -q -n 8 -m gpu tests/kernels tests/molora_core/test_decoder.py \
         >"$out/gpu_tests.log" 2>&1 &
     kernels=$!

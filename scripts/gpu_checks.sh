@@ -45,8 +45,9 @@ if [[ $stages == *tests* ]]; then
     timeout 240 python3 -m pytest -q -n 8 -m gpu tests/kernels tests/molora_core/test_decoder.py \
         >"$out/gpu_tests.log" 2>&1 &
     kernels=$!
-    timeout 400 python3 -m pytest -q -n 6 tests/molora_core/test_engine.py tests/molora_core/test_engine_streaming.py \
-        tests/molora_core/test_engine_graphs.py >"$out/engine_tests_cuda.log" 2>&1 &
+    timeout 400 python3 -m pytest -q -n 6 tests/molora_core/test_engine.py tests/molora_core/test_engine_sampling.py \
+        tests/molora_core/test_engine_streaming.py tests/molora_core/test_engine_graphs.py \
+        >"$out/engine_tests_cuda.log" 2>&1 &
     engine=$!
     wait $kernels || status=1
     wait $engine || status=1

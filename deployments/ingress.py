@@ -395,6 +395,8 @@ class Ingress:
                 choice = {"index": i, "text": content or "", "finish_reason": finish, "logprobs": logprobs}
             if not role:
                 pending[i] = []
+            if body.continuous_usage and not role:
+                return {**meta, "object": obj, "choices": [choice], "usage": _usage(*usage[i])}
             return {**meta, "object": obj, "choices": [choice]}
 
         queue: asyncio.Queue = asyncio.Queue()

@@ -40,6 +40,7 @@ class AdapterWeight(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="Send a last chunk with the usage totals.")
+    continuous_usage_stats: bool = Field(False, description="Each chunk carries its choice's usage so far; vLLM's.")
 
 
 class _Common(BaseModel):
@@ -130,6 +131,10 @@ class _Common(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Common):

@@ -236,12 +236,14 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_openais_order(oai, offline_ma
     assert out.usage.prompt_tokens == sum(o.prompt_tokens for o in offline)
     assert out.usage.completion_tokens == 2 * sum(len(o.token_ids) for o in offline)
     chunks = list(oai.completions.create(model="math", prompt=prompts, max_tokens=6, temperature=0, n=2, stream=True,
-                                         stream_options={"include_usage": True}))
-    texts = [""] * 6
-    for c in chunks:
-        for choice in c.choices:
-            texts[choice.index] += choice.text
+                                         stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    texts, seen = [""] * 6, [(0, 0)] * 6
+    for c in chunks[:-1]:  # with continuous_usage_stats each chunk carries its choice's usage so far
+        (choice,) = c.choices
+        texts[choice.index] += choice.text
+        seen[choice.index] = (c.usage.prompt_tokens, c.usage.completion_tokens)
     assert texts == [c.text for c in out.choices] and chunks[-1].usage == out.usage
+    assert seen == [(o.prompt_tokens, len(o.token_ids)) for o in offline for _ in range(2)]
     ids = [offline_math.tokenizer(p)["input_ids"] for p in prompts]
     scored = oai.completions.create(model="math", prompt=ids, max_tokens=0, echo=True, logprobs=0)
     for choice, prompt_ids, prompt in zip(scored.choices, ids, prompts):

@@ -165,7 +165,7 @@ class CompletionRequest(_Common):
         return _refuse_unless(value, not value, "suffix (insertion)")
 
     @model_validator(mode="after")
-    def _scoring_only(self) -> "CompletionRequest":
+    def _request_bounds(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens=0 needs echo=true (it returns the prompt, scored with logprobs)")
         if len(self.prompts()) * self.n > MAX_CALLS:

@@ -113,7 +113,7 @@ class Admission:
         adjust = None
         if p.adjusts_logits:
             ends = () if p.ignore_eos else self.eos_ids
-            held = sorted({t for t in ends + p.stop_token_ids if 0 <= t < self.vocab_size}) if p.min_tokens else ()
+            held = sorted({t for t in ends + p.stop_token_ids if 0 <= t < self.vocab_size})
             adjust = LogitAdjust(p, self.vocab_size, self.device, ids, held)
         detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output)
         seq = Sequence(request, _Stream(), ids, detok, generator, adjust)

@@ -146,22 +146,6 @@ class Engine:
             self._thread.start()
 
     @property
-    def adapter_loader(self) -> AdapterLoader | None:
-        return self.admission.adapter_loader
-
-    @adapter_loader.setter
-    def adapter_loader(self, loader: AdapterLoader | None) -> None:
-        self.admission.adapter_loader = loader
-
-    @property
-    def router_loader(self) -> RouterLoader | None:
-        return self.admission.router_loader
-
-    @router_loader.setter
-    def router_loader(self, loader: RouterLoader | None) -> None:
-        self.admission.router_loader = loader
-
-    @property
     def graphs(self) -> DecodeGraphs | None:
         """The fixed-shape decode runner (CUDA graphs), or None when every step runs eagerly."""
         return self.runner.graphs

@@ -134,7 +134,7 @@ def test_steps_on_two_gates_run_eagerly_and_old_gates_shapes_are_dropped(demo, t
     sizes = dict(max_batch=4, max_queue=32, prefill_chunk=64, max_routers=1)
     engines = [make_engine(demo, decode_graphs=mode, **sizes) for mode in ("off", "eager")]
     for engine in engines:
-        engine.router_loader = lambda name: GateRouter.load(routers / name)
+        engine.admission.router_loader = lambda name: GateRouter.load(routers / name)
     eager, fixed = engines
     calls, gates_per_decode_step = [], []
     run, logits = fixed.graphs.run, fixed.runner.logits

@@ -129,7 +129,7 @@ def engine_rows(repeats: int, dtype: torch.dtype) -> list[dict]:
             config = EngineConfig(max_batch=s["batch"], max_seq_len=2 * s["prompt"], hot_slots=NUM_ADAPTERS,
                                   max_rank=RANK, max_top_k=2, prefill_chunk=s["batch"] * s["prompt"],
                                   max_step_tokens=s["batch"] * (s["prompt"] + 1), backend="triton",
-                                  prefill_kernel=kernel)
+                                  prefill_kernel=kernel, prefix_caching=False)  # (timed prefills repeat)
             engine = Engine(load_pretrained(root / "model", str(dtype).removeprefix("torch."), "cpu"), config,
                             adapter_loader=lambda name: load_peft_adapter(root / name, name=name))
             for name, routing in scenarios.items():

@@ -12,6 +12,7 @@ Legend: S slots, R max rank, D_in / D_out features.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -113,6 +114,7 @@ class HotSetStats:
 class _Slot:
     key: str
     adapter: LoRAAdapter
+    serial: int  # which load this is: a slot loaded again (any adapter) gets a new one
     pins: int = 0
     retired: bool = False  # removed while pinned: freed at the last release, never handed out again
 
@@ -172,6 +174,7 @@ class HotSet:
         self._index: dict[str, int] = {}  # live (not retired) key -> slot
         self._lru: OrderedDict[int, None] = OrderedDict()  # unpinned occupied slots, oldest first
         self._host: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._loads = itertools.count()
         self._lock = threading.RLock()
 
     @classmethod
@@ -213,6 +216,12 @@ class HotSet:
         """Live key -> slot."""
         with self._lock:
             return dict(self._index)
+
+    def serial(self, slot: int) -> int:
+        """The load serial of what `slot` holds (-1: empty). Serials never repeat, so equal serials
+        mean the same weights (the engine's prefix cache keys keys and values by them)."""
+        entry = self._slots[slot]
+        return -1 if entry is None else entry.serial
 
     def pins(self, key: str) -> int:
         with self._lock:
@@ -350,7 +359,7 @@ class HotSet:
                 buffers.write(slot, module.lora_a, module.lora_b, module.scale)
         self.stats.load_seconds += time.perf_counter() - started
         self.stats.loads_by_adapter[key] = self.stats.loads_by_adapter.get(key, 0) + 1
-        self._slots[slot] = _Slot(key, adapter)
+        self._slots[slot] = _Slot(key, adapter, next(self._loads))
         self._index[key] = slot
         self._lru[slot] = None
         return slot

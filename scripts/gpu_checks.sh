@@ -39,7 +39,8 @@ if [[ $stages == *tests* ]]; then
     # a captured graph.
     # (On an H200 on 2026-11-26: 171-181 s for the first; the second, 38 tests, over 200 s in one
     # worker and over 240 s in four, where the 38th did not finish. It has 54 since 2026-11-27,
-    # the sampling, log-probability and min_tokens tests among them: six workers, 400 s. With the
+    # the sampling, log-probability and min_tokens tests among them, and 17 prefix-cache tests
+    # beside them since the twenty-fourth session: six workers, 400 s. With the
     # engine benchmark after it, that can pass the device tool's 600 s a call: run "tests" and
     # "engine" as two calls then.)
     timeout 240 python3 -m pytest -q -n 8 -m gpu tests/kernels tests/molora_core/test_decoder.py \
@@ -47,7 +48,7 @@ if [[ $stages == *tests* ]]; then
     kernels=$!
     timeout 400 python3 -m pytest -q -n 6 tests/molora_core/test_engine.py tests/molora_core/test_engine_sampling.py \
         tests/molora_core/test_engine_streaming.py tests/molora_core/test_engine_graphs.py \
-        >"$out/engine_tests_cuda.log" 2>&1 &
+        tests/molora_core/test_prefix_cache.py >"$out/engine_tests_cuda.log" 2>&1 &
     engine=$!
     wait $kernels || status=1
     wait $engine || status=1

@@ -166,7 +166,19 @@ class Admission:
                     del self._fetches[name]
             raise
         seq.router = seq.spec.bind(dict(seq.pinned))
+        seq.kv_key = self._kv_key(seq)
         return True
+
+    def _kv_key(self, seq: Sequence) -> tuple | None:
+        """What seq's keys and values depend on besides its tokens: its router's routes, the load
+        serial of each slot it pinned, and its gate (held, so the key's id of it stays its own)."""
+        router = seq.router
+        if router is None:
+            return ("base",)
+        if router.route_key is None:
+            return None
+        loads = tuple(self.hotset.serial(slot) for _, slot in seq.pinned)
+        return router.route_key, loads, getattr(router, "gate", None)
 
     def unpin(self, seq: Sequence) -> None:
         for key, slot in seq.pinned:

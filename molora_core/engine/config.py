@@ -52,6 +52,11 @@ class EngineConfig(BaseModel):
         "the grouped kernels elsewhere; 'grouped' = per module, shrink and expand over each adapter's sorted tokens",
     )
     max_routers: int = Field(16, ge=1, description="gate routers kept loaded (LRU)")
+    prefix_caching: bool = Field(
+        True, description="a finished sequence's KV-cache slot keeps its keys and values until a slot is needed, and "
+        "a new request whose prompt begins with tokens a cached or running sequence computed under the same routing "
+        "starts after them (molora_core.engine.kv_slots)",
+    )
     decode_graphs: Literal["auto", "off", "eager"] = Field(
         "auto",
         description="fixed-shape decode steps (molora_core.engine.graphs): 'auto' captures CUDA graphs on CUDA with "

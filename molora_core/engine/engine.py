@@ -12,6 +12,10 @@ a slot; the wait queue itself is bounded by `max_queue`. Checking requests, load
 adapters and routers off the step thread and pinning them is `Admission`'s
 (`molora_core.engine.admission`).
 
+A finished request's KV-cache slot keeps its keys and values until a slot is needed, and a new
+request whose prompt begins with tokens a cached or running request computed under the same
+routing starts after them (`KVSlots`, `molora_core.engine.kv_slots`: prefix caching).
+
 The KV cache, the hot-set and the routing plan's dispatch buffers are allocated once at
 start-up, at fixed addresses, so decode steps run as CUDA graphs captured per batch and length
 bucket (`molora_core.engine.graphs`) on CUDA. The engine schedules; `StepRunner`
@@ -20,7 +24,6 @@ bucket (`molora_core.engine.graphs`) on CUDA. The engine schedules; `StepRunner`
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -36,6 +39,7 @@ from molora_core.adapter import LoRAAdapter
 from molora_core.engine.admission import AdapterLoader, Admission, RouterLoader
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.graphs import DecodeGraphs, graph_mode
+from molora_core.engine.kv_slots import KVSlots
 from molora_core.engine.request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
 from molora_core.engine.sampling import sample, score_tokens, token_logprobs
 from molora_core.engine.sequence import Sequence
@@ -127,9 +131,7 @@ class Engine:
         self.counters = Counters()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        # Free KV slots as a min-heap: the lowest goes first, so running sequences stay packed at
-        # the low slots and a step's decode rows, sorted by slot, make one span in order.
-        self._free_kv = list(range(config.max_batch))
+        self.kv_slots = KVSlots(self.kv_cache, config.max_batch, config.prefix_caching)
         self._aborts: set[str] = set()
         self._ids: set[str] = set()  # request ids waiting or running
         self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)
@@ -226,7 +228,8 @@ class Engine:
             hotset_evictions=h.stats.evictions, resident_adapters=resident,
             pinned_adapters={k: h.pins(k) for k in resident}, ttft_p50_s=percentile(c.ttft_s, 50),
             ttft_p99_s=percentile(c.ttft_s, 99), step_p50_s=percentile(c.step_s, 50),
-            step_p99_s=percentile(c.step_s, 99),
+            step_p99_s=percentile(c.step_s, 99), prefix_hits=self.kv_slots.hits,
+            cached_prompt_tokens=self.kv_slots.reused_tokens, cached_kv_slots=self.kv_slots.cached(),
         )
 
     def has_work(self) -> bool:
@@ -290,7 +293,7 @@ class Engine:
         with self._lock:
             candidates = list(self._waiting)
         for seq in candidates:
-            if not self._free_kv:
+            if not self.kv_slots.available():
                 return
             try:
                 admitted = self.admission.pin(seq)
@@ -305,19 +308,19 @@ class Engine:
                 continue
             with self._lock:
                 self._waiting.remove(seq)
-            seq.kv_slot = heapq.heappop(self._free_kv)
+            self.kv_slots.assign(seq, self._running)
             self._running.append(seq)
             self.counters.prompt_tokens += len(seq.prompt_ids)
 
     # -- exits -----------------------------------------------------------------------------
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, keep: bool = True) -> None:
+        """Unpin seq's adapters and leave its KV slot: cached for prefix reuse where `keep` (its
+        rows are whole), zeroed otherwise. Decode attention reads a slot's rows past its own
+        length (masked, weight 0), so whatever later takes a slot finds them zeroed (the cached
+        rows past the prefix it shares too): an earlier occupant's inf or NaN values can never
+        leak in as 0 * NaN."""
         self.admission.unpin(seq)
-        if seq.kv_slot >= 0:
-            # Decode attention reads a slot's rows past its own length (masked, weight 0): zeroed,
-            # an earlier occupant's inf or NaN values can never leak in as 0 * NaN.
-            self.kv_cache.clear(seq.kv_slot, seq.num_computed)
-            heapq.heappush(self._free_kv, seq.kv_slot)
-            seq.kv_slot = -1
+        self.kv_slots.release(seq, keep, self._running)
         if seq in self._running:
             self._running.remove(seq)
         with self._lock:
@@ -327,7 +330,7 @@ class Engine:
             self._aborts.discard(seq.request_id)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
-        self._release(seq)
+        self._release(seq, keep=False)
         self.counters.failed += 1
         seq.stream.put(exc)
 
@@ -362,7 +365,9 @@ class Engine:
         """
         budget = self.config.step_tokens
         entries = []
-        order = sorted(self._running, key=lambda seq: (_slot_order(seq), seq.kv_slot))
+        # (A sequence that shares a prompt prefix sits out until its source has computed it.)
+        order = sorted((seq for seq in self._running if self.kv_slots.ready(seq)),
+                       key=lambda seq: (_slot_order(seq), seq.kv_slot))
         for seq in order:
             if seq.num_tokens - seq.num_computed == 1:
                 entries.append((seq, 1))

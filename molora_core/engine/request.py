@@ -169,6 +169,7 @@ class StreamDelta:
     logprobs: tuple[TokenLogprob, ...] | None = None
     # With the request's first delta, where it asked for them: None for the first prompt token.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, where the request asked for them
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # one per prompt token, likewise
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class _Stream:
@@ -312,6 +314,7 @@ class RequestHandle:
             last.finish_reason if last else None,
             None if self._logprobs is None else tuple(self._logprobs),
             self._prompt_logprobs,
+            last.cached_tokens if last else 0,
         )
 
     @property

@@ -27,6 +27,11 @@ class Sequence:
     router: Router | None = None
     kv_slot: int = -1
     num_computed: int = 0  # tokens whose keys/values are in the KV cache
+    # What its keys and values depend on besides the tokens: its routes and the adapters' loads
+    # (None: never shared). Sequences with equal keys share prompt prefixes (engine.kv_slots).
+    kv_key: tuple | None = None
+    share: tuple["Sequence", int] | None = None  # (running sequence, prefix length) to copy before it runs
+    cached_tokens: int = 0  # prompt tokens whose keys and values it reused instead of computing
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -61,5 +66,5 @@ class Sequence:
             self.request_id, text, token_ids, len(self.prompt_ids), len(self.output_ids),
             finish_reason is not None, finish_reason,
             None if self.request.sampling.logprobs is None else logprobs,
-            None if prompt_logprobs is None else tuple(prompt_logprobs),
+            None if prompt_logprobs is None else tuple(prompt_logprobs), self.cached_tokens,
         )

@@ -61,3 +61,6 @@ class EngineStats:
     ttft_p99_s: float | None
     step_p50_s: float | None
     step_p99_s: float | None
+    prefix_hits: int = 0  # sequences that started after a shared prompt prefix (engine.kv_slots)
+    cached_prompt_tokens: int = 0  # prompt tokens those did not compute
+    cached_kv_slots: int = 0  # KV-cache slots now holding a finished sequence's keys and values

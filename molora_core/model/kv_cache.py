@@ -70,10 +70,18 @@ class KVCache:
         [B, H_kv, length, D_h]: a copy."""
         return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
-    def clear(self, slot: int, length: int) -> None:
-        """Zero the first `length` positions of `slot` in every layer (a sequence leaving it)."""
-        self.k[:, slot, :, :length].zero_()
-        self.v[:, slot, :, :length].zero_()
+    def clear(self, slot: int, length: int, start: int = 0) -> None:
+        """Zero positions [start, length) of `slot` in every layer (a sequence leaving it)."""
+        if length > start:
+            self.k[:, slot, :, start:length].zero_()
+            self.v[:, slot, :, start:length].zero_()
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst`, every layer (a shared
+        prompt prefix): one copy each for keys and values."""
+        if length > 0:
+            self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+            self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
 
     def span(self, layer: int, lo: int, hi: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots lo..hi-1 up to `length`, each [hi - lo, H_kv, length, D_h];

@@ -272,7 +272,7 @@ def test_abort_and_dropped_handles_free_slots_and_pins(demo):
         stats = engine.stats()
         assert stats.aborted == 2 and stats.running == 0
         assert all(p == 0 for p in stats.pinned_adapters.values())
-        assert sorted(engine._free_kv) == list(range(4))
+        assert engine.kv_slots.available() == 4  # free, or cached for prefix reuse
     finally:
         engine.close()
 
@@ -372,10 +372,13 @@ def test_router_load_runs_beside_the_batch_and_failures_reach_only_their_request
         engine.close()
 
 
-def test_a_finished_sequence_leaves_its_kv_slot_zeroed(demo):
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_a_finished_sequence_leaves_its_kv_slot_zeroed(demo, prefix_caching):
     """Decode attention reads rows past a sequence's length with weight 0; what a former
-    occupant left there must be zeros, or an inf / NaN would reach the next request as 0 * NaN."""
-    engine = make_engine(demo)
+    occupant left there must be zeros, or an inf / NaN would reach the next request as 0 * NaN.
+    With prefix caching the slot keeps its rows until a request that shares none of them needs
+    it, and is zeroed then."""
+    engine = make_engine(demo, max_batch=2, prefix_caching=prefix_caching)
     overflowed = engine.submit(Request(PROMPTS[2], greedy(12)))
     while engine.counters.generated_tokens < 2:
         engine.step()
@@ -383,12 +386,18 @@ def test_a_finished_sequence_leaves_its_kv_slot_zeroed(demo):
     slot = seq.kv_slot
     engine.kv_cache.v[:, slot, :, : seq.num_computed] = float("nan")  # as if it had overflowed
     overflowed.result()
-    assert not engine.kv_cache.k[:, slot].any() and not engine.kv_cache.v[:, slot].any()
-    # The next short request takes that slot while a longer one decodes beside it, so its
-    # attention reads the former occupant's rows (masked): its tokens must be the clean ones.
-    requests = lambda: [Request(PROMPTS[1], greedy(6)), Request(PROMPTS[2], greedy(6))]  # noqa: E731
-    got = [o.token_ids for o in engine.generate(requests())]
-    reference = make_engine(demo)
+    cleared = not engine.kv_cache.k[:, slot].any() and not engine.kv_cache.v[:, slot].any()
+    assert cleared != prefix_caching and engine.kv_slots.cached() == int(prefix_caching)
+    # One of the next two requests takes that slot (with prefix caching, the second, evicting
+    # it), a short one beside a longer one, so attention reads the former occupant's rows
+    # (masked): the tokens must be the clean ones.
+    requests = lambda: [Request(PROMPTS[1], greedy(12)), Request(PROMPTS[3], greedy(4))]  # noqa: E731
+    handles = [engine.submit(r) for r in requests()]
+    engine.step()
+    assert slot in {s.kv_slot for s in engine._running}
+    got = [h.result().token_ids for h in handles]
+    reference = make_engine(demo, prefix_caching=False)
     assert got == [o.token_ids for o in reference.generate(requests())]
+    assert engine.kv_slots.cached() == 2 * prefix_caching
     engine.close()
     reference.close()

@@ -25,6 +25,7 @@ ENV_VARS: dict[str, str] = {
     "max_batch": "MOLORA_MAX_BATCH",
     "max_seq_len": "MOLORA_MAX_SEQ_LEN",
     "max_queue": "MOLORA_MAX_QUEUE",
+    "prefix_caching": "MOLORA_PREFIX_CACHING",
     "max_adapter_bytes": "MOLORA_MAX_ADAPTER_BYTES",
     "redis_url": "MOLORA_REDIS_URL",
     "storage_uri": "MOLORA_STORAGE_URI",
@@ -60,6 +61,10 @@ class AppConfig(BaseModel):
     max_queue: int = Field(
         256, ge=1, le=1 << 20,
         description="Requests a replica queues beyond its batch (and the ingress queues beyond those) before 429.",
+    )
+    prefix_caching: bool = Field(
+        True, description="Reuse a finished or running request's prompt keys and values (same routing) for a new "
+        "request whose prompt begins with the same tokens.",
     )
     max_adapter_bytes: int = Field(512 << 20, gt=0, description="Cap on an uploaded adapter's bytes.")
     redis_url: str | None = Field(None, description="Registry Redis; None starts an embedded Valkey under cache_dir.")

@@ -92,8 +92,15 @@ def _ray_error(exc: BaseException) -> ApiError:
     return unavailable(f"the model replica failed: {type(exc).__name__}: {exc}")
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens the replica's prefix cache served."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _item_usage(item: dict) -> tuple[int, int, int]:
+    """(prompt, completion, cached prompt) tokens of a replica's delta item."""
+    return item["prompt_tokens"], item["completion_tokens"], item.get("cached_tokens", 0)
 
 
 def _completion_logprobs(items: list, offset: int) -> tuple[dict, int]:
@@ -339,15 +346,17 @@ class Ingress:
             else:
                 choices.append({"index": i, "text": text, "finish_reason": finish,
                                 "logprobs": _completion_logprobs(logprobs, 0)[0] if wanted else None})
-        usage = (sum(out[2][0] for out in outs[::n]), sum(out[2][1] for out in outs))  # each prompt once
+        prompts = outs[::n]  # each prompt once
+        usage = (sum(out[2][0] for out in prompts), sum(out[2][1] for out in outs), sum(out[2][2] for out in prompts))
         self.metrics.finished(usage[0], time.monotonic() - started)
         body_json = {**meta, "object": "chat.completion" if route == "chat" else "text_completion",
                      "choices": choices, "usage": _usage(*usage)}
         return JSONResponse(body_json, headers=headers)
 
-    async def _collect(self, stream, started: float) -> tuple[str, str | None, tuple[int, int], list]:
-        """One choice's whole output: (text, finish reason, (prompt, completion) tokens, logprob items)."""
-        text, finish, usage, logprobs = [], None, (0, 0), []
+    async def _collect(self, stream, started: float) -> tuple[str, str | None, tuple[int, int, int], list]:
+        """One choice's whole output: (text, finish reason, (prompt, completion, cached prompt) tokens,
+        logprob items)."""
+        text, finish, usage, logprobs = [], None, (0, 0, 0), []
         try:
             async for item in stream:
                 if item["type"] == "error":
@@ -361,7 +370,7 @@ class Ingress:
                         logprobs += item.get("prompt_logprobs") or []
                     text.append(item["text"])
                     logprobs += item.get("logprobs") or []
-                    finish, usage = item["finish_reason"], (item["prompt_tokens"], item["completion_tokens"])
+                    finish, usage = item["finish_reason"], _item_usage(item)
         except ApiError:
             raise
         except Exception as exc:
@@ -377,7 +386,7 @@ class Ingress:
         chat = route == "chat"
         obj = "chat.completion.chunk" if chat else "text_completion"
         n = len(streams)
-        usage, last = [(0, 0)] * n, [None] * n
+        usage, last = [(0, 0, 0)] * n, [None] * n
         wanted = body.top_logprobs_wanted() is not None
         # Per choice: log-probabilities of tokens whose text has not gone out yet, and the text offset.
         pending, offset = [[] for _ in range(n)], [0] * n
@@ -439,7 +448,7 @@ class Ingress:
                     else:
                         self.metrics.inter_token(now - last[i])
                     last[i] = now
-                usage[i] = (item["prompt_tokens"], item["completion_tokens"])
+                usage[i] = _item_usage(item)
                 if "echo" in item:
                     pending[i] += item.get("prompt_logprobs") or []
                     yield _sse(chunk(i, item["echo"], None))
@@ -450,7 +459,8 @@ class Ingress:
                     return
                 if item["text"] or finish:
                     yield _sse(chunk(i, item["text"], finish))
-            total = (sum(u[0] for u in usage[:: body.n]), sum(u[1] for u in usage))  # each prompt once
+            prompts = usage[:: body.n]  # each prompt once
+            total = (sum(u[0] for u in prompts), sum(u[1] for u in usage), sum(u[2] for u in prompts))
             self.metrics.finished(total[0], time.monotonic() - started)
             if body.include_usage:
                 yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(*total)})

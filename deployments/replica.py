@@ -2,7 +2,7 @@
 
     generate(payload) -> async stream of dicts:
         {"type": "start", "replica": id}                      (the request was accepted)
-        {"type": "delta", "text", "tokens", "prompt_tokens", "completion_tokens", "finish_reason"}
+        {"type": "delta", "text", "tokens", "prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason"}
         {"type": "error", "status", "message", ...}             (see deployments.errors)
 
 Besides serving, a replica
@@ -177,7 +177,8 @@ class ModelReplica:
         try:
             async for d in handle:
                 item = {"type": "delta", "text": d.text, "tokens": len(d.token_ids), "prompt_tokens": d.prompt_tokens,
-                        "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
+                        "completion_tokens": d.completion_tokens, "cached_tokens": d.cached_tokens,
+                        "finish_reason": d.finish_reason,
                         "logprobs": None if d.logprobs is None else self._logprob_items(d.logprobs)}
                 if echo:  # with the first delta
                     item.update(self._echo(payload, list(request.prompt), d.prompt_logprobs))

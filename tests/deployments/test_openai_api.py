@@ -163,7 +163,10 @@ def test_logprobs_over_the_api_equal_the_engines(oai, offline_math):
     chunks = list(oai.chat.completions.create(model="math", messages=messages, max_tokens=8, temperature=0,
                                               logprobs=True, top_logprobs=2, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    # (The streamed call may start from the first's cached prompt, its last token run in a step
+    # of another shape: equal to float32 rounding, not bit for bit.)
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
     assert oai.completions.create(model="math", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
 
 
@@ -223,6 +226,25 @@ def test_n_choices_whole_and_streamed(served, oai):
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(oai, offline_math):
+    """The same prompt again on a replica that ran it: usage's cached_tokens counts all of it
+    but its last token, and the greedy text is still the offline engine's."""
+    prompt = "Zebra notes, page 7: the quick brown fox jumps over the lazy dog, twice. Then:"
+    kw = dict(model="math", prompt=prompt, max_tokens=6, temperature=0)
+    seen: dict[str, list] = {}
+    for _ in range(3):  # two replicas: two of three calls reach the same one
+        raw = oai.completions.with_raw_response.create(**kw)
+        out = raw.parse()
+        seen.setdefault(raw.headers["x-molora-replica"], []).append(out)
+    repeated = max(seen.values(), key=len)
+    assert len(repeated) >= 2
+    first, again = repeated[0], repeated[1]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    want = offline_math.submit(Request(prompt, SamplingParams(max_tokens=6), AdapterSpec("math"))).result().text
+    assert {o.choices[0].text for outs in seen.values() for o in outs} == {want}
+
+
 def test_a_batch_of_prompts_gets_n_choices_each_in_openais_order(oai, offline_math):
     """prompt as a batch (texts, or token-id lists as lm-evaluation-harness sends them): choice j
     of prompt p at index p * n + j, each the offline engine's output for its prompt; usage counts
@@ -242,7 +264,9 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_openais_order(oai, offline_ma
         (choice,) = c.choices
         texts[choice.index] += choice.text
         seen[choice.index] = (c.usage.prompt_tokens, c.usage.completion_tokens)
-    assert texts == [c.text for c in out.choices] and chunks[-1].usage == out.usage
+    assert texts == [c.text for c in out.choices]
+    usage = chunks[-1].usage  # (its cached_tokens may differ: the first call's prompts are cached now)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (out.usage.prompt_tokens, out.usage.completion_tokens)
     assert seen == [(o.prompt_tokens, len(o.token_ids)) for o in offline for _ in range(2)]
     ids = [offline_math.tokenizer(p)["input_ids"] for p in prompts]
     scored = oai.completions.create(model="math", prompt=ids, max_tokens=0, echo=True, logprobs=0)
@@ -461,7 +485,9 @@ def test_metrics_exposes_serving_figures(served):
                  "molora_hotset_hits_total", "molora_hotset_misses_total", "molora_hotset_evictions_total",
                  "molora_adapter_load_seconds_sum", "molora_adapter_tokens_total", "molora_engine_decode_steps_total",
                  "molora_engine_graph_steps_total", "molora_engine_graph_captures_total",
-                 "molora_request_latency_seconds_bucket", "molora_engine_prompt_tokens_total"):
+                 "molora_request_latency_seconds_bucket", "molora_engine_prompt_tokens_total",
+                 "molora_engine_cached_prompt_tokens_total", "molora_engine_prefix_hits_total",
+                 "molora_engine_cached_kv_slots"):
         assert name in text, name
     assert 'adapter="code@1"' in text
     after = _samples(text)
@@ -472,6 +498,7 @@ def test_metrics_exposes_serving_figures(served):
     prompt = r["usage"]["prompt_tokens"]
     assert (grew("molora_prompt_tokens_total"), grew("molora_request_latency_seconds_count")) == (prompt, 1)
     assert grew("molora_engine_prompt_tokens_total") == prompt
+    assert grew("molora_engine_cached_prompt_tokens_total") == r["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert grew('molora_engine_requests_total{outcome="finished"}') == 1
     assert grew("molora_generated_tokens_total") == grew("molora_engine_generated_tokens_total") == 2
     json.dumps(text)

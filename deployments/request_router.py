@@ -14,12 +14,23 @@ sent it in the last `memory_s` seconds, which covers the gap until its next stat
 Missing stats (a new replica, a failed report) simply count as holding nothing, so routing falls
 back to plain power of two choices. When the best holder's queue is longer than the shortest
 queue by more than `imbalance_threshold`, load wins and the last rank goes first.
+
+Prefix affinity comes before both: replicas keep finished requests' prompt keys and values for
+reuse (the engine's prefix caching), so a request whose prompt begins as one this router sent
+in the last `prefix_memory_s` seconds, on the same routing, goes first to that replica (a chat's
+next turn, requests with one system prompt), unless its queue is longer than the shortest by
+more than `imbalance_threshold`. Prompts are keyed by chained hashes of whole blocks of
+`PREFIX_BLOCK` characters of their text (the chat messages as JSON), seeded with the routing,
+and the longest known block chain wins.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
+from collections import OrderedDict
 from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -35,15 +46,53 @@ def request_adapters(pending_request: PendingRequest | None) -> list[str]:
     return []
 
 
+PREFIX_BLOCK = 64  # characters of prompt text per prefix-hash block
+PREFIX_BLOCKS = 64  # blocks hashed at most (the first 4096 characters)
+PREFIX_KEYS = 1 << 16  # prefix keys remembered (least recently routed out first)
+
+
+def request_prefix_keys(pending_request: PendingRequest | None) -> list[bytes]:
+    """Chained hashes of the whole PREFIX_BLOCK-character blocks of a ModelReplica.generate
+    payload's prompt text (a completion's prompt, or the chat messages as JSON), seeded with its
+    routing: key i stands for the prompt's first (i + 1) blocks. [] without a prompt or routing."""
+    if pending_request is None:
+        return []
+    for value in list(pending_request.args) + list(pending_request.kwargs.values()):
+        if isinstance(value, dict) and isinstance(value.get("routing"), dict):
+            prompt = value.get("messages", value.get("prompt"))
+            if prompt is None:
+                return []
+            text = prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
+            h = hashlib.blake2b(json.dumps(value["routing"], sort_keys=True).encode(), digest_size=16)
+            keys = []
+            for start in range(0, min(len(text), PREFIX_BLOCK * PREFIX_BLOCKS) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+                h.update(text[start : start + PREFIX_BLOCK].encode())
+                keys.append(h.digest())
+            return keys
+    return []
+
+
 def two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:
     return replicas if len(replicas) <= 2 else random.sample(replicas, 2)
 
 
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, imbalance_threshold: int = 8, memory_s: float = 30.0, **kwargs: Any) -> None:
+    def initialize_state(self, imbalance_threshold: int = 8, memory_s: float = 30.0, prefix_memory_s: float = 600.0,
+                         **kwargs: Any) -> None:
         self.imbalance_threshold = imbalance_threshold
-        self.memory_s = memory_s
+        self.memory_s, self.prefix_memory_s = memory_s, prefix_memory_s
         self._recent: dict[ReplicaID, dict[str, float]] = {}  # replica -> key -> last time routed there
+        # prefix key -> (replica it was last routed to, when), least recently routed first
+        self._prefixes: OrderedDict[bytes, tuple[ReplicaID, float]] = OrderedDict()
+
+    def prefix_holder(self, candidates: list[RunningReplica], keys: list[bytes]) -> RunningReplica | None:
+        """The candidate that was sent the longest of these prefixes within prefix_memory_s, if any."""
+        now, by_id = time.monotonic(), {r.replica_id: r for r in candidates}
+        for key in reversed(keys):
+            entry = self._prefixes.get(key)
+            if entry is not None and now - entry[1] < self.prefix_memory_s and entry[0] in by_id:
+                return by_id[entry[0]]
+        return None
 
     def held(self, replica: RunningReplica, now: float) -> set[str]:
         stats = replica.routing_stats or {}
@@ -74,20 +123,38 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
                 return [candidates] + ranks
         return ranks + [candidates]
 
+    def rank_with_prefix(self, candidates: list[RunningReplica], wanted: list[str],
+                         keys: list[bytes]) -> list[list[RunningReplica]]:
+        """`rank`, with the replica that holds the longest of the prompt's prefixes first where
+        its queue is not too long."""
+        ranks = self.rank(candidates, wanted)
+        holder = self.prefix_holder(candidates, keys) if len(candidates) > 1 else None
+        if holder is not None:
+            shortest = min(self.queue_len(r) for r in candidates)
+            if self.queue_len(holder) - shortest <= self.imbalance_threshold:
+                return [[holder]] + ranks
+        return ranks
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        ranks = self.rank(list(candidate_replicas), request_adapters(pending_request))
+        ranks = self.rank_with_prefix(list(candidate_replicas), request_adapters(pending_request),
+                                      request_prefix_keys(pending_request))
         if pending_request is not None:
             # Our last rank is every replica: when all of them are busy, back off before retrying.
             pending_request.routing_context.should_backoff = True
         return [two_choices(r) for r in ranks if r]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        now = time.monotonic()
+        for key in request_prefix_keys(pending_request):
+            self._prefixes[key] = (replica_id, now)
+            self._prefixes.move_to_end(key)
+        while len(self._prefixes) > PREFIX_KEYS:
+            self._prefixes.popitem(last=False)
         wanted = request_adapters(pending_request)
         if not wanted:
             return
-        now = time.monotonic()
         recent = self._recent.setdefault(replica_id, {})
         for key in wanted:
             recent[key] = now

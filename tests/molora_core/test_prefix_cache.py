@@ -186,3 +186,33 @@ def test_without_prefix_caching_every_slot_is_freed_and_nothing_shared(demo):
     assert engine.kv_slots.cached() == 0 and engine.kv_slots.available() == 4
     assert not engine.kv_cache.k.any() and not engine.kv_cache.v.any()
     engine.close()
+
+
+def test_a_busy_background_engine_with_shared_prefixes_and_aborts(demo):
+    """Requests with one system prompt on three routings, four slots, some aborted while they
+    wait or run, on the engine's own step thread: every other request ends with the tokens of
+    an engine without the cache, and every slot ends free or cached with its rows past the
+    cached tokens zeroed."""
+    import threading
+
+    engine = make_engine(demo, background=True, prefill_chunk=5, max_queue=32)
+    plain = make_engine(demo, prefix_caching=False, max_queue=32)
+    routings = [AdapterSpec("math"), BaseSpec(), RouterSpec("demo-gate")]
+    prompts = [LONG + f" Question {i}?" for i in range(4)]
+    requests = lambda: [Request(prompts[i % 4], greedy(5), routings[i % 3]) for i in range(18)]  # noqa: E731
+    want = [o.token_ids for o in plain.generate(requests())]
+    try:
+        handles = [engine.submit(r) for r in requests()]
+        aborted = {3, 7, 8, 16}
+        threading.Timer(0.05, lambda: [engine.abort(handles[i].request_id) for i in aborted]).start()
+        outs = [h.result() for h in handles]
+        for i, (out, tokens) in enumerate(zip(outs, want)):
+            if out.finish_reason != "abort":
+                assert out.token_ids == tokens, i
+        assert sum(o.cached_tokens > 0 for o in outs) >= 6
+        assert engine.kv_slots.available() == 4 and not engine._running
+        for slot, (_, tokens) in engine.kv_slots._cached.items():
+            assert not engine.kv_cache.k[:, slot, :, len(tokens):].any()
+    finally:
+        engine.close()
+        plain.close()

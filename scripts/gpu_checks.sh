@@ -39,7 +39,7 @@ if [[ $stages == *tests* ]]; then
     # a captured graph.
     # (On an H200 on 2026-11-26: 171-181 s for the first; the second, 38 tests, over 200 s in one
     # worker and over 240 s in four, where the 38th did not finish. It has 54 since 2026-11-27,
-    # the sampling, log-probability and min_tokens tests among them, and 17 prefix-cache tests
+    # the sampling, log-probability and min_tokens tests among them, and the prefix-cache tests
     # beside them since the twenty-fourth session: six workers, 400 s. With the
     # engine benchmark after it, that can pass the device tool's 600 s a call: run "tests" and
     # "engine" as two calls then.)

@@ -36,14 +36,21 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 
-def request_adapters(pending_request: PendingRequest | None) -> list[str]:
-    """The hot-set keys a ModelReplica.generate payload names ([] for base or unknown calls)."""
+def generate_payload(pending_request: PendingRequest | None) -> dict | None:
+    """The ModelReplica.generate payload among a request's arguments (the dict with a `routing`
+    dict), or None for other calls."""
     if pending_request is None:
-        return []
+        return None
     for value in list(pending_request.args) + list(pending_request.kwargs.values()):
         if isinstance(value, dict) and isinstance(value.get("routing"), dict):
-            return [str(a) for a in value["routing"].get("adapters") or []]
-    return []
+            return value
+    return None
+
+
+def request_adapters(pending_request: PendingRequest | None) -> list[str]:
+    """The hot-set keys a ModelReplica.generate payload names ([] for base or unknown calls)."""
+    payload = generate_payload(pending_request)
+    return [] if payload is None else [str(a) for a in payload["routing"].get("adapters") or []]
 
 
 PREFIX_BLOCK = 64  # characters of prompt text per prefix-hash block
@@ -55,21 +62,17 @@ def request_prefix_keys(pending_request: PendingRequest | None) -> list[bytes]:
     """Chained hashes of the whole PREFIX_BLOCK-character blocks of a ModelReplica.generate
     payload's prompt text (a completion's prompt, or the chat messages as JSON), seeded with its
     routing: key i stands for the prompt's first (i + 1) blocks. [] without a prompt or routing."""
-    if pending_request is None:
+    payload = generate_payload(pending_request)
+    prompt = None if payload is None else payload.get("messages", payload.get("prompt"))
+    if prompt is None:
         return []
-    for value in list(pending_request.args) + list(pending_request.kwargs.values()):
-        if isinstance(value, dict) and isinstance(value.get("routing"), dict):
-            prompt = value.get("messages", value.get("prompt"))
-            if prompt is None:
-                return []
-            text = prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
-            h = hashlib.blake2b(json.dumps(value["routing"], sort_keys=True).encode(), digest_size=16)
-            keys = []
-            for start in range(0, min(len(text), PREFIX_BLOCK * PREFIX_BLOCKS) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
-                h.update(text[start : start + PREFIX_BLOCK].encode())
-                keys.append(h.digest())
-            return keys
-    return []
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
+    h = hashlib.blake2b(json.dumps(payload["routing"], sort_keys=True).encode(), digest_size=16)
+    keys = []
+    for start in range(0, min(len(text), PREFIX_BLOCK * PREFIX_BLOCKS) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+        h.update(text[start : start + PREFIX_BLOCK].encode())
+        keys.append(h.digest())
+    return keys
 
 
 def two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -35,7 +35,7 @@ class KVSlots:
     """Slots 0..num_slots-1 of `kv_cache`; `prefix_caching` False frees every slot at exit."""
 
     def __init__(self, kv_cache: KVCache, num_slots: int, prefix_caching: bool = True):
-        self.kv_cache, self.num_slots, self.prefix_caching = kv_cache, num_slots, prefix_caching
+        self.kv_cache, self.prefix_caching = kv_cache, prefix_caching
         # Free slots as a min-heap: the lowest goes first, so running sequences stay packed at the
         # low slots and a step's decode rows, sorted by slot, make one span in order.
         self._free = list(range(num_slots))

@@ -19,6 +19,17 @@ from molora_core.engine.request import SamplingParams, TokenLogprob
 
 # Rows per LM-head call when scoring many tokens (`score_tokens`): bounds the float32 [rows, V] logits.
 SCORE_ROWS = 256
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits float32[V] / temperature, shifted so the largest is 0 first (the softmax is the
+    same): a tiny temperature (even one that is 0 in float32) then gives -inf to all but the
+    likeliest tokens instead of overflowing to inf and NaN probabilities. A +inf logit (a tiny
+    repetition penalty divides by it) counts as the largest float."""
+    shifted = logits.clamp(max=FLOAT32_MAX)
+    shifted = shifted - shifted.max()
+    return torch.where(shifted < 0, shifted / temperature, shifted)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -99,7 +110,7 @@ def sample(
     for b, p in enumerate(params):
         if p.greedy:
             continue
-        row = filter_logits(logits[b] / p.temperature, p.top_k, p.top_p)
+        row = filter_logits(scale(logits[b], p.temperature), p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
         # Draw on the CPU: a CPU generator gives the same stream on every device.
         out[b] = int(torch.multinomial(probs.cpu(), 1, generator=generators[b]).item())

@@ -256,3 +256,18 @@ def test_include_stop_str_in_output_ends_after_the_stop(engine):
     assert out.token_ids == plain.token_ids[: first + 1]
     before = engine.tokenizer.decode(plain.token_ids[:first])
     assert out.text == engine.tokenizer.decode(plain.token_ids[: first + 1]) and len(out.text) > len(before)
+
+
+def test_tiny_temperature_and_repetition_penalty_sample_without_failing_the_batch(engine):
+    """A temperature near 0 (1e-300 is 0 in float32) or a repetition penalty near 0 overflows
+    logits / value to inf: such a request gets the greedy tokens or a valid draw, and the request
+    beside it in the batch is not failed."""
+    want = engine.submit(Request(PROMPTS[0], greedy(10))).result().token_ids
+    mate_want = engine.submit(Request(PROMPTS[1], greedy(10))).result().token_ids
+    mate = engine.submit(Request(PROMPTS[1], greedy(10)))
+    tiny = [engine.submit(Request(PROMPTS[0], greedy(10, temperature=t, seed=3))) for t in (1e-38, 1e-300)]
+    penalised = engine.submit(Request(PROMPTS[0], greedy(10, temperature=1.0, repetition_penalty=1e-40, seed=3)))
+    assert [h.result().token_ids for h in tiny] == [want, want]
+    out = penalised.result()
+    assert out.completion_tokens == 10 and all(0 <= t < engine.vocab_size for t in out.token_ids)
+    assert mate.result().token_ids == mate_want

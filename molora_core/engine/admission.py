@@ -77,10 +77,11 @@ class Admission:
             ids = [int(t) for t in prompt]
         if not ids:
             raise RequestInvalid(f"request {request.request_id!r} has an empty prompt")
-        if len(ids) >= self.config.max_seq_len:
+        room = 1 if request.sampling.max_tokens > 0 else 0  # (a request that only scores its prompt needs none)
+        if len(ids) + room > self.config.max_seq_len:
             raise RequestInvalid(
-                f"prompt of {len(ids)} tokens does not fit max_seq_len={self.config.max_seq_len} "
-                "with room for one generated token"
+                f"prompt of {len(ids)} tokens does not fit max_seq_len={self.config.max_seq_len}"
+                + (" with room for one generated token" if room else "")
             )
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
@@ -216,6 +217,13 @@ class Admission:
         while len(self._routers) > self.config.max_routers:
             self._routers.popitem(last=False)
         return router
+
+    def forget(self, name: str) -> None:
+        """Drop adapter `name`'s background load, finished or not (the hot-set dropped `name`):
+        a request for it loads it anew instead of taking what was fetched before."""
+        future = self._fetches.pop(name, None)
+        if future is not None:
+            future.cancel()
 
     def _fetched(self, names: list[str]) -> bool:
         """Start background loads of the adapters that are neither resident nor in host memory;

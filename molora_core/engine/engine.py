@@ -40,7 +40,7 @@ from molora_core.engine.admission import AdapterLoader, Admission, RouterLoader
 from molora_core.engine.config import EngineConfig
 from molora_core.engine.graphs import DecodeGraphs, graph_mode
 from molora_core.engine.kv_slots import KVSlots
-from molora_core.engine.request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob
+from molora_core.engine.request import Request, RequestHandle, RequestOutput, SamplingParams, TokenLogprob, _Stream
 from molora_core.engine.sampling import sample, score_tokens, token_logprobs
 from molora_core.engine.sequence import Sequence
 from molora_core.engine.step import StepRunner
@@ -133,7 +133,7 @@ class Engine:
         self._running: list[Sequence] = []
         self.kv_slots = KVSlots(self.kv_cache, config.max_batch, config.prefix_caching)
         self._aborts: set[str] = set()
-        self._ids: set[str] = set()  # request ids waiting or running
+        self._ids: dict[str, _Stream] = {}  # request id -> stream, of those waiting or running
         self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)
         self._wake = threading.Condition(self._lock)
         self._step_lock = threading.RLock()  # held while a step (or a hot-set change) runs
@@ -185,7 +185,7 @@ class Engine:
                 )
             if request.request_id in self._ids:
                 raise RequestInvalid(f"request id {request.request_id!r} is already in use")
-            self._ids.add(request.request_id)
+            self._ids[request.request_id] = seq.stream
             self._waiting.append(seq)
             self.counters.submitted += 1
             self._wake.notify_all()
@@ -196,10 +196,13 @@ class Engine:
         handles = [self.submit(r, sampling) for r in requests]
         return [h.result() for h in handles]
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request (waiting or running); its stream ends with finish_reason 'abort'."""
+    def abort(self, request_id: str, stream: _Stream | None = None) -> None:
+        """Stop a request (waiting or running); its stream ends with finish_reason 'abort'.
+        `stream`: only while the request under that id is the one with this stream (a handle
+        closed after its request ended must not stop a later request that reuses the id)."""
         with self._lock:
-            if request_id in self._ids:
+            live = self._ids.get(request_id)
+            if live is not None and (stream is None or live is stream):
                 self._aborts.add(request_id)
                 self._wake.notify_all()
 
@@ -209,9 +212,11 @@ class Engine:
             return self.hotset.load(key, adapter)
 
     def remove_adapter(self, key: str) -> None:
-        """Drop `key` from the hot-set (freed now, or when its last request ends)."""
+        """Drop `key` from the hot-set (freed now, or when its last request ends), and any load
+        of it fetched for requests not yet admitted: the next request for `key` loads it anew."""
         with self._step_lock:
             self.hotset.remove(key)
+            self.admission.forget(key)
 
     def stats(self) -> EngineStats:
         c, h = self.counters, self.hotset
@@ -326,8 +331,9 @@ class Engine:
         with self._lock:
             if seq in self._waiting:
                 self._waiting.remove(seq)
-            self._ids.discard(seq.request_id)
-            self._aborts.discard(seq.request_id)
+            if self._ids.get(seq.request_id) is seq.stream:
+                del self._ids[seq.request_id]
+                self._aborts.discard(seq.request_id)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._release(seq, keep=False)

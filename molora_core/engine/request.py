@@ -325,7 +325,7 @@ class RequestHandle:
         """Stop consuming: aborts the request if it is still running."""
         if not self._done:
             self._done = True
-            self.engine.abort(self.request_id)
+            self.engine.abort(self.request_id, self._stream)
 
     def __del__(self):
         try:

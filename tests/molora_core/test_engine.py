@@ -196,6 +196,51 @@ def test_unknown_adapter_fails_only_that_request(demo):
     assert engine.stats().failed == 1
 
 
+def test_a_removed_adapter_is_loaded_anew_not_from_an_earlier_fetch(demo):
+    """A request for `math` that waited on a full hot-set (its background load finished, no slot
+    to pin it in) and was aborted leaves that load behind; once `math` is removed (its weights
+    replaced), the next request for it calls the loader again and runs on the new weights."""
+    source, calls = {"math": "math", "chat": "chat"}, []
+
+    def loader(name):
+        calls.append(name)
+        return load_peft_adapter(demo / "adapters" / source[name], name=name)
+
+    engine = Engine(demo / "model", EngineConfig(max_batch=4, max_seq_len=96, prefill_chunk=5, hot_slots=1, max_rank=8,
+                                                 pin_timeout_s=60), adapter_loader=loader)
+    engine.load_adapter("code", load_peft_adapter(demo / "adapters" / "code", name="code"))
+    hold = engine.submit(Request(PROMPTS[1], greedy(40), AdapterSpec("code")))  # pins the only slot
+    waiting = engine.submit(Request(PROMPTS[0], greedy(4), AdapterSpec("math")))
+    deadline = time.monotonic() + 30
+    while not (calls and engine.admission._fetches["math"].done()) and time.monotonic() < deadline:
+        engine.step()
+    engine.abort(waiting.request_id)
+    engine.step()
+    assert waiting.result().finish_reason == "abort" and calls == ["math"]
+    engine.remove_adapter("math")
+    source["math"] = "chat"
+    hold.result()
+    got = engine.submit(Request(PROMPTS[0], greedy(8), AdapterSpec("math"))).result().token_ids
+    assert calls == ["math", "math"]
+    assert got == engine.submit(Request(PROMPTS[0], greedy(8), AdapterSpec("chat"))).result().token_ids
+
+
+def test_closing_a_finished_handle_leaves_a_later_request_on_its_id_running(engine):
+    """Ids are free again once a request ends: the old handle, closed (or dropped) unread, must
+    not abort the new request that took its id."""
+    old = engine.submit(Request(PROMPTS[0], greedy(3), request_id="reused"))
+    while engine.step():
+        pass
+    new = engine.submit(Request(PROMPTS[1], greedy(5), request_id="reused"))
+    old.close()
+    out = new.result()
+    assert (out.finish_reason, out.completion_tokens) == ("length", 5)
+    other = engine.submit(Request(PROMPTS[1], greedy(50), request_id="reused"))
+    engine.step()
+    engine.abort("reused")  # by id, from outside a handle: still stops it
+    assert other.result().finish_reason == "abort"
+
+
 def test_queue_full_raises_capacity_exceeded(demo):
     engine = make_engine(demo, max_queue=2)
     handles = [engine.submit(Request(PROMPTS[0], greedy(2))) for _ in range(2)]

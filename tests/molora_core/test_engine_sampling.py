@@ -144,6 +144,23 @@ def test_prompt_logprobs_equal_transformers_log_softmax(demo, engine, adapter):
         SamplingParams(max_tokens=0)
 
 
+def test_a_prompt_that_fills_the_context_is_scored(demo, engine):
+    """A request that only scores its prompt (max_tokens=0, lm-evaluation-harness's loglikelihood
+    call) may fill max_seq_len: its last token's log-probability equals transformers'. One token
+    more, or the same prompt with a token to generate, is refused."""
+    reference, tokenizer, _ = hf_reference(demo, None)
+    limit = engine.config.max_seq_len
+    ids = (tokenizer(" ".join(PROMPTS))["input_ids"] * limit)[:limit]
+    out = engine.submit(Request(ids, SamplingParams(max_tokens=0, prompt_logprobs=0))).result()
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([ids])).logits[0, -2].float(), dim=-1)[ids[-1]].item()
+    assert len(out.prompt_logprobs) == limit and out.prompt_logprobs[-1].logprob == pytest.approx(want, abs=1e-4)
+    for prompt, sampling in ((ids + ids[:1], SamplingParams(max_tokens=0, prompt_logprobs=0)), (ids, greedy(1))):
+        with pytest.raises(RequestInvalid, match=f"does not fit max_seq_len={limit}"):
+            engine.submit(Request(prompt, sampling))
+    assert not engine._waiting and not engine._running
+
+
 @pytest.mark.parametrize("adapter,prompt", [(None, PROMPTS[0]), ("code", PROMPTS[1])])
 def test_min_tokens_equals_transformers_min_new_tokens(demo, engine, adapter, prompt):
     """min_tokens keeps EOS and stop_token_ids from being sampled until that many tokens are out,

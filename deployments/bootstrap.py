@@ -67,7 +67,8 @@ def engine_config(cfg: AppConfig) -> EngineConfig:
         dtype = "bfloat16"
     return EngineConfig(
         max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len, max_queue=max(cfg.max_queue, 1),
-        hot_slots=cfg.hot_slots, max_rank=cfg.max_rank, device=device, dtype=dtype, prefix_caching=cfg.prefix_caching,
+        hot_slots=cfg.hot_slots, max_rank=cfg.max_rank, max_top_k=cfg.max_top_k, device=device, dtype=dtype,
+        prefix_caching=cfg.prefix_caching,
     )
 
 

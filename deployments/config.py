@@ -25,6 +25,7 @@ ENV_VARS: dict[str, str] = {
     "max_batch": "MOLORA_MAX_BATCH",
     "max_seq_len": "MOLORA_MAX_SEQ_LEN",
     "max_queue": "MOLORA_MAX_QUEUE",
+    "max_top_k": "MOLORA_MAX_TOP_K",
     "prefix_caching": "MOLORA_PREFIX_CACHING",
     "max_adapter_bytes": "MOLORA_MAX_ADAPTER_BYTES",
     "redis_url": "MOLORA_REDIS_URL",
@@ -61,6 +62,10 @@ class AppConfig(BaseModel):
     max_queue: int = Field(
         256, ge=1, le=1 << 20,
         description="Requests a replica queues beyond its batch (and the ingress queues beyond those) before 429.",
+    )
+    max_top_k: int = Field(
+        4, ge=1, le=16, description="Most adapters one token mixes: a mixture's members, a gate router's top-k. "
+        "Every decode step with adapters runs this many choices a token."
     )
     prefix_caching: bool = Field(
         True, description="Reuse a finished or running request's prompt keys and values (same routing) for a new "

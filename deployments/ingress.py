@@ -19,6 +19,7 @@ response header.
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-molora-replica"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions when max_tokens is unset
 MAX_BODY_BYTES = 4 << 20
+# A \u escape of a UTF-16 surrogate: JSON allows a lone one, which no tokenizer (nor Redis) takes.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 app = FastAPI(title="MoLoRA Serve", description="OpenAI-compatible API over one base model and many LoRA adapters.")
 
@@ -92,6 +95,15 @@ def _ray_error(exc: BaseException) -> ApiError:
     return unavailable(f"the model replica failed: {type(exc).__name__}: {exc}")
 
 
+def _encodable(data) -> bool:
+    """Whether every string of parsed JSON is valid Unicode (encodes as UTF-8)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
     """OpenAI's usage object; `cached`: prompt tokens the replica's prefix cache served."""
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -104,19 +116,20 @@ def _item_usage(item: dict) -> tuple[int, int, int]:
 
 
 def _completion_logprobs(items: list, offset: int) -> tuple[dict, int]:
-    """The completions API's `logprobs` object for [token, logprob, alternatives] items, the
-    first token's text starting at `offset` of the completion; and the offset after them.
+    """The completions API's `logprobs` object for [token, logprob, alternatives(, shown)] items,
+    the first token's text starting at `offset` of the completion; and the offset after them
+    (each item moves it by `shown`, the characters its token adds to the text, else its length).
     Each top_logprobs entry holds the alternatives and the chosen token, as OpenAI's does; an
     echoed prompt's first token has None for both."""
     offsets = []
-    for token, _, _ in items:
+    for token, *rest in items:
         offsets.append(offset)
-        offset += len(token)
+        offset += rest[2] if len(rest) > 2 else len(token)
     return {
-        "tokens": [token for token, _, _ in items],
-        "token_logprobs": [logprob for _, logprob, _ in items],
+        "tokens": [token for token, *_ in items],
+        "token_logprobs": [logprob for _, logprob, *_ in items],
         "top_logprobs": [None if logprob is None else {**dict(alternatives), token: logprob}
-                         for token, logprob, alternatives in items],
+                         for token, logprob, alternatives, *_ in items],
         "text_offset": offsets,
     }, offset
 
@@ -127,7 +140,7 @@ def _chat_logprobs(items: list) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [{**entry(token, logprob), "top_logprobs": [entry(*alt) for alt in alternatives]}
-                        for token, logprob, alternatives in items], "refusal": None}
+                        for token, logprob, alternatives, *_ in items], "refusal": None}
 
 
 def _choice_payload(payload: dict, index: int, choice: int, calls: int, prompt=None) -> dict:
@@ -269,6 +282,11 @@ class Ingress:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise bad_request("request body is not valid JSON: nested too deeply", code="invalid_json") from None
+        if _SURROGATE_ESCAPE.search(raw) and not _encodable(data):
+            raise bad_request("request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair) in a "
+                              "string; expected valid Unicode text", code="invalid_json")
         if not isinstance(data, dict):
             raise bad_request(f"request body is a JSON {type(data).__name__}, expected an object", code="invalid_json")
         try:

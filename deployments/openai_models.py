@@ -48,7 +48,8 @@ class _Common(BaseModel):
 
     model: str = Field(min_length=1, max_length=200, description="Base model, adapter name, or 'molora:<router>'.")
     adapters: list[AdapterWeight] | None = Field(
-        None, min_length=1, max_length=16, description="Explicit mixture; `model` must then be the base model."
+        None, min_length=1, max_length=16,
+        description="Explicit mixture; `model` must then be the base model. At most max_top_k members (the replicas')."
     )
     max_tokens: int | None = Field(None, ge=0, le=1 << 20, description="Tokens to generate (0: completions with echo).")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
@@ -74,11 +75,20 @@ class _Common(BaseModel):
         0, ge=0, le=1 << 20, description="Tokens generated before EOS, stop tokens or strings can end it; vLLM's."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        """A field sent as null takes its default, as OpenAI's API and vLLM read it (the `openai`
+        client sends null for a parameter passed as None)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value):
         for key, bias in (value or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"logit_bias key {key!r}; expected a token id (a non-negative integer)")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias[{key!r}]={bias}; expected -100 <= bias <= 100")
@@ -97,6 +107,8 @@ class _Common(BaseModel):
         requested = self.requested_max_tokens()
         if requested is not None and self.min_tokens > requested:
             raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={requested}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true (as OpenAI's API)")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -152,6 +164,10 @@ class CompletionRequest(_Common):
         return self.logprobs
 
     def prompt_logprobs_wanted(self) -> int | None:
+        if self.echo and self.max_tokens == 0:
+            # The engine runs a request that generates nothing only to score its prompt: scored,
+            # and the scores dropped where logprobs are not asked for (the prompt echoed alone).
+            return self.logprobs or 0
         return self.logprobs if self.echo else None
 
     @field_validator("best_of")
@@ -167,7 +183,7 @@ class CompletionRequest(_Common):
     @model_validator(mode="after")
     def _request_bounds(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens=0 needs echo=true (it returns the prompt, scored with logprobs)")
+            raise ValueError("max_tokens=0 needs echo=true (it returns the prompt, scored with logprobs if asked)")
         if len(self.prompts()) * self.n > MAX_CALLS:
             raise ValueError(f"{len(self.prompts())} prompts x n={self.n} choices; at most {MAX_CALLS} per request")
         return self

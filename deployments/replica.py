@@ -18,6 +18,7 @@ Besides serving, a replica
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -141,17 +142,28 @@ class ModelReplica:
         )
         return Request(prompt, sampling, routing_spec(payload["routing"]), request_id=payload.get("request_id"))
 
-    def _logprob_items(self, logprobs) -> list:
-        """[token text, logprob, [[alternative text, logprob], ...]] per token. The text is the
-        token decoded alone (a piece of a multi-byte character shows as U+FFFD); a logprob of
-        -inf is sent as -9999.0, which JSON can carry."""
-        decode = self.engine.tokenizer.decode
+    def _logprob_items(self, logprobs, generated: bool = True) -> list:
+        """[token text, logprob, [[alternative text, logprob], ...], shown] per token. The text is
+        the token decoded alone (a piece of a multi-byte character shows as U+FFFD), special
+        tokens by name; `shown`: the characters it adds to the output's text, which leaves a
+        generated special token out (0), so text offsets count into the text. A logprob of -inf
+        is sent as -9999.0, which JSON can carry."""
+        decode, special = self.engine.tokenizer.decode, self._special_ids
 
         def finite(value: float) -> float:
             return max(value, -9999.0)
 
-        return [[decode([lp.token_id]), finite(lp.logprob), [[decode([t]), finite(v)] for t, v in lp.top]]
-                for lp in logprobs]
+        items = []
+        for lp in logprobs:
+            text = decode([lp.token_id])
+            shown = 0 if generated and lp.token_id in special else len(text)
+            items.append([text, finite(lp.logprob), [[decode([t]), finite(v)] for t, v in lp.top], shown])
+        return items
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        """The tokenizer's special token ids: the generated text skips them."""
+        return frozenset(self.engine.tokenizer.all_special_ids)
 
     def _echo(self, payload: dict, ids: list[int], prompt_logprobs) -> dict:
         """The echoed prompt's fields of the first delta: its text and, where asked for, its
@@ -160,7 +172,7 @@ class ModelReplica:
         echo = {"echo": prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)}
         if prompt_logprobs is not None:
             first = [self.engine.tokenizer.decode(ids[:1]), None, None]
-            echo["prompt_logprobs"] = [first, *self._logprob_items(prompt_logprobs[1:])]
+            echo["prompt_logprobs"] = [first, *self._logprob_items(prompt_logprobs[1:], generated=False)]
         return echo
 
     async def generate(self, payload: dict):

@@ -197,6 +197,22 @@ def test_echo_returns_the_prompt_scored_as_the_engine_scores_it(oai, offline_mat
     assert "".join(c.choices[0].text for c in chunks if c.choices) == echoed.choices[0].text
     assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
         echoed.choices[0].logprobs.tokens
+    alone = oai.completions.create(model="math", prompt=PROMPT, max_tokens=0, echo=True)  # OpenAI's: the prompt
+    assert (alone.choices[0].text, alone.choices[0].logprobs, alone.usage.completion_tokens) == (PROMPT, None, 0)
+
+
+def test_logprobs_text_offsets_count_into_the_text_past_a_special_token(oai, offline_math):
+    """A generated special token (EOS past ignore_eos) keeps its name among the logprobs tokens
+    but is left out of the text, so it moves no text_offset: every offset points into the text."""
+    tokenizer = offline_math.tokenizer
+    eos = tokenizer.eos_token_id
+    out = oai.completions.create(model="math", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1,
+                                 logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    lp, text = out.choices[0].logprobs, out.choices[0].text
+    assert lp.tokens == [tokenizer.eos_token] * 6 and text == "" and lp.text_offset == [0] * 6
+    plain = oai.completions.create(model="math", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=1,
+                                   extra_body={"ignore_eos": True})
+    assert "".join(plain.choices[0].logprobs.tokens) == plain.choices[0].text
 
 
 def test_n_choices_whole_and_streamed(served, oai):
@@ -359,6 +375,8 @@ def test_concurrent_mixed_requests(served):
         ({"model": "math", "prompt": "x", "repetition_penalty": 0}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"5": 101}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"five": 1}}, 400, "invalid_request"),
+        ({"model": "math", "prompt": "x", "logit_bias": {"\u00b2": 1}}, 400, "invalid_request"),  # "²".isdigit()
+        ({"model": "math", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "best_of": 3}, 400, "invalid_request"),
         ({"model": "math", "prompt": "x", "logprobs": 21}, 400, "invalid_request"),
@@ -452,6 +470,29 @@ def test_bad_json_and_bad_chat(served):
             assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"], r.text
         r = c.get("/v1/nothing-here")
         assert r.status_code == 404 and "error" in r.json()
+        json_headers = {"content-type": "application/json"}
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"model": "math", "prompt": "half an emoji: \\ud83d"}'):
+            r = c.post("/v1/completions", content=body, headers=json_headers)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
+        r = c.post("/v1/completions", content=b'{"model": "math", "prompt": "\\ud83d\\ude00", "max_tokens": 1}',
+                   headers=json_headers)
+        assert r.status_code == 200, r.text  # a surrogate pair is one character
+
+
+def test_null_fields_take_their_defaults(served):
+    """The `openai` client sends null for a parameter passed as None: each takes its default."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "stream_options", "presence_penalty",
+                           "frequency_penalty", "top_k", "min_tokens", "repetition_penalty", "ignore_eos",
+                           "include_stop_str_in_output", "seed", "stop", "logit_bias", "adapters"])
+    with served.client() as c:
+        completion = c.post("/v1/completions", json={"model": "math", "prompt": PROMPT, "max_tokens": 2, "echo": None,
+                                                     "logprobs": None, **nulls})
+        chat = c.post("/v1/chat/completions", json={"model": "math", "messages": [{"role": "user", "content": "x"}],
+                                                    "max_tokens": 2, "logprobs": None, "top_logprobs": None, **nulls})
+        missing = c.post("/v1/completions", json={"model": "math", "prompt": None})
+    for r in (completion, chat):
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt", missing.text
 
 
 def _samples(text: str) -> dict[str, float]:

@@ -18,13 +18,16 @@ from .errors import AdapterInvalid, AdapterTooLarge, UnsafeArchive
 _CHUNK = 1 << 20
 
 
-def _check_member(name: str) -> str:
+def _check_member(name: str, is_file: bool = True) -> str:
     """Return the member's file name, or raise UnsafeArchive naming it."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafeArchive(f"archive member {name!r} has an absolute path, expected a relative one")
     if ".." in path.parts:
         raise UnsafeArchive(f"archive member {name!r} contains '..' (path traversal), expected a plain path")
+    if is_file and path.name in ("", ".", ".."):
+        # '.' or './' as a file would be written over the extraction directory itself.
+        raise UnsafeArchive(f"archive member {name!r} is a file without a name, expected a file name")
     return path.name
 
 
@@ -74,7 +77,7 @@ def _extract(archive: Path, dest: Path, max_bytes: int) -> list[str]:
         except (tarfile.TarError, EOFError, OSError):
             raise AdapterInvalid("tar archive is truncated or corrupt") from None
         for m in members:
-            _check_member(m.name)
+            _check_member(m.name, m.isfile())
             if not (m.isfile() or m.isdir()):
                 raise UnsafeArchive(f"archive member {m.name!r} is a link or device, expected a regular file")
         files = [m for m in members if m.isfile()]

@@ -41,6 +41,15 @@ class BaseModelSignature(BaseModel):
     name: str = Field("", description="Informational: the model's name or path; not part of the id.")
 
     @property
+    def hidden_size(self) -> int | None:
+        """The residual stream's width (what a gate router reads), or None when the signature
+        holds none of the modules that show it."""
+        for module, side in (("q_proj", "d_in"), ("gate_proj", "d_in"), ("o_proj", "d_out"), ("down_proj", "d_out")):
+            if module in self.modules:
+                return getattr(self.modules[module], side)
+        return None
+
+    @property
     def id(self) -> str:
         """Stable id: a hash of architecture, depth and shapes (the name does not count)."""
         body = {

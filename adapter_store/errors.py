@@ -84,6 +84,14 @@ class RouterNotFound(NotFound):
     code = "router_not_found"
 
 
+class AdapterInUse(StoreError):
+    """An adapter cannot be deleted while a registered router routes to it."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "adapter_in_use"
+
+
 class Unauthorized(StoreError):
     """A mutation came without the right bearer token."""
 

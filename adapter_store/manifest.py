@@ -24,7 +24,9 @@ SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 def check_name(name: str, what: str = "adapter") -> str:
     """Return ``name`` if it matches NAME_PATTERN, else raise InvalidName naming it."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    # fullmatch: with re.match, '$' also matches before a final newline ('x\n' would pass here and
+    # then fail the manifest's pattern after the blobs were stored).
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"{what} name {name!r} is invalid: expected 1-64 characters of [a-z0-9._-], starting and "
             f"ending with a letter or digit, no '..' (pattern {NAME_PATTERN})",
@@ -52,7 +54,9 @@ def content_id(files: list[FileEntry], extra: str = "") -> str:
 
 
 class ArtifactManifest(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # allow_inf_nan=False: JSON has no infinity, so an inf would be stored as null and then fail
+    # to decode on every read of the name (and of every listing that includes it).
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
     name: str = Field(pattern=NAME_PATTERN, description="Artifact name (strict pattern).")
     version: int = Field(0, ge=0, description="Monotonic per name, assigned by the registry (0 = not yet).")
     sha256: str = Field(pattern=SHA256_PATTERN, description="Content id over the files (see content_id).")

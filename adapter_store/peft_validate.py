@@ -3,6 +3,12 @@
 Reads adapter_config.json and the safetensors header only, and checks tensor names, shapes,
 dtypes and rank against the base model's signature. Values (NaN/Inf) are the model side's check
 when it loads the weights.
+
+Whatever passes here must also load on a replica, so the loader's rules are restated here (this
+package does not import molora_core): the config options ``read_adapter_config`` in
+molora_core/peft_io.py refuses, and the module paths the hot-set holds (``HotSet.validate`` in
+molora_core/hotset.py: ``model.layers.<i>.self_attn.{q,k,v,o}_proj`` and
+``model.layers.<i>.mlp.{gate,up,down}_proj``, ``<i>`` written without leading zeros).
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base_model import ALL_MODULES, BaseModelSignature
+from .base_model import ALL_MODULES, ATTENTION_MODULES, BaseModelSignature
 from .errors import AdapterInvalid, PickledWeights
+from .patterns import Deadline, compile_pattern_keys, compile_target_regex, fullmatch, pattern_value
 from .safetensors_header import read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -21,10 +28,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+# The module paths of our decoder (molora_core/model), which are the keys of the hot-set's buffers.
 _KEY_RE = re.compile(
-    r"^base_model\.model\.(?P<path>(?:.+\.)?layers\.(?P<layer>\d+)\.(?:.+\.)?(?P<module>[a-z_]+))"
-    r"\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+    r"base_model\.model\.(?P<path>model\.layers\.(?P<layer>0|[1-9][0-9]{0,5})\.(?P<block>self_attn|mlp)"
+    r"\.(?P<module>[a-z_]+))\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight"
 )
+KEY_FORM = "'base_model.model.model.layers.<i>.self_attn|mlp.<module>.lora_A|lora_B.weight'"
+MAX_ALPHA = 1e6  # lora_alpha / alpha_pattern values: the loader's scale alpha/r must stay a sane float32
 
 
 @dataclass(frozen=True)
@@ -62,39 +72,41 @@ def adapter_files(directory: Path) -> dict[str, Path]:
     return {f: directory / f for f in ADAPTER_FILES}
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
-    # PEFT matches a pattern key against the end of the module's dotted path.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module_path):
-            return value
-    return default
-
-
 def _full_name(module: str) -> str:
     block = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
     return f"model.layers.0.{block}.{module}"
 
 
-def _target_modules(raw, base: BaseModelSignature) -> set[str]:
+def _target_modules(raw, base: BaseModelSignature, deadline: Deadline) -> set[str]:
     if isinstance(raw, str):
         if raw == "all-linear":
             return set(ALL_MODULES)
         # PEFT fullmatches a string against each module's full dotted name.
-        try:
-            matched = {m for m in ALL_MODULES if m == raw or re.fullmatch(raw, _full_name(m))}
-        except re.error as e:
-            raise AdapterInvalid(f"target_modules {raw!r} is not a valid regex: {e}") from None
+        pattern = compile_target_regex(raw)
+        matched = {m for m in ALL_MODULES
+                   if m == raw or fullmatch(pattern, _full_name(m), deadline, "target_modules")}
         if not matched:
-            raise AdapterInvalid(f"target_modules {raw!r} matches none of the known modules {list(ALL_MODULES)}")
+            raise AdapterInvalid(f"target_modules {raw!r} matches none of the known modules {list(ALL_MODULES)}",
+                                 param="target_modules")
         return matched
     if not isinstance(raw, list) or not raw or not all(isinstance(m, str) for m in raw):
-        raise AdapterInvalid(f"target_modules {raw!r} must be a non-empty list of module names or a string")
+        raise AdapterInvalid(f"target_modules {raw!r} must be a non-empty list of module names or a string",
+                             param="target_modules")
     unknown = sorted(set(raw) - set(base.modules))
     if unknown:
         raise AdapterInvalid(
             f"unknown target modules {unknown}; expected a subset of {list(base.modules)}", param="target_modules"
         )
     return set(raw)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sane_alpha(value) -> bool:
+    # NaN and +-inf fail the comparison; an inf would be stored as null and poison every read.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_ALPHA
 
 
 def _read_config(path: Path, max_rank: int) -> dict:
@@ -111,15 +123,23 @@ def _read_config(path: Path, max_rank: int) -> dict:
         raise AdapterInvalid("use_dora=true is not supported, expected plain LoRA")
     if cfg.get("modules_to_save"):
         raise AdapterInvalid(f"modules_to_save {cfg['modules_to_save']!r} is not supported, expected none")
+    # The loader (molora_core/peft_io.py, read_adapter_config) refuses these; so must we.
+    if cfg.get("fan_in_fan_out"):
+        raise AdapterInvalid("fan_in_fan_out=true (Conv1D layouts) is not supported, expected false",
+                             param="fan_in_fan_out")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterInvalid(f"bias={cfg['bias']!r} is not supported, expected 'none'", param="bias")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    if not _is_int(r) or r < 1:
         raise AdapterInvalid(f"r={r!r} in {CONFIG_FILE}, expected a positive integer", param="r")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise AdapterInvalid(f"lora_alpha={alpha!r} in {CONFIG_FILE}, expected a positive number", param="lora_alpha")
-    for key in ("rank_pattern", "alpha_pattern"):
+    if not _is_sane_alpha(alpha):
+        raise AdapterInvalid(f"lora_alpha={alpha!r} in {CONFIG_FILE}, expected a finite number in (0, {MAX_ALPHA:g}]",
+                             param="lora_alpha")
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "positive integers"),
+                          ("alpha_pattern", _is_sane_alpha, f"finite numbers in (0, {MAX_ALPHA:g}]")):
         value = cfg.get(key) or {}
-        if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
-            raise AdapterInvalid(f"{key}={value!r}, expected a map of module patterns to positive numbers")
+        if not isinstance(value, dict) or not all(ok(v) for v in value.values()):
+            raise AdapterInvalid(f"{key}={value!r}, expected a map of module patterns to {want}", param=key)
         cfg[key] = value
     ranks = [r, *cfg["rank_pattern"].values()]
     if max(ranks) > max_rank:
@@ -131,7 +151,9 @@ def validate_adapter(directory: Path, base: BaseModelSignature, *, max_rank: int
     """Check a PEFT adapter directory against ``base``; raise AdapterInvalid naming the problem."""
     files = adapter_files(directory)
     cfg = _read_config(files[CONFIG_FILE], max_rank)
-    targets = _target_modules(cfg.get("target_modules"), base)
+    deadline = Deadline()
+    targets = _target_modules(cfg.get("target_modules"), base, deadline)
+    compiled = {key: compile_pattern_keys(key, cfg[key]) for key in ("rank_pattern", "alpha_pattern")}
     header = read_header(files[WEIGHTS_FILE])
     if not header.tensors:
         raise AdapterInvalid(f"{WEIGHTS_FILE} holds no tensors, expected lora_A/lora_B weights")
@@ -139,15 +161,15 @@ def validate_adapter(directory: Path, base: BaseModelSignature, *, max_rank: int
     pairs: dict[str, dict[str, tuple]] = {}
     dtypes, layers, present = set(), set(), set()
     for key, t in header.tensors.items():
-        m = _KEY_RE.match(key)
+        m = _KEY_RE.fullmatch(key)
         if not m:
-            raise AdapterInvalid(
-                f"tensor {key!r} is not a LoRA weight, expected "
-                "'base_model.model.<...>.layers.<i>.<...>.<module>.lora_A|lora_B.weight'"
-            )
+            raise AdapterInvalid(f"tensor {key!r} is not a LoRA weight of a decoder projection, expected {KEY_FORM}")
         module, layer = m["module"], int(m["layer"])
         if module not in base.modules:
             raise AdapterInvalid(f"tensor {key!r} targets unknown module {module!r}; expected one of {list(base.modules)}")
+        block = "self_attn" if module in ATTENTION_MODULES else "mlp"
+        if m["block"] != block:
+            raise AdapterInvalid(f"tensor {key!r} places {module!r} under {m['block']!r}, expected {block!r}")
         if module not in targets:
             raise AdapterInvalid(f"tensor {key!r} targets {module!r}, which target_modules {sorted(targets)} does not list")
         if layer >= base.num_layers:
@@ -156,7 +178,11 @@ def validate_adapter(directory: Path, base: BaseModelSignature, *, max_rank: int
             raise AdapterInvalid(f"tensor {key!r} has dtype {t.dtype}, expected one of {list(FLOAT_DTYPES)}")
         if len(t.shape) != 2:
             raise AdapterInvalid(f"tensor {key!r} has shape {list(t.shape)}, expected 2 dimensions")
-        pairs.setdefault(m["path"], {})[m["ab"]] = (key, t.shape, module)
+        pair = pairs.setdefault(m["path"], {})
+        if m["ab"] in pair:
+            raise AdapterInvalid(f"tensors {pair[m['ab']][0]!r} and {key!r} are both lora_{m['ab']} of {m['path']}, "
+                                 "expected one")
+        pair[m["ab"]] = (key, t.shape, module)
         dtypes.add(t.dtype)
         layers.add(layer)
         present.add(module)
@@ -170,7 +196,9 @@ def validate_adapter(directory: Path, base: BaseModelSignature, *, max_rank: int
             raise AdapterInvalid(f"tensor {have!r} has no lora_{'B' if 'A' in ab else 'A'} partner")
         (_, a_shape, module), (_, b_shape, _) = ab["A"], ab["B"]
         shape = base.modules[module]
-        rank = _pattern_value(cfg["rank_pattern"], path, cfg["r"])
+        rank = pattern_value("rank_pattern", cfg["rank_pattern"], compiled["rank_pattern"], path, cfg["r"], deadline)
+        # The loader evaluates alpha_pattern for every module too: decide it here, in bounded time.
+        pattern_value("alpha_pattern", cfg["alpha_pattern"], compiled["alpha_pattern"], path, None, deadline)
         want_a, want_b = (rank, shape.d_in), (shape.d_out, rank)
         if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
             raise AdapterInvalid(

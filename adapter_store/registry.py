@@ -1,14 +1,17 @@
 """The registry: register, get, list, delete and cold-load adapters and routers.
 
-Registration is validate -> upload -> verify -> publish: the manifest is written to Redis (in one
-Lua transaction with its event) only after every blob is stored and verified, so any failure
-before that leaves nothing registered (uploaded blobs without a manifest are unreferenced and
-``collect_garbage`` removes them). Registering the same content under the same name again
-returns the existing version.
+Registration is validate -> build the manifest -> upload -> verify -> publish: the manifest is
+written to Redis (in one Lua transaction with its event) only after every blob is stored and
+verified, so any failure before that leaves nothing registered, and a failure after a blob was
+stored removes the blobs that registration wrote unless a manifest references them. Registering
+the same content under the same name again returns the existing version. Blobs of deleted
+artifacts are reclaimed in the background after a grace period (``collect_garbage``,
+``BlobCollector``; the protocol that keeps an in-flight registration's blobs safe is in blob_gc.py).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -18,11 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from pydantic import ValidationError
 
 from .artifact_table import ArtifactTable
 from .base_model import BaseModelSignature
 from .blob_cache import BlobCache
-from .errors import AdapterInvalid, AdapterNotFound, AdapterTooLarge, NotFound, RouterInvalid, RouterNotFound
+from .blob_gc import BlobClaims, BlobCollector
+from .errors import (
+    AdapterInUse, AdapterInvalid, AdapterNotFound, AdapterTooLarge, NotFound, RouterInvalid, RouterNotFound, StoreError,
+)
 from .events import EventLog
 from .manifest import AdapterManifest, ArtifactManifest, FileEntry, RouterManifest, check_name, content_id
 from .peft_validate import ADAPTER_FILES, refuse_pickles, validate_adapter
@@ -31,8 +38,9 @@ from .replicas import ReplicaDirectory
 from .router_validate import ROUTER_CONFIG, ROUTER_WEIGHTS, validate_router
 from .storage_base import ObjectStorage, ProgressFn, hash_file
 
-_TAG_RE = re.compile(r"^[A-Za-z0-9._:/=-]{1,64}$")
+_TAG_RE = re.compile(r"[A-Za-z0-9._:/=-]{1,64}")
 ROUTER_KINDS = ("gate", "task")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Page:
 
 def check_tags(tags: Iterable[str]) -> list[str]:
     tags = list(tags)
-    bad = [t for t in tags if not isinstance(t, str) or not _TAG_RE.match(t)]
+    bad = [t for t in tags if not isinstance(t, str) or not _TAG_RE.fullmatch(t)]
     if bad or len(tags) > 64:
         raise AdapterInvalid(f"tags {bad or tags!r} are invalid, expected at most 64 of {_TAG_RE.pattern}", param="tags")
     return sorted(set(tags))
@@ -76,7 +84,7 @@ class Registry:
     def __init__(
         self, client: redis.Redis, storage: ObjectStorage, cache: BlobCache, base_model: BaseModelSignature,
         *, limits: StoreLimits = StoreLimits(), staging_dir: str | Path, namespace: str = "molora",
-        replica_ttl_s: float = 15.0,
+        replica_ttl_s: float = 15.0, gc_grace_s: float = 3600.0,
     ):
         self.client = client
         self.storage = storage
@@ -89,6 +97,9 @@ class Registry:
         self.routers = ArtifactTable(client, "router", namespace=namespace)
         self.events = EventLog(client, namespace=namespace)
         self.replicas = ReplicaDirectory(client, self.events, namespace=namespace, ttl_s=replica_ttl_s)
+        self.claims = BlobClaims(client, namespace=namespace)
+        self.gc_grace_s = gc_grace_s  # an unreferenced blob younger than this is kept (see collect_garbage)
+        self.collector = BlobCollector(self._collect_in_background)
 
     # ---- registration -------------------------------------------------------------------
 
@@ -106,19 +117,64 @@ class Registry:
         if total > self.limits.max_adapter_bytes:
             raise AdapterTooLarge(f"artifact is {total} bytes, over the cap of {self.limits.max_adapter_bytes} bytes")
 
-    def _store_files(self, files: dict[str, Path], progress: ProgressFn | None) -> list[FileEntry]:
+    def _entries(self, files: dict[str, Path]) -> list[FileEntry]:
         entries = []
         for name, path in sorted(files.items()):
             sha, size = hash_file(path)
             entries.append(FileEntry(path=name, sha256=sha, size=size))
         self._check_size(sum(e.size for e in entries))
-        total, base = sum(e.size for e in entries), 0
-        for e in entries:
-            step = None if progress is None else (lambda d, _t, b=base: progress(b + d, total))
-            self.storage.put_blob(files[e.path], e.sha256, e.size, progress=step)
-            self.storage.verify_blob(e.sha256, e.size)
-            base += e.size
         return entries
+
+    @staticmethod
+    def _manifest(model: type[ArtifactManifest], **fields) -> ArtifactManifest:
+        """Build a manifest; a field the checks before missed is still a 400, and it fails before
+        any blob is stored."""
+        try:
+            return model(**fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise AdapterInvalid(f"{where}={str(first.get('input'))[:200]!r}: {first['msg']}", param=where) from None
+
+    def _store_and_publish(
+        self, table: ArtifactTable, manifest: ArtifactManifest, files: dict[str, Path], progress: ProgressFn | None,
+    ) -> RegisterResult:
+        """Upload and verify the manifest's blobs under a claim, then publish it. On failure, the
+        blobs this call wrote are removed unless a manifest references them."""
+        token = uuid.uuid4().hex
+        shas = sorted({e.sha256 for e in manifest.files})
+        total, base, written = manifest.size, 0, []
+        self.claims.claim(shas, token)
+        try:
+            for e in manifest.files:
+                step = None if progress is None else (lambda d, _t, b=base: progress(b + d, total))
+                if self.storage.stat_blob(e.sha256) != e.size:
+                    written.append(e.sha256)
+                self.storage.put_blob(files[e.path], e.sha256, e.size, progress=step)
+                self.storage.verify_blob(e.sha256, e.size)
+                base += e.size
+            self.claims.claim(shas, token)  # waits out a delete that raced in; the blobs are checked again
+            for e in manifest.files:
+                if self.storage.stat_blob(e.sha256) != e.size:
+                    self.storage.put_blob(files[e.path], e.sha256, e.size)
+                    self.storage.verify_blob(e.sha256, e.size)
+            published, created = table.publish(manifest, manifest.created_at)
+        except BaseException:
+            self._remove_written(shas, written, token)
+            raise
+        try:
+            self.claims.release(shas, token)
+        except StoreError:
+            pass  # the claims expire by themselves; the registration itself succeeded
+        return RegisterResult(published, created)
+
+    def _remove_written(self, shas: list[str], written: list[str], token: str) -> None:
+        try:
+            self.claims.release(shas, token)
+            if written:
+                self._delete_unreferenced(written)
+        except Exception:  # noqa: BLE001 - the registration's own error is the one to report
+            log.warning("could not remove the blobs of a failed registration; the collector will", exc_info=True)
 
     def register_adapter(
         self, directory: str | Path, name: str, *, description: str = "", tags: Iterable[str] = (),
@@ -131,16 +187,16 @@ class Registry:
         directory = Path(directory)
         self._check_size(sum(p.stat().st_size for p in directory.iterdir() if p.is_file()))
         info = validate_adapter(directory, self.base_model, max_rank=self.limits.max_rank)
-        files = self._store_files({f: directory / f for f in ADAPTER_FILES}, progress)
-        manifest = AdapterManifest(
-            name=name, sha256=content_id(files), size=sum(f.size for f in files), files=files,
+        files = {f: directory / f for f in ADAPTER_FILES}
+        entries = self._entries(files)
+        manifest = self._manifest(
+            AdapterManifest, name=name, sha256=content_id(entries), size=sum(f.size for f in entries), files=entries,
             description=description, tags=tags, created_at=time.time(),
             rank=info.rank, alpha=info.alpha, use_rslora=info.use_rslora, rank_pattern=info.rank_pattern,
             alpha_pattern=info.alpha_pattern, target_modules=info.target_modules, layers=info.layers,
             dtype=info.dtype, base_model=self.base_model, base_model_name_or_path=info.base_model_name_or_path,
         )
-        published, created = self.adapters.publish(manifest, manifest.created_at)
-        return RegisterResult(published, created)
+        return self._store_and_publish(self.adapters, manifest, files, progress)
 
     def _fetch_uri(self, uri: str, wanted: tuple[str, ...], required: tuple[str, ...]) -> Path:
         listing = self.storage.list_uri(uri)
@@ -186,15 +242,16 @@ class Registry:
             raise AdapterInvalid(f"router adapters {adapters} repeat a name, expected distinct names", param="adapters")
         for a in adapters:
             self.get_adapter(a)
-        files = self._store_files(validate_router(Path(directory)), progress)
-        manifest = RouterManifest(
-            name=name, sha256=content_id(files, extra=f"{kind}:{','.join(adapters)}"),
-            weights_sha256=next(f.sha256 for f in files if f.path == ROUTER_WEIGHTS),
-            size=sum(f.size for f in files), files=files, description=description, tags=tags,
+        files = validate_router(Path(directory), kind=kind, adapters=list(adapters),
+                                hidden_size=self.base_model.hidden_size)
+        entries = self._entries(files)
+        manifest = self._manifest(
+            RouterManifest, name=name, sha256=content_id(entries, extra=f"{kind}:{','.join(adapters)}"),
+            weights_sha256=next(f.sha256 for f in entries if f.path == ROUTER_WEIGHTS),
+            size=sum(f.size for f in entries), files=entries, description=description, tags=tags,
             created_at=time.time(), kind=kind, adapters=list(adapters), base_model_id=self.base_model.id,
         )
-        published, created = self.routers.publish(manifest, manifest.created_at)
-        return RegisterResult(published, created)
+        return self._store_and_publish(self.routers, manifest, files, progress)
 
     def register_router_from_uri(self, uri: str, name: str, **kwargs) -> RegisterResult:
         check_name(name, "router")
@@ -264,24 +321,80 @@ class Registry:
             raise error(f"{table.kind} {which} is not registered", param="name")
         return gone
 
+    def routers_using(self, adapter: str) -> list[str]:
+        """Names of the routers with a live version that routes to ``adapter``."""
+        return sorted({m.name for m in self.routers.all_live() if adapter in getattr(m, "adapters", ())})
+
     def delete_adapter(self, name: str, version: int | None = None) -> list[int]:
-        """Tombstone one version or all versions; emits adapter.deleted per version."""
-        return self._delete(self.adapters, AdapterNotFound, name, version)
+        """Tombstone one version or all versions; emits adapter.deleted per version. Refused
+        (AdapterInUse) when it would leave a registered router without this adapter. Blobs no
+        longer referenced are reclaimed in the background."""
+        check_name(name)
+        live = [m.version for m in self.adapters.versions(name)]
+        if live and (version is None or live == [version]):
+            users = self.routers_using(name)
+            if users:
+                raise AdapterInUse(
+                    f"adapter {name!r} is used by router(s) {users}; delete or re-register those routers first "
+                    f"(deleting one version while others remain is allowed)", param="name",
+                )
+        gone = self._delete(self.adapters, AdapterNotFound, name, version)
+        self.collector.request()
+        return gone
 
     def delete_router(self, name: str, version: int | None = None) -> list[int]:
-        return self._delete(self.routers, RouterNotFound, name, version)
+        gone = self._delete(self.routers, RouterNotFound, name, version)
+        self.collector.request()
+        return gone
+
+    def _live_blobs(self) -> set[str]:
+        return {f.sha256 for t in (self.adapters, self.routers) for m in t.all_live() for f in m.files}
+
+    def _delete_unreferenced(self, candidates: list[str]) -> list[str]:
+        """Delete those of ``candidates`` that no live manifest references and no registration
+        claims (the protocol in blob_gc.py). Returns the deleted sha256s."""
+        live = self._live_blobs()
+        token = uuid.uuid4().hex
+        marked = [sha for sha in candidates if sha not in live and self.claims.mark_deleting(sha, token)]
+        removed = []
+        try:
+            live = self._live_blobs() if marked else live
+            for sha in marked:
+                if sha not in live:
+                    self.storage.delete_blob(sha)
+                    removed.append(sha)
+        finally:
+            for sha in marked:
+                self.claims.unmark(sha, token)
+        return removed
+
+    def _collect(self, grace_s: float) -> tuple[list[str], float | None]:
+        live = self._live_blobs()
+        now = time.time()
+        old, due = [], None
+        for blob in list(self.storage.list_blobs()):
+            if blob.sha256 in live:
+                continue
+            if blob.mtime <= now - grace_s:
+                old.append(blob.sha256)
+            else:
+                wait = blob.mtime + grace_s - now
+                due = wait if due is None else min(due, wait)
+        removed = self._delete_unreferenced(old) if old else []
+        if len(removed) < len(old):  # claimed meanwhile: a registration is using it; look again later
+            due = grace_s if due is None else due
+        return removed, due
 
     def collect_garbage(self, grace_s: float = 3600.0) -> list[str]:
-        """Delete blobs no live manifest references and older than ``grace_s`` (so blobs of a
-        registration in flight survive). Returns the removed sha256s."""
-        live = {f.sha256 for t in (self.adapters, self.routers) for m in t.all_live() for f in m.files}
-        cutoff = time.time() - grace_s
-        removed = []
-        for blob in list(self.storage.list_blobs()):
-            if blob.sha256 not in live and blob.mtime <= cutoff:
-                self.storage.delete_blob(blob.sha256)
-                removed.append(blob.sha256)
-        return removed
+        """Delete blobs no live manifest references, older than ``grace_s`` and not claimed by a
+        registration in flight. Returns the removed sha256s."""
+        return self._collect(grace_s)[0]
+
+    def _collect_in_background(self) -> float | None:
+        removed, due = self._collect(self.gc_grace_s)
+        if removed:
+            log.info("removed %d unreferenced blobs", len(removed))
+        return due
 
     # ---- cold loading --------------------------------------------------------------------
 

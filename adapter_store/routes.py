@@ -15,6 +15,7 @@ time); reads stay open. Every error is one status with ``{"error": {message, typ
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -85,10 +86,22 @@ def build_registry_router(
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key_bytes):
             raise Unauthorized("registry mutations need 'Authorization: Bearer <MOLORA_API_KEY>'")
 
+    async def read_json_body(request: Request) -> bytes:
+        """The body, read up to the cap as it streams (a chunked body has no Content-Length)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > _MAX_JSON_BYTES:
+            raise AdapterTooLarge(f"JSON body of {length} bytes, expected at most {_MAX_JSON_BYTES}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_JSON_BYTES:
+                raise AdapterTooLarge(f"JSON body is over {_MAX_JSON_BYTES} bytes, expected at most that")
+        return bytes(body)
+
     async def parse_json(request: Request, model: type):
         try:
-            return model.model_validate(await request.json())
-        except ValueError as e:  # JSONDecodeError and pydantic's ValidationError
+            return model.model_validate(json.loads(await read_json_body(request)))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ValidationError, nesting
             if isinstance(e, ValidationError):
                 message, param = _validation_message(e.errors())
                 raise AdapterInvalid(message, param=param) from None
@@ -120,9 +133,6 @@ def build_registry_router(
             finally:
                 registry.discard(staging)
         elif ctype.startswith("application/json"):
-            length = request.headers.get("content-length", "")
-            if not length.isdigit() or int(length) > _MAX_JSON_BYTES:
-                raise AdapterTooLarge(f"JSON body of {length or 'unknown'} bytes, expected at most {_MAX_JSON_BYTES}")
             if kind == "adapter":
                 body = await parse_json(request, RegisterFromUri)
                 result = await run_in_threadpool(

@@ -73,6 +73,7 @@ class AdapterStore:
     embedded: EmbeddedRedis | None
 
     def close(self) -> None:
+        self.registry.collector.stop()
         self.registry.client.close()
         self.registry.client.connection_pool.disconnect()
         if self.embedded is not None:

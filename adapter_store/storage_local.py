@@ -10,6 +10,9 @@ from urllib.parse import unquote, urlparse
 from .errors import AdapterInvalid, StorageUnavailable, UriOutsideStorage
 from .storage_base import BLOB_PREFIX, BlobInfo, ObjectStorage, ProgressFn, blob_key, file_chunks, write_verified
 
+_NAME_MAX = 255   # bytes per path component (Linux NAME_MAX)
+_PATH_MAX = 4096  # bytes per path (Linux PATH_MAX)
+
 
 def file_uri_path(uri: str) -> Path:
     parsed = urlparse(uri)
@@ -75,6 +78,16 @@ class LocalStorage(ObjectStorage):
         if not uri.startswith("file://"):
             raise UriOutsideStorage(f"URI {uri!r} is outside the configured storage {self.uri}", param="uri")
         path = file_uri_path(uri)
+        # The OS would refuse these with ValueError / ENAMETOOLONG; name the problem instead.
+        if "\0" in str(path):
+            raise AdapterInvalid(f"URI {uri!r} holds a NUL byte, expected a plain path", param="uri")
+        long = [p for p in path.parts if len(os.fsencode(p)) > _NAME_MAX]
+        if long or len(os.fsencode(str(path))) > _PATH_MAX:
+            raise AdapterInvalid(
+                f"URI {uri[:100]!r}{'...' if len(uri) > 100 else ''} has a path component over {_NAME_MAX} "
+                f"bytes or is over {_PATH_MAX} bytes, expected shorter names",
+                param="uri",
+            )
         if ".." in path.parts or not path.is_absolute():
             raise UriOutsideStorage(f"URI {uri!r} is not a plain absolute path inside {self.uri}", param="uri")
         real = Path(os.path.realpath(path))
@@ -84,9 +97,12 @@ class LocalStorage(ObjectStorage):
 
     def list_uri(self, uri: str) -> dict[str, int]:
         directory = self._resolve_dir(uri)
-        if not directory.is_dir():
-            raise AdapterInvalid(f"URI {uri!r} is not a directory in {self.uri}", param="uri")
-        return {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+        try:
+            if not directory.is_dir():
+                raise AdapterInvalid(f"URI {uri!r} is not a directory in {self.uri}", param="uri")
+            return {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and not p.is_symlink()}
+        except OSError as e:
+            raise AdapterInvalid(f"URI {uri!r} cannot be listed: {e.strerror}", param="uri") from None
 
     def fetch_uri(self, uri: str, name: str, dest: Path, progress: ProgressFn | None = None) -> None:
         src = self._resolve_dir(uri) / name

@@ -4,6 +4,8 @@ bytes stream in (a client that lies about Content-Length still cannot exceed it)
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 
@@ -74,12 +76,16 @@ async def receive_upload(request: Request, staging: Path, *, max_bytes: int,
                     out.write(chunk)
         if len(uploads) == 1 and is_archive_name(uploads[0].filename or ""):
             archive = staging / _safe_name(uploads[0].filename or "")
-            unpacked = staging / "unpacked"
-            extract_archive(archive, unpacked, max_bytes=max_bytes)
-            archive.unlink()
-            for p in unpacked.iterdir():
-                p.rename(staging / p.name)
-            unpacked.rmdir()
+            # A sibling directory of its own: a member may have any name, so no fixed name inside
+            # staging is safe to extract into.
+            unpacked = Path(tempfile.mkdtemp(prefix=f"{staging.name}-", dir=staging.parent))
+            try:
+                extract_archive(archive, unpacked, max_bytes=max_bytes)
+                archive.unlink()
+                for p in unpacked.iterdir():
+                    p.rename(staging / p.name)
+            finally:
+                shutil.rmtree(unpacked, ignore_errors=True)
     finally:
         await form.close()
     return fields

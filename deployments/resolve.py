@@ -15,6 +15,7 @@ A router resolves to one key that also names its adapters' versions
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,8 @@ from deployments.errors import ApiError, bad_request, model_not_found
 
 ROUTER_PREFIX = "molora:"
 _CACHE_S = 1.0  # a deleted pinned version is seen by new requests within this delay
+# ASCII digits only: str.isdigit() also accepts '²' (int() then fails) and '١' (int() reads 1).
+_VERSION_RE = re.compile(r"[0-9]{1,18}")
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ def split_version(text: str) -> tuple[str, int | None]:
     name, sep, version = text.partition("@")
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
+    if not _VERSION_RE.fullmatch(version) or int(version) < 1:
         raise bad_request(f"version {version!r} in {text!r} is not a positive integer", "model")
     return name, int(version)
 
@@ -87,6 +90,27 @@ class Resolver:
                                   f"nor '{ROUTER_PREFIX}<router>'") from None
         return f"{m.name}@{m.version}"
 
+    def _mixture_key(self, text: str) -> str:
+        """The hot-set key of a member of an explicit mixture; an unknown one is named as such."""
+        try:
+            m = self._cached("adapter", *split_version(text))
+        except (NotFound, InvalidName):
+            raise ApiError(404, f"adapter {text!r} in 'adapters' is not registered", "not_found_error",
+                           "model_not_found", "adapters") from None
+        return f"{m.name}@{m.version}"
+
+    def _router_adapter_key(self, model: str, adapter: str) -> str:
+        """The hot-set key of one of a router's adapters; a missing one is named as such (the
+        registry refuses to delete an adapter a router uses, but a router registered before that
+        rule, or a race with a delete, can still point to one that is gone)."""
+        try:
+            m = self._cached("adapter", adapter, None)
+        except (NotFound, InvalidName):
+            raise ApiError(404, f"router {model!r} routes to adapter {adapter!r}, which is not registered (it was "
+                           "deleted or never existed); register it again or delete the router",
+                           "not_found_error", "adapter_not_found", "model") from None
+        return f"{m.name}@{m.version}"
+
     def manifest(self, model: str) -> tuple[str, object]:
         """("base", None), ("adapter", its manifest) or ("router", its manifest) for a model id
         as GET /v1/models lists it (`@N` pins a version). Blocking (Redis reads)."""
@@ -105,7 +129,7 @@ class Resolver:
             if model != self.base_model:
                 raise bad_request(f"'adapters' (an explicit mixture) needs model={self.base_model!r}; got {model!r}",
                                   "model")
-            keys = [self.adapter_key(a.name, a.name) for a in adapters]
+            keys = [self._mixture_key(a.name) for a in adapters]
             if len(set(keys)) != len(keys):
                 raise bad_request(f"'adapters' names an adapter twice: {[a.name for a in adapters]}", "adapters")
             return Routing("mixture", tuple(keys), tuple(float(a.weight) for a in adapters))
@@ -120,6 +144,6 @@ class Resolver:
             if m.kind != "gate":
                 raise ApiError(400, f"router {name!r} is of kind {m.kind!r}; only 'gate' routers serve requests",
                                code="router_kind_unsupported", param="model")
-            keys = [self.adapter_key(a, model) for a in m.adapters]
+            keys = [self._router_adapter_key(model, a) for a in m.adapters]
             return Routing("router", tuple(keys), router=f"{m.name}@{m.version}:{','.join(keys)}")
         return Routing("adapter", (self.adapter_key(model, model),))

@@ -56,10 +56,14 @@ def read_adapter_config(path: str | Path) -> dict:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key applies to a module whose path ends with it."""
+    """PEFT's rule: a pattern key applies to a module whose path ends with it. (The registry
+    refuses keys that do not compile or could backtrack without end: adapter_store/patterns.py.)"""
     for key, value in (patterns or {}).items():
-        if module == key or re.fullmatch(rf"(?:.*\.)?{key}", module):
-            return value
+        try:
+            if module == key or re.fullmatch(rf"(?:.*\.)?{key}", module):
+                return value
+        except re.error as exc:
+            raise AdapterInvalid(f"pattern key {key!r} of rank_pattern / alpha_pattern is not a valid regex: {exc}") from None
     return default
 
 

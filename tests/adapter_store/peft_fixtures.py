@@ -63,13 +63,19 @@ def write_adapter(
     return directory
 
 
-def write_router(directory: Path, n_adapters: int, hidden: int = 64, seed: int = 0) -> Path:
+def write_router(directory: Path, adapters: list[str], hidden: int = 64, seed: int = 0, *, config: dict | None = None,
+                 tensors: dict | None = None) -> Path:
+    """A gate router directory as molora_core.routing.GateRouter.save writes it, over ``adapters``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    save_file({"gate.weight": rng.standard_normal((n_adapters, hidden)).astype(np.float32)},
-              str(directory / "router.safetensors"))
-    (directory / "router.json").write_text(json.dumps({"top_k": 2}))
+    n = len(adapters)
+    weights = {"gate.weight": rng.standard_normal((n, hidden)).astype(np.float32),
+               "gate.bias": np.zeros((n,), np.float32)}
+    save_file(tensors if tensors is not None else weights, str(directory / "router.safetensors"))
+    cfg = {"kind": "gate", "format_version": 1, "adapters": list(adapters), "top_k": min(2, n),
+           "hidden_size": hidden, "input": "embedding", "normalize": "rms", **(config or {})}
+    (directory / "router.json").write_text(json.dumps(cfg))
     return directory
 
 

@@ -132,13 +132,14 @@ def test_register_from_uri(registry, tmp_path):
 def test_routers(registry, tmp_path):
     for n in ("r-a", "r-b"):
         registry.register_adapter(write_adapter(tmp_path / n, seed=hash(n) % 100), n)
-    rd = write_router(tmp_path / "router", 2)
+    rd = write_router(tmp_path / "router", ["r-a", "r-b"])
     res = registry.register_router(rd, "gate1", kind="gate", adapters=["r-a", "r-b"], tags=["moe"])
     m = res.manifest
     assert res.created and m.version == 1 and m.adapters == ["r-a", "r-b"] and m.kind == "gate"
     assert m.weights_sha256 == hash_file(rd / "router.safetensors")[0]
     assert not registry.register_router(rd, "gate1", kind="gate", adapters=["r-a", "r-b"]).created
-    assert registry.register_router(rd, "gate1", kind="gate", adapters=["r-b", "r-a"]).manifest.version == 2
+    rd2 = write_router(tmp_path / "router2", ["r-b", "r-a"])
+    assert registry.register_router(rd2, "gate1", kind="gate", adapters=["r-b", "r-a"]).manifest.version == 2
     assert (registry.load_router("gate1").path / "router.json").is_file()
     with pytest.raises(AdapterNotFound, match="missing"):
         registry.register_router(rd, "gate2", kind="gate", adapters=["r-a", "missing"])

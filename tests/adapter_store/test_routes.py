@@ -166,7 +166,7 @@ def test_unknown_and_bad_params(api):
 def test_routers_over_http(api, tmp_path):
     for n in ("ra", "rb"):
         api.post("/v1/adapters", data={"name": n}, files=_files(write_adapter(tmp_path / n, seed=len(n) + ord(n[1]))))
-    rd = write_router(tmp_path / "router", 2)
+    rd = write_router(tmp_path / "router", ["ra", "rb"])
     r = api.post("/v1/routers", data={"name": "gate", "kind": "gate", "adapters": "ra,rb"}, files=_files(rd))
     assert r.status_code == 201, r.text
     assert r.json()["object"] == "router" and r.json()["adapters"] == ["ra", "rb"]

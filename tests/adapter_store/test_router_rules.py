@@ -1,0 +1,104 @@
+"""Routers that register can serve: router.json checked against the registration and the base
+model; adapters a router uses cannot be deleted; a router whose adapter is gone says so."""
+
+import json
+
+import numpy as np
+import pytest
+
+from adapter_store.errors import AdapterInUse, RouterInvalid
+from deployments.errors import ApiError
+from deployments.resolve import Resolver, split_version
+
+from .peft_fixtures import write_adapter, write_router
+
+NAMES = ["r-a", "r-b", "r-c"]
+
+
+@pytest.fixture
+def adapters(registry, tmp_path):
+    for i, n in enumerate(NAMES):
+        registry.register_adapter(write_adapter(tmp_path / n, seed=10 + i), n)
+    return NAMES
+
+
+def _without(d, key):
+    cfg = json.loads((d / "router.json").read_text())
+    del cfg[key]
+    (d / "router.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [("reordered", "same order"), ("subset", "same order"), ("no-router-json", r"missing \['router.json'\]"),
+     ("no-hidden-size", "hidden_size"), ("wrong-hidden-size", "base model's hidden size is 64"),
+     ("top-k-too-big", "top_k=9"), ("weight-shape", "gate.weight has shape"), ("no-bias", "expected exactly"),
+     ("extra-tensor", "expected exactly"), ("kind", "kind"), ("default-top-k-one-adapter", "top_k=2")],
+)
+def test_unservable_gate_routers_are_refused(registry, adapters, tmp_path, case, match):
+    d, names = tmp_path / "router", adapters
+    rng = np.random.default_rng(0)
+    if case == "reordered":
+        write_router(d, [names[1], names[0], names[2]])
+    elif case == "subset":
+        write_router(d, names[:2])
+    elif case == "no-router-json":
+        (write_router(d, names) / "router.json").unlink()
+    elif case == "no-hidden-size":
+        _without(write_router(d, names), "hidden_size")
+    elif case == "wrong-hidden-size":
+        write_router(d, names, hidden=32)
+    elif case == "top-k-too-big":
+        write_router(d, names, config={"top_k": 9})
+    elif case == "weight-shape":
+        write_router(d, names, tensors={"gate.weight": rng.standard_normal((3, 63)).astype(np.float32),
+                                        "gate.bias": np.zeros(3, np.float32)})
+    elif case == "no-bias":
+        write_router(d, names, tensors={"gate.weight": rng.standard_normal((3, 64)).astype(np.float32)})
+    elif case == "extra-tensor":
+        write_router(d, names, tensors={"gate.weight": np.zeros((3, 64), np.float32),
+                                        "gate.bias": np.zeros(3, np.float32), "x": np.zeros(1, np.float32)})
+    elif case == "kind":
+        write_router(d, names, config={"kind": "task"})
+    elif case == "default-top-k-one-adapter":
+        _without(write_router(d, names[:1], config={"top_k": 1}), "top_k")
+        names = names[:1]
+    with pytest.raises(RouterInvalid, match=match) as err:
+        registry.register_router(d, "gate", kind="gate", adapters=names)
+    assert err.value.code == "router_invalid"
+    assert registry.list_routers().items == [] and {b.sha256 for b in registry.storage.list_blobs()} == {
+        f.sha256 for m in registry.adapters.all_live() for f in m.files}
+
+
+def test_delete_of_an_adapter_a_router_uses_is_refused(registry, adapters, tmp_path):
+    registry.register_router(write_router(tmp_path / "g", adapters[:2]), "gate", kind="gate", adapters=adapters[:2])
+    registry.register_adapter(write_adapter(tmp_path / "a2", seed=99), "r-a")  # r-a has versions 1 and 2
+    with pytest.raises(AdapterInUse, match=r"router\(s\) \['gate'\]") as err:
+        registry.delete_adapter("r-a")
+    assert err.value.status == 409
+    assert registry.delete_adapter("r-a", version=1) == [1]  # another version remains
+    with pytest.raises(AdapterInUse):
+        registry.delete_adapter("r-a", version=2)  # the last one
+    assert registry.get_adapter("r-a").version == 2
+    assert registry.delete_adapter("r-c") == [1]  # not used by any router
+    registry.delete_router("gate")
+    assert registry.delete_adapter("r-a") == [2]
+
+
+def test_router_with_a_missing_adapter_names_it(registry, adapters, tmp_path):
+    registry.register_router(write_router(tmp_path / "g", adapters[:2]), "gate", kind="gate", adapters=adapters[:2])
+    resolver = Resolver(registry, "base")
+    assert resolver.resolve("molora:gate").adapters == ("r-a@1", "r-b@1")
+    registry.adapters.delete("r-b", None, 0.0)  # as a delete before the in-use rule, or a race, leaves it
+    with pytest.raises(ApiError) as err:
+        resolver.resolve("molora:gate")
+    assert err.value.status == 404 and "'molora:gate'" in err.value.message and "'r-b'" in err.value.message
+
+
+@pytest.mark.parametrize("text", ["chat@\u00b2", "chat@\u0661", "chat@" + "9" * 5000])
+def test_pinned_versions_are_ascii_digits(text):
+    with pytest.raises(ApiError) as err:
+        split_version(text)
+    assert err.value.status == 400 and err.value.param == "model"
+    assert split_version("chat@12") == ("chat", 12) and split_version("chat") == ("chat", None)

@@ -187,6 +187,9 @@ class Ingress:
         app.include_router(build_registry_router(self.registry, api_key=cfg.api_key))
         self.placement = PlacementController(self.registry, self.store.settings.namespace, placement_interval_s)
         self.placement.start()
+        # Blobs a crashed registration or delete left behind are reclaimed in the background
+        # (after a delete too); the claims in adapter_store/blob_gc.py keep concurrent ingresses safe.
+        self.registry.collector.request()
 
     # -- plain routes ----------------------------------------------------------------------
     @app.get("/healthz")

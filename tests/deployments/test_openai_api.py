@@ -477,6 +477,8 @@ def test_bad_json_and_bad_chat(served):
         r = c.post("/v1/completions", content=b'{"model": "math", "prompt": "\\ud83d\\ude00", "max_tokens": 1}',
                    headers=json_headers)
         assert r.status_code == 200, r.text  # a surrogate pair is one character
+        r = c.post("/v1/completions", json={"model": DEMO_MODEL_NAME, "prompt": "x", "adapters": [{"name": "nope"}]})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "adapters" and "'nope'" in r.text, r.text
 
 
 def test_null_fields_take_their_defaults(served):

@@ -109,13 +109,19 @@ def _is_sane_alpha(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_ALPHA
 
 
-def _read_config(path: Path, max_rank: int) -> dict:
+def read_json_object(path: Path, error: type[Exception] = AdapterInvalid) -> dict:
+    """A JSON object file's contents; ``error`` names the file when it is not one."""
     try:
         cfg = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterInvalid(f"{CONFIG_FILE} is not valid JSON: {e}") from None
+        raise error(f"{path.name} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
-        raise AdapterInvalid(f"{CONFIG_FILE} holds a {type(cfg).__name__}, expected a JSON object")
+        raise error(f"{path.name} holds a {type(cfg).__name__}, expected a JSON object")
+    return cfg
+
+
+def _read_config(path: Path, max_rank: int) -> dict:
+    cfg = read_json_object(path)
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterInvalid(f"peft_type {peft_type!r} is not supported, expected 'LORA'")

@@ -11,11 +11,10 @@ when router.json lists adapters, that the list matches.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import RouterInvalid
-from .peft_validate import FLOAT_DTYPES, refuse_pickles
+from .peft_validate import FLOAT_DTYPES, read_json_object, refuse_pickles
 from .safetensors_header import SafetensorsHeader, read_header
 
 ROUTER_WEIGHTS = "router.safetensors"
@@ -31,16 +30,6 @@ def router_files(directory: Path, *, require_config: bool = False) -> dict[str, 
     if missing:
         raise RouterInvalid(f"router is missing {missing}; found {names}, expected {list(required)}", param="files")
     return {n: directory / n for n in (ROUTER_WEIGHTS, ROUTER_CONFIG) if n in names}
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RouterInvalid(f"{ROUTER_CONFIG} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise RouterInvalid(f"{ROUTER_CONFIG} holds a {type(cfg).__name__}, expected a JSON object")
-    return cfg
 
 
 def _positive_int(cfg: dict, key: str, default=None) -> int:
@@ -84,7 +73,7 @@ def validate_router(directory: Path, *, kind: str = "gate", adapters: list[str] 
     for key, t in header.tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise RouterInvalid(f"router tensor {key!r} has dtype {t.dtype}, expected one of {list(FLOAT_DTYPES)}")
-    cfg = _read_config(files[ROUTER_CONFIG]) if ROUTER_CONFIG in files else {}
+    cfg = read_json_object(files[ROUTER_CONFIG], RouterInvalid) if ROUTER_CONFIG in files else {}
     listed = cfg.get("adapters")
     if adapters is not None and (kind == "gate" or listed is not None) and listed != list(adapters):
         # Output i of the router is adapters[i]: another order or a subset would route every

@@ -63,7 +63,7 @@ def _pattern_value(patterns: dict, module: str, default):
             if module == key or re.fullmatch(rf"(?:.*\.)?{key}", module):
                 return value
         except re.error as exc:
-            raise AdapterInvalid(f"pattern key {key!r} of rank_pattern / alpha_pattern is not a valid regex: {exc}") from None
+            raise AdapterInvalid(f"rank_pattern / alpha_pattern key {key!r} is not a valid regex: {exc}") from None
     return default
 
 

@@ -28,7 +28,8 @@ from .base_model import BaseModelSignature
 from .blob_cache import BlobCache
 from .blob_gc import BlobClaims, BlobCollector
 from .errors import (
-    AdapterInUse, AdapterInvalid, AdapterNotFound, AdapterTooLarge, NotFound, RouterInvalid, RouterNotFound, StoreError,
+    AdapterInUse, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName, NotFound, RouterInvalid, RouterNotFound,
+    StoreError,
 )
 from .events import EventLog
 from .manifest import AdapterManifest, ArtifactManifest, FileEntry, RouterManifest, check_name, content_id
@@ -181,7 +182,7 @@ class Registry:
         progress: ProgressFn | None = None,
     ) -> RegisterResult:
         """Register the PEFT adapter in local ``directory`` as the next version of ``name``."""
-        check_name(name)
+        self._check_adapter_name(name)
         tags = check_tags(tags)
         _check_description(description)
         directory = Path(directory)
@@ -215,9 +216,16 @@ class Registry:
             raise
         return staging
 
+    def _check_adapter_name(self, name: str) -> None:
+        """``check_name``, and not the base model's name: the API reads that `model` as the base
+        model, so such an adapter would be listed but never served."""
+        check_name(name)
+        if name == self.base_model.name:
+            raise InvalidName(f"adapter name {name!r} is the base model's name; expected another name", param="name")
+
     def register_adapter_from_uri(self, uri: str, name: str, **kwargs) -> RegisterResult:
         """Register an adapter directory that already lies in the configured storage."""
-        check_name(name)
+        self._check_adapter_name(name)
         staging = self._fetch_uri(uri, ADAPTER_FILES, ADAPTER_FILES)
         try:
             return self.register_adapter(staging, name, **kwargs)

@@ -45,6 +45,17 @@ def test_unknown_adapter_and_bad_names(registry):
             registry.get_adapter(bad)
 
 
+def test_an_adapter_may_not_take_the_base_models_name(registry, tmp_path, signature):
+    """`model` equal to the base model's name serves the base model: an adapter of that name
+    would be listed and never served."""
+    d = write_adapter(tmp_path / "a")
+    for register in (lambda: registry.register_adapter(d, signature.name),
+                     lambda: registry.register_adapter_from_uri("file:///nowhere", signature.name)):
+        with pytest.raises(InvalidName, match="base model's name"):
+            register()
+    assert registry.list_adapters().items == [] and list(registry.storage.list_blobs()) == []
+
+
 def test_invalid_adapter_publishes_nothing(registry, tmp_path):
     d = write_adapter(tmp_path / "a", rank=32)
     with pytest.raises(AdapterInvalid, match="maximum rank"):

@@ -17,12 +17,15 @@ event to the stream and publishes it, so a manifest and its event appear togethe
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import redis
 
 from .manifest import MANIFEST_TYPES, ArtifactManifest
 from .redis_conn import redis_errors
+
+log = logging.getLogger(__name__)
 
 _REGISTER = """
 local v = redis.call('HGET', KEYS[3], ARGV[1])
@@ -176,7 +179,17 @@ class ArtifactTable:
                 self._get(keys=[self._k(name, "versions"), self._k(name, "latest"), self._k(name, "tomb")],
                           args=[""], client=pipe)
             results = pipe.execute()
-        return [self._decode(r[0], r[1]) for r in results if r and len(r) == 2 and r[1]]
+        out = []
+        for name, r in zip(names, results):
+            if r and len(r) == 2 and r[1]:
+                try:
+                    out.append(self._decode(r[0], r[1]))
+                except ValueError:  # (pydantic's ValidationError and JSONDecodeError are ValueErrors)
+                    # One unreadable record (written by an older release, or by hand) must not take
+                    # every listing down with it (reading it by name is still an error).
+                    log.exception("skipping %s %r version %s in a listing: its manifest does not decode",
+                                  self.kind, name, r[0])
+        return out
 
     def delete(self, name: str, version: int | None, ts: float) -> list[int]:
         """Tombstone one version (or all of them); returns the versions deleted."""

@@ -56,6 +56,17 @@ def test_an_adapter_may_not_take_the_base_models_name(registry, tmp_path, signat
     assert registry.list_adapters().items == [] and list(registry.storage.list_blobs()) == []
 
 
+def test_a_manifest_that_does_not_decode_leaves_listings_working(registry, tmp_path):
+    """A record no release can read (an older release's, or one edited by hand) is skipped by
+    listings, with a log line, instead of failing every listing."""
+    registry.register_adapter(write_adapter(tmp_path / "a", seed=1), "good")
+    registry.register_adapter(write_adapter(tmp_path / "b", seed=2), "broken")
+    registry.client.hset(registry.adapters._k("broken", "versions"), "1", '{"name": "broken", "alpha": null}')
+    assert [m.name for m in registry.list_adapters().items] == ["good"]
+    with pytest.raises(ValueError):
+        registry.get_adapter("broken")
+
+
 def test_invalid_adapter_publishes_nothing(registry, tmp_path):
     d = write_adapter(tmp_path / "a", rank=32)
     with pytest.raises(AdapterInvalid, match="maximum rank"):

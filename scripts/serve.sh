@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quick start: make .venv if needed, install the project, build the demo assets (first run,
-# about 20 s on CPU), then serve the OpenAI-compatible API on embedded defaults (embedded
+# 20-40 s on a 2-core CPU), then serve the OpenAI-compatible API on embedded defaults (embedded
 # Valkey, local object storage, the demo model with its adapters and router). Ctrl-C stops it.
 #   scripts/serve.sh [--host 127.0.0.1] [--port 8000] [--num-cpus N]
 # Configuration: MOLORA_* environment variables (see README.md).

@@ -395,22 +395,26 @@ class Engine:
                   if seq.prompt_logprobs is not None and seq.num_computed < len(seq.prompt_ids)]
         try:
             logits, hidden = self.runner.logits(entries, flat, is_decode, scored)
-            for b in scored:  # the prompt tokens this step's new tokens predict: their successors in the prompt
-                seq, n = entries[b]
-                targets = seq.prompt_ids[seq.num_computed + 1 : seq.num_computed + n + 1]
-                seq.prompt_logprobs += score_tokens(self.model.lm_head, hidden[b], targets,
-                                                    seq.request.sampling.prompt_logprobs)
-            ready = [b for b, (seq, n) in enumerate(entries) if seq.num_computed + n == seq.num_tokens]
-            rows = logits if len(ready) == logits.shape[0] else logits[ready]
-            params = [entries[b][0].request.sampling for b in ready]
-            tokens = sample(
-                rows, params, [entries[b][0].generator for b in ready], [entries[b][0].adjust for b in ready],
-            ) if ready else []
-            logprobs = token_logprobs(rows, tokens, [p.logprobs for p in params]) if ready else []
-        except Exception as exc:
+        except Exception as exc:  # the forward: every entry's
             for seq, _ in entries:
                 self._fail(seq, exc)
             return
+        failed: dict[int, Exception] = {}  # entry -> its own error: the others of the step go on
+        for b in scored:  # the prompt tokens this step's new tokens predict: their successors in the prompt
+            seq, n = entries[b]
+            targets = seq.prompt_ids[seq.num_computed + 1 : seq.num_computed + n + 1]
+            try:
+                seq.prompt_logprobs += score_tokens(self.model.lm_head, hidden[b], targets,
+                                                    seq.request.sampling.prompt_logprobs)
+            except Exception as exc:
+                failed[b] = exc
+        ready = [b for b, (seq, n) in enumerate(entries)
+                 if b not in failed and seq.num_computed + n == seq.num_tokens]  # entries that sample a token
+        tokens, logprobs = self._sample(entries, ready, logits, failed)
+        ready = [entries[b][0] for b in ready if b not in failed]
+        for b, exc in failed.items():
+            self._fail(entries[b][0], exc)
+        entries = [entry for b, entry in enumerate(entries) if b not in failed]
         c = self.counters
         c.steps += 1
         c.decode_steps += is_decode
@@ -418,12 +422,43 @@ class Engine:
             seq.num_computed += n
             for key in (seq.spec.adapter_names() or ["base"]):
                 c.tokens_by_adapter[key] = c.tokens_by_adapter.get(key, 0) + n
-        for b, token, logprob in zip(ready, tokens, logprobs):
-            if entries[b][0].request.sampling.max_tokens == 0:  # the prompt scored, nothing to generate
-                self._finish(entries[b][0], "length")
+        for seq, token, logprob in zip(ready, tokens, logprobs):
+            if seq.request.sampling.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(seq, "length")
             else:
-                self._emit(entries[b][0], token, logprob)
+                self._emit(seq, token, logprob)
         c.step_s.append(time.perf_counter() - started)
+
+    def _sample(self, entries: list[tuple[Sequence, int]], ready: list[int], logits: torch.Tensor,
+                failed: dict[int, Exception]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The next token (and its log-probability) of each entry in `ready`, from its row of
+        logits [B, V], in one call; if that raises, row by row, so that an error of one entry's
+        sampling (entered in `failed`, its token dropped) fails that request alone. (Rows drawn
+        again then: a seeded request's token may differ from the one a step without the error
+        would have given it.)"""
+        if not ready:
+            return [], []
+
+        def run(rows: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+            seqs = [entries[b][0] for b in rows]
+            params = [seq.request.sampling for seq in seqs]
+            picked = logits if len(rows) == logits.shape[0] else logits[rows]
+            tokens = sample(picked, params, [seq.generator for seq in seqs], [seq.adjust for seq in seqs])
+            return tokens, token_logprobs(picked, tokens, [p.logprobs for p in params])
+
+        try:
+            return run(ready)
+        except Exception:
+            tokens, logprobs = [], []
+            for b in ready:
+                try:
+                    (token,), (logprob,) = run([b])
+                except Exception as exc:
+                    failed[b] = exc
+                    continue
+                tokens.append(token)
+                logprobs.append(logprob)
+            return tokens, logprobs
 
     def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.monotonic()

@@ -241,6 +241,29 @@ def test_closing_a_finished_handle_leaves_a_later_request_on_its_id_running(engi
     assert other.result().finish_reason == "abort"
 
 
+def test_an_error_in_one_requests_sampling_or_scoring_fails_that_request_alone(engine, monkeypatch):
+    """After the step's forward, what is one request's own (its logit adjustment and sampling,
+    its prompt scoring) fails that request only; the others of the step go on, token for token."""
+    from molora_core.engine import engine as engine_module
+    from molora_core.engine.sampling import LogitAdjust
+
+    want = engine.submit(Request(PROMPTS[1], greedy(6))).result().token_ids
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    for target, name, sampling in ((LogitAdjust, "apply", greedy(6, logit_bias={5: 1.0})),
+                                   (engine_module, "score_tokens", greedy(6, prompt_logprobs=1))):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, broken)
+            doomed = engine.submit(Request(PROMPTS[0], sampling))
+            beside = engine.submit(Request(PROMPTS[1], greedy(6)))
+            with pytest.raises(RuntimeError, match="broken on purpose"):
+                doomed.result()
+            assert beside.result().token_ids == want, name
+    assert not engine._running and not engine._waiting
+
+
 def test_queue_full_raises_capacity_exceeded(demo):
     engine = make_engine(demo, max_queue=2)
     handles = [engine.submit(Request(PROMPTS[0], greedy(2))) for _ in range(2)]

@@ -51,7 +51,7 @@ def test_confine_limits_the_calling_thread_only():
 def test_release_ends_the_calling_threads_team():
     # In a fresh process, where no other thread starts or ends while the threads are counted.
     script = textwrap.dedent("""
-        import os, threading, torch
+        import os, threading, time, torch
         from molora_core import cpu_threads
 
         def tasks():
@@ -62,6 +62,9 @@ def test_release_ends_the_calling_threads_team():
             torch.ones(1 << 22).sum()  # a parallel reduction: this thread's team starts
             with_team = tasks()
             released = cpu_threads.release()
+            deadline = time.monotonic() + 5  # the paused team's workers exit on their own threads
+            while tasks() > idle and time.monotonic() < deadline:
+                time.sleep(0.01)
             print(idle, with_team, released, tasks(), torch.get_num_threads())
 
         thread = threading.Thread(target=body)

@@ -81,34 +81,13 @@ class Resolver:
         self._cache[key] = (now, manifest)
         return manifest
 
-    def adapter_key(self, text: str, model: str) -> str:
-        name, version = split_version(text)
-        try:
-            m = self._cached("adapter", name, version)
-        except (NotFound, InvalidName):
-            raise model_not_found(model, f"is neither the base model {self.base_model!r}, a registered adapter, "
-                                  f"nor '{ROUTER_PREFIX}<router>'") from None
-        return f"{m.name}@{m.version}"
-
-    def _mixture_key(self, text: str) -> str:
-        """The hot-set key of a member of an explicit mixture; an unknown one is named as such."""
+    def adapter_key(self, text: str, missing: ApiError) -> str:
+        """The hot-set key (`name@version`) of adapter `text` (`name` or `name@N`); `missing` is
+        raised when it is not registered."""
         try:
             m = self._cached("adapter", *split_version(text))
         except (NotFound, InvalidName):
-            raise ApiError(404, f"adapter {text!r} in 'adapters' is not registered", "not_found_error",
-                           "model_not_found", "adapters") from None
-        return f"{m.name}@{m.version}"
-
-    def _router_adapter_key(self, model: str, adapter: str) -> str:
-        """The hot-set key of one of a router's adapters; a missing one is named as such (the
-        registry refuses to delete an adapter a router uses, but a router registered before that
-        rule, or a race with a delete, can still point to one that is gone)."""
-        try:
-            m = self._cached("adapter", adapter, None)
-        except (NotFound, InvalidName):
-            raise ApiError(404, f"router {model!r} routes to adapter {adapter!r}, which is not registered (it was "
-                           "deleted or never existed); register it again or delete the router",
-                           "not_found_error", "adapter_not_found", "model") from None
+            raise missing from None
         return f"{m.name}@{m.version}"
 
     def manifest(self, model: str) -> tuple[str, object]:
@@ -129,7 +108,9 @@ class Resolver:
             if model != self.base_model:
                 raise bad_request(f"'adapters' (an explicit mixture) needs model={self.base_model!r}; got {model!r}",
                                   "model")
-            keys = [self._mixture_key(a.name) for a in adapters]
+            keys = [self.adapter_key(a.name, ApiError(404, f"adapter {a.name!r} in 'adapters' is not registered",
+                                                      "not_found_error", "model_not_found", "adapters"))
+                    for a in adapters]
             if len(set(keys)) != len(keys):
                 raise bad_request(f"'adapters' names an adapter twice: {[a.name for a in adapters]}", "adapters")
             return Routing("mixture", tuple(keys), tuple(float(a.weight) for a in adapters))
@@ -144,6 +125,14 @@ class Resolver:
             if m.kind != "gate":
                 raise ApiError(400, f"router {name!r} is of kind {m.kind!r}; only 'gate' routers serve requests",
                                code="router_kind_unsupported", param="model")
-            keys = [self._router_adapter_key(model, a) for a in m.adapters]
+            # A router's adapter can be gone: registered before the registry refused such deletes,
+            # or deleted in a race with the router's registration.
+            keys = [self.adapter_key(a, ApiError(404, f"router {model!r} routes to adapter {a!r}, which is not "
+                                                 "registered (it was deleted or never existed); register it again "
+                                                 "or delete the router", "not_found_error", "adapter_not_found",
+                                                 "model"))
+                    for a in m.adapters]
             return Routing("router", tuple(keys), router=f"{m.name}@{m.version}:{','.join(keys)}")
-        return Routing("adapter", (self.adapter_key(model, model),))
+        return Routing("adapter", (self.adapter_key(model, model_not_found(
+            model, f"is neither the base model {self.base_model!r}, a registered adapter, nor '{ROUTER_PREFIX}<router>'"
+        )),))

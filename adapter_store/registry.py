@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 class StoreLimits:
     max_adapter_bytes: int = 512 << 20  # total bytes of an artifact's files
     max_rank: int = 64                  # the hot-set's R
+    max_top_k: int = 4                  # the replicas' most adapters a token mixes (a gate's top-k)
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,7 @@ class Registry:
         for a in adapters:
             self.get_adapter(a)
         files = validate_router(Path(directory), kind=kind, adapters=list(adapters),
-                                hidden_size=self.base_model.hidden_size)
+                                hidden_size=self.base_model.hidden_size, max_top_k=self.limits.max_top_k)
         entries = self._entries(files)
         manifest = self._manifest(
             RouterManifest, name=name, sha256=content_id(entries, extra=f"{kind}:{','.join(adapters)}"),

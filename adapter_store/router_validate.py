@@ -4,7 +4,8 @@ Only the header is read. For a ``gate`` router every rule the replica applies wh
 restated here (this package does not import molora_core), so a router that registers also serves:
 ``GateRouter.load`` in molora_core/routing/gate.py (router.json with kind 'gate', hidden_size and
 top_k in [1, number of adapters]; exactly gate.weight [A, D] and gate.bias [A]) and
-``_load_router`` in deployments/replica.py (router.json's adapters equal the manifest's, in order).
+``_load_router`` in deployments/replica.py (router.json's adapters equal the manifest's, in order)
+and the engine's admission (top_k at most the replicas' max_top_k).
 ``task`` routers are not served yet; for them the store checks the weights are float tensors and,
 when router.json lists adapters, that the list matches.
 """
@@ -39,7 +40,8 @@ def _positive_int(cfg: dict, key: str, default=None) -> int:
     return value
 
 
-def _check_gate(cfg: dict, header: SafetensorsHeader, adapters: list[str], hidden_size: int | None) -> None:
+def _check_gate(cfg: dict, header: SafetensorsHeader, adapters: list[str], hidden_size: int | None,
+                max_top_k: int | None) -> None:
     if cfg.get("kind") != "gate":
         raise RouterInvalid(f"{ROUTER_CONFIG}: kind={cfg.get('kind')!r}, expected 'gate' for a gate router",
                             param="kind")
@@ -51,6 +53,9 @@ def _check_gate(cfg: dict, header: SafetensorsHeader, adapters: list[str], hidde
     if top_k > len(adapters):
         raise RouterInvalid(f"{ROUTER_CONFIG}: top_k={top_k} for {len(adapters)} adapters, expected "
                             f"1..{len(adapters)}", param="top_k")
+    if max_top_k is not None and top_k > max_top_k:
+        raise RouterInvalid(f"{ROUTER_CONFIG}: top_k={top_k} is over the serving replicas' max_top_k={max_top_k} "
+                            "(MOLORA_MAX_TOP_K), the most adapters one token mixes", param="top_k")
     want = {"gate.weight": (len(adapters), hidden), "gate.bias": (len(adapters),)}
     if set(header.tensors) != set(want):
         raise RouterInvalid(f"{ROUTER_WEIGHTS} holds tensors {sorted(header.tensors)}, expected exactly "
@@ -63,9 +68,10 @@ def _check_gate(cfg: dict, header: SafetensorsHeader, adapters: list[str], hidde
 
 
 def validate_router(directory: Path, *, kind: str = "gate", adapters: list[str] | None = None,
-                    hidden_size: int | None = None) -> dict[str, Path]:
-    """Check the router's files against its ``kind``, its ordered ``adapters`` and the base
-    model's ``hidden_size`` (None: unknown, not checked); return the files by name."""
+                    hidden_size: int | None = None, max_top_k: int | None = None) -> dict[str, Path]:
+    """Check the router's files against its ``kind``, its ordered ``adapters``, the base
+    model's ``hidden_size`` and the replicas' ``max_top_k`` (None: unknown, not checked);
+    return the files by name."""
     files = router_files(Path(directory), require_config=kind == "gate")
     header = read_header(files[ROUTER_WEIGHTS], error=RouterInvalid)
     if not header.tensors:
@@ -81,5 +87,5 @@ def validate_router(directory: Path, *, kind: str = "gate", adapters: list[str] 
         raise RouterInvalid(f"{ROUTER_CONFIG} lists adapters {listed!r}, but the registration names "
                             f"{list(adapters)}; expected the same names in the same order", param="adapters")
     if kind == "gate":
-        _check_gate(cfg, header, list(adapters or listed or []), hidden_size)
+        _check_gate(cfg, header, list(adapters or listed or []), hidden_size, max_top_k)
     return files

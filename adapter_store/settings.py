@@ -32,6 +32,7 @@ _ENV = {
     "s3_endpoint_url": "MOLORA_S3_ENDPOINT_URL",
     "max_adapter_bytes": "MOLORA_MAX_ADAPTER_BYTES",
     "max_rank": "MOLORA_MAX_RANK",
+    "max_top_k": "MOLORA_MAX_TOP_K",
     "cache_max_bytes": "MOLORA_CACHE_MAX_BYTES",
 }
 
@@ -44,6 +45,7 @@ class StoreSettings(BaseModel):
     s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (else AWS_ENDPOINT_URL / AWS).")
     max_adapter_bytes: int = Field(512 << 20, gt=0, description="Cap on an artifact's total bytes (uploads too).")
     max_rank: int = Field(64, gt=0, le=4096, description="Largest LoRA rank accepted (the hot-set's R).")
+    max_top_k: int = Field(4, ge=1, le=16, description="Largest gate router top-k accepted (the replicas' max_top_k).")
     cache_max_bytes: int = Field(8 << 30, gt=0, description="Size cap of the local disk cache (LRU).")
     namespace: str = Field("molora", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key.")
     redis_retries: int = Field(3, ge=0, le=20, description="Retries of a transient Redis error.")
@@ -95,7 +97,7 @@ def build_store(settings: StoreSettings, base_model: BaseModelSignature) -> Adap
         )
         registry = Registry(
             client, storage, BlobCache(root / "blobs", settings.cache_max_bytes), base_model,
-            limits=StoreLimits(settings.max_adapter_bytes, settings.max_rank),
+            limits=StoreLimits(settings.max_adapter_bytes, settings.max_rank, settings.max_top_k),
             staging_dir=root / "staging", namespace=settings.namespace, replica_ttl_s=settings.replica_ttl_s,
         )
     except BaseException:

@@ -52,7 +52,7 @@ def store_settings(cfg: AppConfig) -> StoreSettings:
     return StoreSettings(
         redis_url=cfg.redis_url, storage_uri=cfg.storage_uri, cache_dir=cfg.cache_root, api_key=cfg.api_key,
         s3_endpoint_url=cfg.s3_endpoint_url, max_adapter_bytes=cfg.max_adapter_bytes, max_rank=cfg.max_rank,
-        cache_max_bytes=cfg.cache_max_bytes,
+        max_top_k=cfg.max_top_k, cache_max_bytes=cfg.cache_max_bytes,
     )
 
 

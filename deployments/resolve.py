@@ -108,6 +108,10 @@ class Resolver:
             if model != self.base_model:
                 raise bad_request(f"'adapters' (an explicit mixture) needs model={self.base_model!r}; got {model!r}",
                                   "model")
+            limit = self.registry.limits.max_top_k
+            if len(adapters) > limit:
+                raise bad_request(f"'adapters' names {len(adapters)} adapters; a mixture has at most max_top_k={limit} "
+                                  "(MOLORA_MAX_TOP_K)", "adapters")
             keys = [self.adapter_key(a.name, ApiError(404, f"adapter {a.name!r} in 'adapters' is not registered",
                                                       "not_found_error", "model_not_found", "adapters"))
                     for a in adapters]

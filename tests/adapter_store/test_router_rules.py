@@ -1,7 +1,9 @@
 """Routers that register can serve: router.json checked against the registration and the base
 model; adapters a router uses cannot be deleted; a router whose adapter is gone says so."""
 
+import dataclasses
 import json
+import types
 
 import numpy as np
 import pytest
@@ -102,3 +104,23 @@ def test_pinned_versions_are_ascii_digits(text):
         split_version(text)
     assert err.value.status == 400 and err.value.param == "model"
     assert split_version("chat@12") == ("chat", 12) and split_version("chat") == ("chat", None)
+
+
+def test_gate_top_k_over_the_replicas_max_top_k_is_refused(registry, adapters, tmp_path):
+    registry.limits = dataclasses.replace(registry.limits, max_top_k=2)
+    with pytest.raises(RouterInvalid, match=r"top_k=3 is over the serving replicas' max_top_k=2") as err:
+        registry.register_router(write_router(tmp_path / "g3", adapters, config={"top_k": 3}), "gate", kind="gate",
+                                 adapters=adapters)
+    assert err.value.param == "top_k" and registry.list_routers().items == []
+    registry.register_router(write_router(tmp_path / "g2", adapters, config={"top_k": 2}), "gate", kind="gate",
+                             adapters=adapters)
+
+
+def test_a_mixture_over_max_top_k_is_refused_naming_adapters(registry, adapters):
+    registry.limits = dataclasses.replace(registry.limits, max_top_k=2)
+    resolver = Resolver(registry, "base")
+    mixture = [types.SimpleNamespace(name=n, weight=1.0) for n in adapters]
+    with pytest.raises(ApiError) as err:
+        resolver.resolve("base", mixture)
+    assert err.value.status == 400 and err.value.param == "adapters" and "max_top_k=2" in err.value.message
+    assert resolver.resolve("base", mixture[:2]).adapters == ("r-a@1", "r-b@1")

@@ -7,10 +7,13 @@ stored removes the blobs that registration wrote unless a manifest references th
 the same content under the same name again returns the existing version. Blobs of deleted
 artifacts are reclaimed in the background after a grace period (``collect_garbage``,
 ``BlobCollector``; the protocol that keeps an in-flight registration's blobs safe is in blob_gc.py).
+A router's publish and an adapter's delete each check the other side under one Redis lock
+(``_links``), so no router is left routing to a deleted adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -28,8 +31,8 @@ from .base_model import BaseModelSignature
 from .blob_cache import BlobCache
 from .blob_gc import BlobClaims, BlobCollector
 from .errors import (
-    AdapterInUse, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName, NotFound, RouterInvalid, RouterNotFound,
-    StoreError,
+    AdapterInUse, AdapterInvalid, AdapterNotFound, AdapterTooLarge, InvalidName, NotFound, RegistryUnavailable,
+    RouterInvalid, RouterNotFound, StoreError,
 )
 from .events import EventLog
 from .manifest import AdapterManifest, ArtifactManifest, FileEntry, RouterManifest, check_name, content_id
@@ -100,6 +103,7 @@ class Registry:
         self.events = EventLog(client, namespace=namespace)
         self.replicas = ReplicaDirectory(client, self.events, namespace=namespace, ttl_s=replica_ttl_s)
         self.claims = BlobClaims(client, namespace=namespace)
+        self._links_key = f"{namespace}:lock:router-adapters"
         self.gc_grace_s = gc_grace_s  # an unreferenced blob younger than this is kept (see collect_garbage)
         self.collector = BlobCollector(self._collect_in_background)
 
@@ -138,11 +142,29 @@ class Registry:
             where = ".".join(str(p) for p in first["loc"])
             raise AdapterInvalid(f"{where}={str(first.get('input'))[:200]!r}: {first['msg']}", param=where) from None
 
+    @contextlib.contextmanager
+    def _links(self, what: str):
+        """Held while a router's adapters are checked and it is published, and while an adapter's
+        routers are checked and it is deleted: the check and the write are then one step. Expires
+        by itself (a crashed holder); waits a bounded time, then RegistryUnavailable (503)."""
+        lock = self.client.lock(self._links_key, timeout=30, blocking_timeout=10)
+        with redis_errors(what):
+            if not lock.acquire():
+                raise RegistryUnavailable(f"registry busy: {what} waited 10 s for another router or adapter change")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(redis.RedisError, StoreError):
+                with redis_errors(what):
+                    lock.release()
+
     def _store_and_publish(
         self, table: ArtifactTable, manifest: ArtifactManifest, files: dict[str, Path], progress: ProgressFn | None,
+        before_publish=None,
     ) -> RegisterResult:
-        """Upload and verify the manifest's blobs under a claim, then publish it. On failure, the
-        blobs this call wrote are removed unless a manifest references them."""
+        """Upload and verify the manifest's blobs under a claim, then publish it (a router under
+        ``_links``, after ``before_publish`` checks its adapters). On failure, the blobs this call
+        wrote are removed unless a manifest references them."""
         token = uuid.uuid4().hex
         shas = sorted({e.sha256 for e in manifest.files})
         total, base, written = manifest.size, 0, []
@@ -160,7 +182,10 @@ class Registry:
                 if self.storage.stat_blob(e.sha256) != e.size:
                     self.storage.put_blob(files[e.path], e.sha256, e.size)
                     self.storage.verify_blob(e.sha256, e.size)
-            published, created = table.publish(manifest, manifest.created_at)
+            with self._links(f"{table.kind} publish") if before_publish else contextlib.nullcontext():
+                if before_publish:
+                    before_publish()
+                published, created = table.publish(manifest, manifest.created_at)
         except BaseException:
             self._remove_written(shas, written, token)
             raise
@@ -249,8 +274,12 @@ class Registry:
             check_name(a)
         if len(set(adapters)) != len(adapters):
             raise AdapterInvalid(f"router adapters {adapters} repeat a name, expected distinct names", param="adapters")
-        for a in adapters:
-            self.get_adapter(a)
+
+        def live() -> None:  # before the upload, and again under the lock as the router is published
+            for a in adapters:
+                self.get_adapter(a)
+
+        live()
         files = validate_router(Path(directory), kind=kind, adapters=list(adapters),
                                 hidden_size=self.base_model.hidden_size, max_top_k=self.limits.max_top_k)
         entries = self._entries(files)
@@ -260,7 +289,7 @@ class Registry:
             size=sum(f.size for f in entries), files=entries, description=description, tags=tags,
             created_at=time.time(), kind=kind, adapters=list(adapters), base_model_id=self.base_model.id,
         )
-        return self._store_and_publish(self.routers, manifest, files, progress)
+        return self._store_and_publish(self.routers, manifest, files, progress, before_publish=live)
 
     def register_router_from_uri(self, uri: str, name: str, **kwargs) -> RegisterResult:
         check_name(name, "router")
@@ -339,15 +368,16 @@ class Registry:
         (AdapterInUse) when it would leave a registered router without this adapter. Blobs no
         longer referenced are reclaimed in the background."""
         check_name(name)
-        live = [m.version for m in self.adapters.versions(name)]
-        if live and (version is None or live == [version]):
-            users = self.routers_using(name)
-            if users:
-                raise AdapterInUse(
-                    f"adapter {name!r} is used by router(s) {users}; delete or re-register those routers first "
-                    f"(deleting one version while others remain is allowed)", param="name",
-                )
-        gone = self._delete(self.adapters, AdapterNotFound, name, version)
+        with self._links("adapter delete"):
+            live = [m.version for m in self.adapters.versions(name)]
+            if live and (version is None or live == [version]):
+                users = self.routers_using(name)
+                if users:
+                    raise AdapterInUse(
+                        f"adapter {name!r} is used by router(s) {users}; delete or re-register those routers first "
+                        f"(deleting one version while others remain is allowed)", param="name",
+                    )
+            gone = self._delete(self.adapters, AdapterNotFound, name, version)
         self.collector.request()
         return gone
 

@@ -3,12 +3,13 @@ model; adapters a router uses cannot be deleted; a router whose adapter is gone 
 
 import dataclasses
 import json
+import threading
 import types
 
 import numpy as np
 import pytest
 
-from adapter_store.errors import AdapterInUse, RouterInvalid
+from adapter_store.errors import AdapterInUse, AdapterNotFound, RouterInvalid
 from deployments.errors import ApiError
 from deployments.resolve import Resolver, split_version
 
@@ -86,6 +87,49 @@ def test_delete_of_an_adapter_a_router_uses_is_refused(registry, adapters, tmp_p
     assert registry.delete_adapter("r-c") == [1]  # not used by any router
     registry.delete_router("gate")
     assert registry.delete_adapter("r-a") == [2]
+
+
+def _racing(target, during, done: dict):
+    """`target`'s replacement: starts `during` on a thread, gives it 0.5 s, then runs `target`;
+    `done` gets the thread, whether it had finished before `target` ran, and its outcome."""
+    def run(*args):
+        def other():
+            try:
+                done["outcome"] = during()
+            except Exception as e:
+                done["outcome"] = e
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(0.5)
+        done.update(thread=thread, finished_first=not thread.is_alive())
+        return target(*args)
+    return run
+
+
+def test_a_router_publish_and_a_delete_of_its_adapter_do_not_interleave(registry, adapters, tmp_path, monkeypatch):
+    """A delete of a router's adapter that starts while the router is being published waits
+    for it and is then refused; a router registration that starts while its adapter is being
+    deleted waits for the delete and is then refused, leaving no router and no blobs."""
+    done = {}
+    monkeypatch.setattr(registry.routers, "publish",
+                        _racing(registry.routers.publish, lambda: registry.delete_adapter("r-a"), done))
+    registry.register_router(write_router(tmp_path / "g", adapters[:2]), "gate", kind="gate", adapters=adapters[:2])
+    done["thread"].join(15)
+    assert not done["finished_first"] and isinstance(done["outcome"], AdapterInUse)
+    assert registry.get_adapter("r-a").version == 1
+    monkeypatch.undo()
+
+    done = {}
+    router = write_router(tmp_path / "g2", adapters[1:])
+    deleted = {f.sha256 for f in registry.get_adapter("r-c").files}
+    monkeypatch.setattr(registry.adapters, "delete", _racing(registry.adapters.delete, lambda: registry.register_router(
+        router, "g2", kind="gate", adapters=adapters[1:]), done))
+    assert registry.delete_adapter("r-c") == [1]
+    done["thread"].join(15)
+    assert not done["finished_first"] and isinstance(done["outcome"], AdapterNotFound)
+    assert [m.name for m in registry.list_routers().items] == ["gate"]
+    live = {f.sha256 for t in (registry.adapters, registry.routers) for m in t.all_live() for f in m.files}
+    assert {b.sha256 for b in registry.storage.list_blobs()} == live | deleted  # (r-c's: reclaimed after the grace)
 
 
 def test_router_with_a_missing_adapter_names_it(registry, adapters, tmp_path):

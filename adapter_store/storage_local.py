@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlsplit
 
 from .errors import AdapterInvalid, StorageUnavailable, UriOutsideStorage
-from .storage_base import BLOB_PREFIX, BlobInfo, ObjectStorage, ProgressFn, blob_key, file_chunks, write_verified
+from .storage_base import (
+    BLOB_PREFIX, CHUNK, BlobInfo, ObjectStorage, ProgressFn, blob_key, file_chunks, write_verified,
+)
 
 _NAME_MAX = 255   # bytes per path component (Linux NAME_MAX)
 _PATH_MAX = 4096  # bytes per path (Linux PATH_MAX)
 
 
 def file_uri_path(uri: str) -> Path:
-    parsed = urlparse(uri)
+    parsed = urlsplit(uri)
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
-        raise AdapterInvalid(f"{uri!r} is not a file:// URI, expected file:///absolute/path")
+        raise AdapterInvalid(f"{uri!r} is not a file:// URI, expected file:///absolute/path", param="uri")
+    if "?" in uri or "#" in uri:
+        # A file URI's '#' or '?' would cut the path short: another directory, silently.
+        raise AdapterInvalid(f"{uri!r} holds a query or fragment ('?' or '#'), expected a plain path; "
+                             "write '#' as %23 and '?' as %3F", param="uri")
     return Path(unquote(parsed.path))
 
 
@@ -62,17 +69,27 @@ class LocalStorage(ObjectStorage):
             raise StorageUnavailable(f"cannot read blob {sha256}: {e}") from None
 
     def delete_blob(self, sha256: str) -> None:
-        self._blob_path(sha256).unlink(missing_ok=True)
+        try:
+            self._blob_path(sha256).unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageUnavailable(f"cannot delete blob {sha256}: {e}") from None
 
     def list_blobs(self) -> Iterator[BlobInfo]:
         base = self.root / BLOB_PREFIX
-        if not base.is_dir():
-            return
-        for sub in sorted(base.iterdir()):
-            for p in sorted(sub.iterdir()):
-                if p.is_file() and not p.name.startswith("."):
-                    st = p.stat()
-                    yield BlobInfo(p.name, st.st_size, st.st_mtime)
+        try:
+            subs = sorted(base.iterdir()) if base.is_dir() else []
+            for sub in subs:
+                for p in sorted(sub.iterdir()):
+                    if p.name.startswith("."):
+                        continue
+                    try:
+                        st = p.stat()
+                    except FileNotFoundError:
+                        continue  # deleted meanwhile (another collector)
+                    if stat.S_ISREG(st.st_mode):
+                        yield BlobInfo(p.name, st.st_size, st.st_mtime)
+        except OSError as e:
+            raise StorageUnavailable(f"cannot list blobs under {base}: {e}") from None
 
     def _resolve_dir(self, uri: str) -> Path:
         if not uri.startswith("file://"):
@@ -106,7 +123,15 @@ class LocalStorage(ObjectStorage):
 
     def fetch_uri(self, uri: str, name: str, dest: Path, progress: ProgressFn | None = None) -> None:
         src = self._resolve_dir(uri) / name
-        write_verified(file_chunks(src), dest, sha256=None, size=src.stat().st_size, progress=progress)
+        try:  # (gone or unreadable since it was listed: the user's file, a 400)
+            size, source = src.stat().st_size, open(src, "rb")
+        except OSError as e:
+            raise AdapterInvalid(f"URI {uri!r}: {name} cannot be read: {e.strerror}", param="uri") from None
+        with source:
+            try:
+                write_verified(iter(lambda: source.read(CHUNK), b""), dest, sha256=None, size=size, progress=progress)
+            except OSError as e:
+                raise StorageUnavailable(f"cannot copy {name} of {uri!r} to {dest.parent}: {e}") from None
 
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):

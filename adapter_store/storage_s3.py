@@ -10,9 +10,9 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -24,10 +24,12 @@ _READ_CHUNK = 1 << 20
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise AdapterInvalid(f"{uri!r} is not an s3:// URI, expected s3://bucket/prefix", param="uri")
-    return parsed.netloc, parsed.path.strip("/")
+    """(bucket, key prefix) of ``s3://bucket/prefix``. The key is taken as written, as the AWS
+    CLI takes it: '#', '?' and '%' are part of it, not a fragment, a query or an escape."""
+    bucket, _, key = uri[len("s3://"):].partition("/") if uri.startswith("s3://") else ("", "", "")
+    if not bucket or "\0" in uri:
+        raise AdapterInvalid(f"{uri[:200]!r} is not an s3:// URI, expected s3://bucket/prefix", param="uri")
+    return bucket, key.strip("/")
 
 
 class S3Storage(ObjectStorage):
@@ -75,7 +77,7 @@ class S3Storage(ObjectStorage):
                 str(path), self.bucket, self._key(blob_key(sha256)),
                 ExtraArgs={"Metadata": {"sha256": sha256}}, Callback=callback, Config=self._transfer,
             )
-        except (BotoCoreError, ClientError, OSError) as e:
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as e:  # (upload_file wraps ClientError)
             raise self._unavailable(f"upload of blob {sha256}", e) from None
 
     def stat_blob(self, sha256: str) -> int | None:
@@ -89,11 +91,16 @@ class S3Storage(ObjectStorage):
             raise self._unavailable(f"stat of blob {sha256}", e) from None
         return int(head["ContentLength"])
 
-    def _stream(self, key: str, what: str) -> Iterator[bytes]:
+    def _stream(self, key: str, what: str, missing: Exception | None = None) -> Iterator[bytes]:
+        """The object's bytes; ``missing`` (when given) is raised where there is no such key."""
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
             yield from body.iter_chunks(_READ_CHUNK)
-        except (BotoCoreError, ClientError) as e:
+        except ClientError as e:
+            if missing is not None and e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                raise missing from None
+            raise self._unavailable(what, e) from None
+        except BotoCoreError as e:
             raise self._unavailable(what, e) from None
 
     def get_blob(self, sha256: str, dest: Path, size: int | None = None, progress: ProgressFn | None = None) -> None:
@@ -148,7 +155,8 @@ class S3Storage(ObjectStorage):
 
     def fetch_uri(self, uri: str, name: str, dest: Path, progress: ProgressFn | None = None) -> None:
         key = self._resolve_dir(uri).rstrip("/") + "/" + name
-        write_verified(self._stream(key, f"read of {uri}/{name}"), dest, sha256=None, size=None, progress=progress)
+        gone = AdapterInvalid(f"URI {uri!r}: {name} cannot be read: it is not there", param="uri")  # (deleted since listed)
+        write_verified(self._stream(key, f"read of {uri}/{name}", gone), dest, sha256=None, size=None, progress=progress)
 
     def ping(self) -> None:
         try:

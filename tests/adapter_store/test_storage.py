@@ -3,7 +3,7 @@
 import boto3
 import pytest
 
-from adapter_store.errors import IntegrityError, StorageUnavailable, UriOutsideStorage
+from adapter_store.errors import AdapterInvalid, IntegrityError, StorageUnavailable, UriOutsideStorage
 from adapter_store.storage import open_storage
 from adapter_store.storage_base import blob_key, hash_file
 
@@ -104,3 +104,45 @@ def test_s3_uses_standard_credential_chain(s3_endpoint, s3_bucket, monkeypatch):
     assert storage.client._request_signer._credentials.access_key == "another-key"
     storage.ping()
     assert boto3.client("s3", endpoint_url=s3_endpoint).head_bucket(Bucket=s3_bucket)
+
+
+def test_a_key_with_hash_or_question_mark_is_the_directory_it_names(storage, tmp_path):
+    """S3 takes the key as written (as the AWS CLI does), so 'team#2' is not 'team'; a file URI
+    percent-decodes, so its '#' and '?' must be escaped and unescaped ones are refused."""
+    files = {"team/adapter_config.json": b"A" * 3, "team#2/adapter_config.json": b"B" * 5}
+    if storage.uri.startswith("file://"):
+        for rel, data in files.items():
+            (storage.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (storage.root / rel).write_bytes(data)
+        named = f"{storage.uri}/team%232"
+        for uri in (f"{storage.uri}/team#2", f"{storage.uri}/team?2"):
+            with pytest.raises(AdapterInvalid, match="query or fragment") as err:
+                storage.list_uri(uri)
+            assert err.value.param == "uri"
+    else:
+        for rel, data in files.items():
+            storage.client.put_object(Bucket=storage.bucket, Key=f"pre/fix/{rel}", Body=data)
+        named = f"{storage.uri}/team#2"
+    assert storage.list_uri(named) == {"adapter_config.json": 5}
+    assert storage.list_uri(f"{storage.uri}/team") == {"adapter_config.json": 3}
+
+
+def test_a_file_gone_since_it_was_listed_is_a_400_on_both_backends(storage, tmp_path):
+    if storage.uri.startswith("file://"):
+        (storage.root / "up").mkdir()
+        (storage.root / "up" / "a.json").write_text("{}")
+    else:
+        storage.client.put_object(Bucket=storage.bucket, Key="pre/fix/up/a.json", Body=b"{}")
+    assert storage.list_uri(f"{storage.uri}/up") == {"a.json": 2}
+    with pytest.raises(AdapterInvalid, match="b.json cannot be read") as err:
+        storage.fetch_uri(f"{storage.uri}/up", "b.json", tmp_path / "b.json")
+    assert err.value.status == 400 and not (tmp_path / "b.json").exists()
+
+
+def test_an_upload_s3_refuses_is_storage_unavailable(s3_endpoint, tmp_path):
+    """upload_file wraps S3's refusal (here: no such bucket) in its own exception type."""
+    storage = open_storage("s3://no-such-bucket-molora/x", endpoint_url=s3_endpoint, max_attempts=1)
+    src = tmp_path / "f"
+    src.write_bytes(b"abc")
+    with pytest.raises(StorageUnavailable, match="upload of blob"):
+        storage.put_blob(src, *hash_file(src))

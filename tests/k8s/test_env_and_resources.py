@@ -148,3 +148,17 @@ def test_prod_has_gcs_fault_tolerance_on_the_registry_redis():
     [sts] = by_kind(objects, "StatefulSet")
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     assert "--appendonly yes" in sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+@pytest.mark.parametrize("build", sorted(OVERLAYS))
+def test_the_redis_fails_writes_before_its_memory_limit(build):
+    """noeviction only applies under a maxmemory (Redis's default: none, so the container is
+    OOM-killed at its limit instead); it leaves room for the AOF rewrite's fork."""
+    [sts] = by_kind(render(build), "StatefulSet")
+    [redis] = sts["spec"]["template"]["spec"]["containers"]
+    args = redis["args"][0].split()
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    value = args[args.index("--maxmemory") + 1]
+    assert value.endswith("mb")
+    limit = quantity(redis["resources"]["limits"]["memory"])
+    assert Decimal(value[:-2]) * 2**20 <= limit * Decimal("0.75")

@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from adapter_store.errors import StoreError
+from adapter_store.storage import check_storage_uri
 
 # field -> environment variable. Every variable a manifest sets must be one of these.
 ENV_VARS: dict[str, str] = {
@@ -85,6 +90,44 @@ class AppConfig(BaseModel):
     target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target of in-flight requests per replica.")
     num_gpus_per_replica: float = Field(0.0, ge=0, le=8, description="GPUs reserved per model replica (1 on a GPU node).")
     num_cpus_per_replica: float = Field(1.0, gt=0, le=256, description="CPUs reserved per model replica.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values):
+        """A blank string means unset, in `args` as in the environment: the field's default. Values
+        lose surrounding whitespace (a Secret made from a file keeps its final newline)."""
+        if isinstance(values, Mapping):
+            values = {k: v.strip() if isinstance(v, str) else v for k, v in values.items()
+                      if not (isinstance(v, str) and not v.strip())}
+        return values
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _storage_uri(cls, uri: str | None) -> str | None:
+        if uri is not None:
+            try:
+                check_storage_uri(uri)
+            except StoreError as e:
+                raise ValueError(e.message) from None
+        return uri
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        parts = urlsplit(url or "")
+        if url is not None and not ((parts.scheme in ("redis", "rediss") and parts.hostname)
+                                    or (parts.scheme == "unix" and parts.path)):
+            raise ValueError(f"{url!r} is not a Redis URL, expected redis://[:password@]host:port[/db], "
+                             "rediss://... or unix:///path")
+        return url
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, url: str | None) -> str | None:
+        parts = urlsplit(url or "")
+        if url is not None and not (parts.scheme in ("http", "https") and parts.hostname):
+            raise ValueError(f"{url!r} is not an endpoint URL, expected http(s)://host[:port]")
+        return url
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

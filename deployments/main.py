@@ -43,10 +43,18 @@ PY
 """
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port, expected 1-65535 (--port or MOLORA_HTTP_PORT)")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.main", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default=os.environ.get("MOLORA_HTTP_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MOLORA_HTTP_PORT", "8000")))
+    parser.add_argument("--host", default=os.environ.get("MOLORA_HTTP_HOST") or "127.0.0.1")
+    # (a string default goes through `type` too, so a bad MOLORA_HTTP_PORT is an argparse error)
+    parser.add_argument("--port", type=_port, default=os.environ.get("MOLORA_HTTP_PORT") or "8000",
+                        help="HTTP port, 1-65535 (default: MOLORA_HTTP_PORT or 8000)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

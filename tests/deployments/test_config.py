@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from deployments.bootstrap import config_args, engine_config
 from deployments.config import AppConfig
+from deployments.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,3 +37,38 @@ def test_engine_config_and_args_round_trip():
     args = config_args(cfg)
     assert args["api_key"] == "k"
     assert AppConfig.model_validate(args).api_key.get_secret_value() == "k"
+
+
+def test_blank_values_are_unset_and_values_lose_surrounding_whitespace():
+    """In `args` as in the environment: `model_path: ""` is the demo model, not the current
+    directory; an API key from a file keeps no final newline."""
+    args = {"model_path": "", "cache_dir": " ", "s3_endpoint_url": "", "api_key": "s3cret\n", "hot_slots": "2 "}
+    cfg = AppConfig.from_sources(args, env={"MOLORA_STORAGE_URI": ""})
+    assert (cfg.model_path, cfg.cache_dir, cfg.s3_endpoint_url, cfg.storage_uri) == (None, "~/.cache/molora", None, None)
+    assert cfg.api_key.get_secret_value() == "s3cret" and cfg.hot_slots == 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("storage_uri", "/data/adapters"), ("storage_uri", "gs://bucket/x"), ("storage_uri", "s3://"),
+    ("storage_uri", "s3:///prefix"), ("storage_uri", "file://host/x"), ("storage_uri", "file:///a#b"),
+    ("redis_url", "localhost:6379"), ("redis_url", "http://redis:6379"), ("redis_url", "redis://"),
+    ("s3_endpoint_url", "minio:9000"), ("s3_endpoint_url", "not a url"),
+])
+def test_a_uri_the_app_cannot_use_is_refused_before_anything_starts(field, value):
+    with pytest.raises(ValidationError, match=field):
+        AppConfig.from_sources({field: value}, env={})
+
+
+def test_good_uris_pass():
+    cfg = AppConfig.from_sources({"storage_uri": "s3://b/p#1", "redis_url": "rediss://:pw@r:6380/1",
+                                  "s3_endpoint_url": "http://minio:9000"}, env={"MOLORA_STORAGE_URI": "file:///x"})
+    assert (cfg.storage_uri, cfg.redis_url) == ("s3://b/p#1", "rediss://:pw@r:6380/1")
+    assert AppConfig.from_sources({}, env={"MOLORA_REDIS_URL": "unix:///run/redis.sock"}).redis_url
+
+
+@pytest.mark.parametrize("value", ["abc", "70000", "-1", "0"])
+def test_a_bad_http_port_is_a_usage_error(value, monkeypatch, capsys):
+    monkeypatch.setenv("MOLORA_HTTP_PORT", value)
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "MOLORA_HTTP_PORT" in capsys.readouterr().err

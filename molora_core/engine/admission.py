@@ -116,7 +116,7 @@ class Admission:
             ends = () if p.ignore_eos else self.eos_ids
             held = sorted({t for t in ends + p.stop_token_ids if 0 <= t < self.vocab_size})
             adjust = LogitAdjust(p, self.vocab_size, self.device, ids, held)
-        detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output)
+        detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.include_stop_str_in_output, prompt=ids)
         seq = Sequence(request, _Stream(), ids, detok, generator, adjust)
         if p.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]

@@ -5,17 +5,22 @@ ends inside a character yields U+FFFD. Like vLLM, we decode a short window of re
 release text only once it no longer ends in U+FFFD, so no replacement character is ever sent
 for a character that later completes. Text that could still be the start of a stop string is
 held back until it cannot be, so the stream never sends what the final output cuts off.
+
+The window starts on the prompt's last few tokens: a SentencePiece (Metaspace) tokenizer drops
+the leading space of the first token it decodes, so the first generated word would lose its
+space if decoded alone.
 """
 
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
+PROMPT_CONTEXT = 5  # prompt tokens the first decode window starts on (vLLM's offset too)
 
 
 class IncrementalDetokenizer:
     """Turns generated token ids, one at a time, into safe-to-send text deltas."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), include_stop: bool = False):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), include_stop: bool = False, prompt=()):
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust decoder directly: what its `decode` runs (cleanup is off here),
         # without the Python wrapper around it (1 us instead of 5 per call, two calls per token).
@@ -24,9 +29,9 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop  # the text ends after the stop string instead of before it
         self._holdback = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = []
+        self.ids: list[int] = list(prompt[-PROMPT_CONTEXT:])  # context, then the generated ids
         self._prefix_offset = 0  # start of the decode window
-        self._read_offset = 0  # tokens before this are already in `text`
+        self._read_offset = len(self.ids)  # tokens before this are already in `text` (or the prompt's)
         self.text = ""  # decoded (possibly not yet sent) text
         self.sent = 0  # characters of `text` already sent
         self._stop_checked = 0  # characters of `text` checked for stop strings

@@ -130,3 +130,31 @@ def test_detokenizer_skips_stop_strings_while_told_to(demo):
             detok.add(token, check_stop=False)
         detok.flush(check_stop=check_stop)
         assert detok.stopped == check_stop and detok.text == ("x" if check_stop else tokenizer.decode(broken))
+
+
+def test_a_sentencepiece_tokenizers_first_generated_word_keeps_its_space(tmp_path):
+    """A Metaspace (SentencePiece) decoder drops the leading space of the first token it decodes,
+    so the first generated word decoded alone lost its space ("w99" + "w127", not " w127"). The
+    decode window starts on the prompt's last tokens: the completion is decode(prompt +
+    completion) past decode(prompt), streamed and whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"\u2581w{i}": i for i in range(3, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp_path)
+    engine = Engine(tmp_path, EngineConfig(max_batch=1, max_seq_len=64))
+    handle = engine.submit(Request("w5 w17 w99", SamplingParams(max_tokens=4, ignore_eos=True)))
+    streamed = "".join(d.text for d in handle)
+    out = handle.output()
+    prompt_ids = fast("w5 w17 w99")["input_ids"]
+    want = fast.decode(prompt_ids + list(out.token_ids), skip_special_tokens=True)[len(fast.decode(
+        prompt_ids, skip_special_tokens=True)):]
+    assert want.startswith(" w") and out.text == want == streamed

@@ -20,12 +20,14 @@ import contextlib
 import hashlib
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from molora_core.adapter import LoRAAdapter, LoRAModule
 from molora_core.demo.corpus import DOMAINS, corpus
+from molora_core.errors import MoLoRAError
 from molora_core.lora_layer import TARGET_MODULES
 from molora_core.peft_io import save_peft_adapter
 from molora_core.routing import GateRouter
@@ -36,6 +38,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 1024
 SEQ_LEN = 64
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
@@ -157,19 +160,66 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _claimed(root: Path) -> set[str]:
+    """The paths (relative to `root`) an earlier `make_demo_assets` wrote there, from its
+    manifest; empty when there is none."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        return {manifest["model"], *manifest["adapters"].values(), *manifest["routers"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
 def make_demo_assets(
-    directory: str | Path, model_steps: int = 200, adapter_steps: int = 30, router_steps: int = 20, overwrite: bool = True
+    directory: str | Path, model_steps: int = 200, adapter_steps: int = 30, router_steps: int = 20,
 ) -> Path:
-    """Write the demo model, tokenizer, adapters and router under `directory`; returns it."""
-    root = Path(directory)
-    if overwrite:
-        for sub in ("model", "adapters", "routers", "manifest.json"):
-            target = root / sub
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    """Write the demo model, tokenizer, adapters and router under `directory`; returns it.
+
+    Replaces what an earlier call wrote there (the paths its manifest lists), and nothing else:
+    other files and adapters under `directory` stay, and a `model/`, `adapters/<name>/` or
+    `routers/demo-gate/` that no manifest lists is refused (MoLoRAError). The assets are built
+    in a scratch directory beside them and moved into place at the end."""
+    root = Path(directory).expanduser()
+    targets = ["model", *(f"adapters/{name}" for name in ADAPTERS), f"routers/{ROUTER}"]
+    claimed = _claimed(root) & set(targets)
+    foreign = [t for t in targets if t not in claimed and (root / t).exists()]
+    if foreign:
+        raise MoLoRAError(f"{root} already holds {foreign}, which no demo assets manifest there lists; "
+                          "make the demo assets in another directory, or move those away")
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".demo-build-*"):  # an earlier call's, interrupted
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=root))
+    try:
+        _build(scratch, model_steps, adapter_steps, router_steps)
+        files = sorted(p for t in targets for p in (scratch / t).rglob("*") if p.is_file())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": "model",
+            "adapters": {name: f"adapters/{name}" for name in ADAPTERS},
+            "routers": {ROUTER: f"routers/{ROUTER}"},
+            "training": {"model_steps": model_steps, "adapter_steps": adapter_steps, "router_steps": router_steps},
+            "note": "tiny model trained for seconds on a templated corpus: it imitates the corpus, it is not useful",
+            "sha256": {str(p.relative_to(scratch)): _sha256(p) for p in files},
+        }
+        (root / MANIFEST).unlink(missing_ok=True)  # (incomplete until every path is in place)
+        for rel in sorted(claimed):
+            old = root / rel
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
+        for rel in targets:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / rel).rename(root / rel)
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (scratch / MANIFEST).rename(root / MANIFEST)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return root
+
+
+def _build(root: Path, model_steps: int, adapter_steps: int, router_steps: int) -> None:
     texts = corpus()
     all_texts = [t for d in DOMAINS for t in texts[d]]
     with _one_thread():
@@ -190,22 +240,16 @@ def make_demo_assets(
     for name, adapter in adapters.items():
         save_peft_adapter(adapter, root / "adapters" / name, lora_alpha=2.0 * adapter.rank, base_model="molora-demo")
     gate.save(root / "routers" / ROUTER)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "model": "model",
-        "adapters": {name: f"adapters/{name}" for name in ADAPTERS},
-        "routers": {ROUTER: f"routers/{ROUTER}"},
-        "training": {"model_steps": model_steps, "adapter_steps": adapter_steps, "router_steps": router_steps},
-        "note": "tiny model trained for seconds on a templated corpus: it imitates the corpus, it is not useful",
-        "sha256": {str(p.relative_to(root)): _sha256(p) for p in files},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return root
 
 
 def demo_assets_present(directory: str | Path) -> bool:
-    return (Path(directory) / "manifest.json").is_file()
+    """Whether `directory` holds complete demo assets: a manifest, and every file it lists."""
+    root = Path(directory)
+    try:
+        listed = json.loads((root / MANIFEST).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(listed, dict) and bool(listed) and all((root / rel).is_file() for rel in listed)
 
 
 def ensure_demo_assets(directory: str | Path) -> Path:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
 
 from molora_core.cli import main
-from molora_core.demo import ADAPTERS, ROUTER, ensure_demo_assets
+from molora_core.demo import ADAPTERS, ROUTER, demo_assets_present, ensure_demo_assets, make_demo_assets
 from molora_core.model import load_pretrained
 from molora_core.peft_io import load_peft_adapter
 from molora_core.routing import GateRouter
@@ -85,3 +86,38 @@ def test_demo_adapters_were_trained_on_their_domain(demo):
     for domain in ADAPTERS:
         best = min(ADAPTERS, key=lambda name: losses[domain, name])
         assert best == domain, {name: round(losses[domain, name], 3) for name in ADAPTERS}
+
+
+def test_demo_assets_replace_only_what_they_wrote(tmp_path, capsys):
+    """A directory's own files stay: a model/ or adapters/<demo name>/ no manifest lists is
+    refused, untouched; a rebuild replaces the paths the manifest lists, nothing else; assets
+    missing a listed file count as absent, so they are made again."""
+    root = tmp_path / "project"
+    mine = root / "adapters" / "my-finetune" / "adapter_model.safetensors"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"three days of training")
+    (root / "notes.txt").write_text("mine")
+    (root / "adapters" / "math").mkdir()
+    (root / "adapters" / "math" / "keep").write_text("not the demo's")
+    assert main(["demo-assets", str(root)]) == 2
+    assert "['adapters/math']" in capsys.readouterr().err
+    assert (root / "adapters" / "math" / "keep").exists() and not (root / "model").exists()
+    shutil.rmtree(root / "adapters" / "math")
+
+    for _ in range(2):  # made, then made again over the first
+        make_demo_assets(root, model_steps=1, adapter_steps=1, router_steps=1)
+        listed = json.loads((root / "manifest.json").read_text())["sha256"]
+        assert mine.read_bytes() == b"three days of training" and (root / "notes.txt").read_text() == "mine"
+        assert not [k for k in listed if "my-finetune" in k or "notes" in k]
+        assert set(listed) == {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {
+            "manifest.json", "notes.txt", str(mine.relative_to(root))}
+        assert demo_assets_present(root) and not list(root.glob(".demo-build-*"))
+    (root / "routers" / ROUTER / "router.json").unlink()
+    assert not demo_assets_present(root)
+
+
+def test_demo_assets_in_a_path_that_cannot_be_a_directory_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for target in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["demo-assets", str(target)]) == 2
+        assert f"cannot write demo assets to {target}" in capsys.readouterr().err

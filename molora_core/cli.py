@@ -30,7 +30,11 @@ def _cmd_demo_assets(args) -> int:
     from molora_core.demo import make_demo_assets
 
     started = time.perf_counter()
-    root = make_demo_assets(args.dir or default_demo_dir())
+    directory = args.dir or default_demo_dir()
+    try:
+        root = make_demo_assets(directory)
+    except OSError as e:
+        raise MoLoRAError(f"cannot write demo assets to {directory}: {e}") from None
     print(f"demo assets written to {root} in {time.perf_counter() - started:.1f}s")
     return 0
 
@@ -67,37 +71,45 @@ def _cmd_generate(args) -> int:
     model_dir = Path(args.model).expanduser() if args.model else ensure_demo_assets(default_demo_dir()) / "model"
     adapters_dir = Path(args.adapters_dir) if args.adapters_dir else model_dir.parent / "adapters"
     routers_dir = Path(args.routers_dir) if args.routers_dir else model_dir.parent / "routers"
-    chosen = sum(x is not None for x in (args.adapter, args.mixture, args.router))
-    if chosen > 1:
+    given = {flag: value for flag, value in (("--adapter", args.adapter), ("--mixture", args.mixture),
+                                              ("--router", args.router)) if value is not None}
+    if len(given) > 1:
         raise MoLoRAError("give at most one of --adapter, --mixture, --router")
+    empty = [flag for flag, value in given.items() if not value.strip()]
+    if empty:
+        raise MoLoRAError(f"{empty[0]} is empty; name an adapter (or router), or leave the flag out for the base model")
+    # An adapter's name in the engine is its directory's path, so two adapters whose directories
+    # share a name (runs/a/final, runs/b/final) stay two; one given twice is still refused.
     paths: dict[str, Path] = {}
 
     def key(name: str) -> str:
-        path = _resolve(name, adapters_dir, "adapter")
-        paths[path.name] = path
-        return path.name
+        path = _resolve(name, adapters_dir, "adapter").resolve()
+        paths[str(path)] = path
+        return str(path)
 
+    routers: dict[str, GateRouter] = {}
     if args.adapter:
-        routing = AdapterSpec(key(args.adapter))
+        routing, names = AdapterSpec(key(args.adapter)), 1
     elif args.mixture:
-        names, weights = _parse_mixture(args.mixture)
-        routing = MixtureSpec(tuple(key(n) for n in names), tuple(weights))
+        mixture, weights = _parse_mixture(args.mixture)
+        routing, names = MixtureSpec(tuple(key(n) for n in mixture), tuple(weights)), len(mixture)
     elif args.router:
-        router_path = _resolve(args.router, routers_dir, "router")
-        routing = RouterSpec(str(router_path))
+        router_path = str(_resolve(args.router, routers_dir, "router"))
+        routers[router_path] = GateRouter.load(router_path)
+        routing, names = RouterSpec(router_path), len(routers[router_path].adapters)
     else:
-        routing = BaseSpec()
+        routing, names = BaseSpec(), 0
 
     def adapter_loader(name: str):
         path = paths.get(name) or _resolve(name, adapters_dir, "adapter")
         return load_peft_adapter(path, name=name)
 
-    config = EngineConfig(
-        max_batch=1, max_seq_len=args.max_seq_len, hot_slots=max(4, args.max_top_k), max_rank=args.max_rank,
+    config = EngineConfig(  # one request: a hot-set slot for each adapter its routing names
+        max_batch=1, max_seq_len=args.max_seq_len, hot_slots=max(4, args.max_top_k, names), max_rank=args.max_rank,
         max_top_k=args.max_top_k, device=args.device, dtype=args.dtype,
     )
     engine = Engine(model_dir, config, adapter_loader=adapter_loader,
-                    router_loader=lambda name: GateRouter.load(name))
+                    router_loader=lambda name: routers.get(name) or GateRouter.load(name))
     sampling = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_tokens=args.max_tokens, min_tokens=args.min_tokens, stop=tuple(args.stop or ()),

@@ -117,6 +117,20 @@ def _resolve_dtype(dtype, raw_cfg: dict) -> torch.dtype:
     return dtype
 
 
+def _resolve_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"device {device!r} is not a device torch knows, expected 'cpu', 'cuda' or 'cuda:N' "
+                             f"({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {str(device)!r} was asked for, but torch sees no CUDA device here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {str(device)!r} was asked for, but torch sees {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return device
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor):
     module_path, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_path)
@@ -132,7 +146,7 @@ def load_model(path, dtype: torch.dtype | str | None = None, device: torch.devic
     cfg = load_config(path)
     files = weight_files(path)
     dtype = _resolve_dtype(dtype, json.loads((Path(path) / "config.json").read_text()))
-    device = torch.device(device)
+    device = _resolve_device(device)
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once

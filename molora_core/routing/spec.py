@@ -6,6 +6,7 @@ slot-bound router that fills the request's rows of the step's routing plan.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -59,6 +60,9 @@ class MixtureSpec:
             )
         if len(set(self.adapters)) != len(self.adapters):
             raise RouterInvalid(f"a mixture names an adapter twice: {list(self.adapters)}")
+        bad = [(a, w) for a, w in zip(self.adapters, self.weights) if not math.isfinite(w)]
+        if bad:  # (a NaN weight makes every logit NaN, and every token the first id)
+            raise RouterInvalid(f"a mixture's weights must be finite numbers; got {bad}")
 
     def adapter_names(self):
         return list(self.adapters)

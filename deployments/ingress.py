@@ -425,8 +425,10 @@ class Ingress:
                 choice = {"index": i, "text": content or "", "finish_reason": finish, "logprobs": logprobs}
             if not role:
                 pending[i] = []
-            if body.continuous_usage and not role:
-                return {**meta, "object": obj, "choices": [choice], "usage": _usage(*usage[i])}
+            if body.continuous_usage:  # (the role chunk goes out with the first item: no completion yet)
+                prompt, completion, cached = usage[i]
+                return {**meta, "object": obj, "choices": [choice], "usage": _usage(prompt, 0 if role else completion,
+                                                                                    cached)}
             return {**meta, "object": obj, "choices": [choice]}
 
         queue: asyncio.Queue = asyncio.Queue()
@@ -444,9 +446,13 @@ class Ingress:
 
         tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
         try:
-            if chat:
+            # The role chunks go out at once; with continuous usage stats each waits for its
+            # choice's first item, which counts the prompt (as vLLM's does).
+            role_due = [chat] * n
+            if chat and not body.continuous_usage:
                 for i in range(n):
                     yield _sse(chunk(i, "", None, role=True))
+                role_due = [False] * n
             running = n
             while running:
                 i, item = await queue.get()
@@ -470,6 +476,9 @@ class Ingress:
                         self.metrics.inter_token(now - last[i])
                     last[i] = now
                 usage[i] = _item_usage(item)
+                if role_due[i]:
+                    role_due[i] = False
+                    yield _sse(chunk(i, "", None, role=True))
                 if "echo" in item:
                     pending[i] += item.get("prompt_logprobs") or []
                     yield _sse(chunk(i, item["echo"], None))

@@ -232,12 +232,18 @@ def test_n_choices_whole_and_streamed(served, oai):
                                        seed=3, n=2)
     chunks = list(oai.chat.completions.create(model="molora:demo-gate", messages=messages, max_tokens=8,
                                               temperature=0.8, seed=3, n=2, stream=True,
-                                              stream_options={"include_usage": True}))
-    texts = {0: "", 1: ""}
-    for c in chunks:
-        for choice in c.choices:
-            texts[choice.index] += choice.delta.content or ""
+                                              stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    texts, counted = {0: "", 1: ""}, {0: [], 1: []}
+    for c in chunks[:-1]:  # continuous usage stats: every chunk, the role chunks too, counts the prompt
+        (choice,) = c.choices
+        texts[choice.index] += choice.delta.content or ""
+        assert c.usage.prompt_tokens == chat.usage.prompt_tokens
+        counted[choice.index].append((choice.delta.role, c.usage.completion_tokens))
     assert [texts[0], texts[1]] == [c.message.content for c in chat.choices]
+    for seen in counted.values():
+        assert seen[0] == ("assistant", 0) and all(role is None for role, _ in seen[1:])
+        assert [n for _, n in seen] == sorted(n for _, n in seen)
+    assert sum(seen[-1][1] for seen in counted.values()) == chat.usage.completion_tokens
     assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 2
     assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
 

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 REPLICA_HEADER = "x-molora-replica"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions when max_tokens is unset
 MAX_BODY_BYTES = 4 << 20
+# Serve counts a call as queued until its router has placed it, so a burst of calls (a batch of
+# prompts fans out at once) can see a full queue while the replicas have room: such a call is
+# tried again for up to this long (backing off from 20 ms) before its request is answered 429.
+BACKPRESSURE_RETRY_S = 0.3
 # A \u escape of a UTF-16 surrogate: JSON allows a lone one, which no tokenizer (nor Redis) takes.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
@@ -309,6 +313,38 @@ class Ingress:
             raise ApiError.from_item(result)
         return JSONResponse({key: value for key, value in result.items() if key != "type"})
 
+    async def _start(self, payloads: list[dict]) -> tuple[list, list]:
+        """One replica call per payload, each to its first item (a BackPressureError retried for
+        up to BACKPRESSURE_RETRY_S). If any fails, the others are stopped and cancelled too."""
+        streams: list = [None] * len(payloads)
+
+        async def first(i: int):
+            delay, deadline = 0.02, time.monotonic() + BACKPRESSURE_RETRY_S
+            while True:
+                streams[i] = self.replica.generate.remote(payloads[i])
+                try:
+                    return await streams[i].__anext__()
+                except BackPressureError:
+                    if time.monotonic() + delay > deadline:
+                        raise
+                await asyncio.sleep(delay)
+                delay *= 2
+
+        tasks = [asyncio.create_task(first(i)) for i in range(len(payloads))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            failed = [t for t in tasks if not t.done() or t.cancelled() or t.exception() is not None]
+            if failed:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                _cancel([s for s in streams if s is not None])
+        if failed:
+            exc = next((t.exception() for t in failed if not t.cancelled() and t.exception() is not None), None)
+            raise _ray_error(exc) if exc is not None else asyncio.CancelledError()
+        return streams, [t.result() for t in tasks]
+
     async def _generate(self, route: str, body):
         started = time.monotonic()
         routing = await run_in_threadpool(self.resolver.resolve, body.model, body.adapters)
@@ -324,13 +360,8 @@ class Ingress:
         # One replica call per prompt and choice, choice j of prompt p at index p * n + j (OpenAI's
         # order); choice j samples with seed + j, so n seeded choices differ and repeat run to run.
         n, calls = body.n, len(prompts) * body.n
-        streams = [self.replica.generate.remote(_choice_payload(payload, p * n + j, j, calls, prompt))
-                   for p, prompt in enumerate(prompts) for j in range(n)]
-        try:
-            firsts = await asyncio.gather(*(stream.__anext__() for stream in streams))
-        except Exception as exc:
-            _cancel(streams)
-            raise _ray_error(exc) from None
+        streams, firsts = await self._start([_choice_payload(payload, p * n + j, j, calls, prompt)
+                                             for p, prompt in enumerate(prompts) for j in range(n)])
         for index, first in enumerate(firsts):
             if first["type"] == "error":
                 _cancel(streams)

@@ -31,7 +31,7 @@ def tiny_app(served, tmp_path_factory):
 
 
 async def _burst(url: str, n: int) -> list[httpx.Response]:
-    body = {"model": "molora-demo", "prompt": "def add(a, b):", "max_tokens": 120, "temperature": 0,
+    body = {"model": "molora-demo", "prompt": "def add(a, b):", "max_tokens": 240, "temperature": 0,
             "ignore_eos": True}
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(n)))
@@ -50,3 +50,14 @@ def test_overload_is_answered_429_with_retry_after(tiny_app):
     with httpx.Client(base_url=tiny_app, timeout=120) as client:  # the app still serves
         r = client.post("/v1/completions", json={"model": "molora-demo", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200, r.text
+
+
+def test_a_batch_that_fits_the_places_is_not_refused(tiny_app):
+    """Serve counts a call as queued until its router places it, so the calls of a batch of
+    prompts, fired together, saw a full queue on an idle app (batch 1 + engine queue 1 + caller
+    queue 1): the ingress tries such a call again for a moment before answering 429."""
+    with httpx.Client(base_url=tiny_app, timeout=120) as client:
+        for _ in range(3):
+            r = client.post("/v1/completions", json={"model": "molora-demo", "prompt": ["a", "b", "c"], "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["choices"]) == 3

@@ -221,7 +221,7 @@ class ModelReplica:
         """Pulled by Serve every request_routing_stats_period_s for the request router."""
         hot = list(self.engine.hotset.resident())
         stats = self.engine.stats()
-        return {"hot_set": hot, "queue": stats.waiting + stats.running}
+        return {"hot_set": hot, "queue": stats.waiting + stats.running, "at": time.time()}
 
     def check_health(self) -> None:
         self.engine.check_alive()

@@ -9,10 +9,11 @@ hot-set keys the ingress resolved (`payload["routing"]["adapters"]`) and ranks r
 2. every replica, power of two choices, as the last rank.
 
 What a replica "holds" is the union of its last routing stats (`record_routing_stats`: its
-resident hot-set, refreshed every `request_routing_stats_period_s`) and the adapters this router
-sent it in the last `memory_s` seconds, which covers the gap until its next stats report.
-Missing stats (a new replica, a failed report) simply count as holding nothing, so routing falls
-back to plain power of two choices. When the best holder's queue is longer than the shortest
+resident hot-set when it reported, refreshed every `request_routing_stats_period_s`) and the
+adapters this router sent it since shortly before that report (`report_grace_s`), which covers
+the gap until its next one; an adapter sent before that is in the report or was evicted since.
+Without stats (a new replica, a failed report) the adapters sent in the last `memory_s` seconds
+count, so routing falls back to plain power of two choices where there are none. When the best holder's queue is longer than the shortest
 queue by more than `imbalance_threshold`, load wins and the last rank goes first.
 
 Prefix affinity comes before both: replicas keep finished requests' prompt keys and values for
@@ -76,15 +77,17 @@ def request_prefix_keys(pending_request: PendingRequest | None) -> list[bytes]:
 
 
 def two_choices(replicas: list[RunningReplica]) -> list[RunningReplica]:
-    return replicas if len(replicas) <= 2 else random.sample(replicas, 2)
+    """Two random replicas, in random order: of two with equal queues the base class takes the
+    first, so an unshuffled pair sent every tie to the same one."""
+    return random.sample(replicas, min(2, len(replicas)))
 
 
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, imbalance_threshold: int = 8, memory_s: float = 30.0, prefix_memory_s: float = 600.0,
-                         **kwargs: Any) -> None:
+                         report_grace_s: float = 1.0, **kwargs: Any) -> None:
         self.imbalance_threshold = imbalance_threshold
-        self.memory_s, self.prefix_memory_s = memory_s, prefix_memory_s
-        self._recent: dict[ReplicaID, dict[str, float]] = {}  # replica -> key -> last time routed there
+        self.memory_s, self.prefix_memory_s, self.report_grace_s = memory_s, prefix_memory_s, report_grace_s
+        self._recent: dict[ReplicaID, dict[str, float]] = {}  # replica -> key -> last time (wall) routed there
         # prefix key -> (replica it was last routed to, when), least recently routed first
         self._prefixes: OrderedDict[bytes, tuple[ReplicaID, float]] = OrderedDict()
 
@@ -98,10 +101,13 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         return None
 
     def held(self, replica: RunningReplica, now: float) -> set[str]:
+        """now: wall-clock seconds (the replicas' reports carry wall-clock times)."""
         stats = replica.routing_stats or {}
         hot = set(stats.get("hot_set") or [])
+        at = stats.get("at")
+        since = now - self.memory_s if at is None else max(now - self.memory_s, at - self.report_grace_s)
         recent = self._recent.get(replica.replica_id, {})
-        return hot | {k for k, t in recent.items() if now - t < self.memory_s}
+        return hot | {k for k, t in recent.items() if t > since}
 
     def queue_len(self, replica: RunningReplica) -> int:
         cached = self.replica_queue_len_cache.get(replica.replica_id)
@@ -113,7 +119,7 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         """Ranks of replicas, most preferred first (without the random narrowing)."""
         if not wanted or len(candidates) <= 1:
             return [candidates]
-        now = time.monotonic()
+        now = time.time()
         want = set(wanted)
         groups: dict[int, list[RunningReplica]] = {}
         for r in candidates:
@@ -158,9 +164,9 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         wanted = request_adapters(pending_request)
         if not wanted:
             return
-        recent = self._recent.setdefault(replica_id, {})
+        recent, routed = self._recent.setdefault(replica_id, {}), time.time()
         for key in wanted:
-            recent[key] = now
+            recent[key] = routed
         if len(recent) > 4096:  # bound the memory: keep the newest half
             for key, _ in sorted(recent.items(), key=lambda kv: kv[1])[: len(recent) // 2]:
                 del recent[key]

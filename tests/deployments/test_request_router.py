@@ -1,10 +1,11 @@
 """AdapterAffinityRouter's ranking, on stand-in replicas (no cluster needed)."""
 
+import time
 from types import SimpleNamespace
 
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache
 
-from deployments.request_router import AdapterAffinityRouter, request_adapters, request_prefix_keys
+from deployments.request_router import AdapterAffinityRouter, request_adapters, request_prefix_keys, two_choices
 
 
 def _router(**kw) -> AdapterAffinityRouter:
@@ -40,6 +41,25 @@ def test_recently_routed_counts_as_held():
     assert request_adapters(pending) == ["x@1"]
     r.on_request_routed(pending, "b", None)
     assert r.rank([a, b], ["x@1"])[0] == [b]
+
+
+def test_a_report_after_the_routing_replaces_it():
+    """A replica's report from after an adapter was sent there is the truth about it (it may have
+    evicted the adapter since); a report from before, or none, leaves the routing counting."""
+    r = _router()
+    pending = SimpleNamespace(args=[{"routing": {"adapters": ["x@1"]}}], kwargs={})
+    r.on_request_routed(pending, "a", None)
+    a, b = _replica("a", []), _replica("b", ["y@1"])
+    for at, held in ((None, True), (time.time() - 10, True), (time.time(), True), (time.time() + 2, False)):
+        a.routing_stats = {"hot_set": [], "queue": 0, **({} if at is None else {"at": at})}
+        assert (r.rank([a, b], ["x@1"])[0] == [a]) == held, at
+
+
+def test_a_tie_between_two_replicas_goes_either_way():
+    a, b = _replica("a", []), _replica("b", [])
+    orders = {tuple(x.replica_id for x in two_choices([a, b])) for _ in range(64)}
+    assert orders == {("a", "b"), ("b", "a")}
+    assert two_choices([a]) == [a]
 
 
 def test_imbalance_puts_load_first():

@@ -131,7 +131,9 @@ class Engine:
         self.counters = Counters()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self.kv_slots = KVSlots(self.kv_cache, config.max_batch, config.prefix_caching)
+        # Under the "dynamic" rope type a prompt's keys rotate for its own length: no sharing.
+        self.kv_slots = KVSlots(self.kv_cache, config.max_batch,
+                                config.prefix_caching and self.model.rotary.rope_type != "dynamic")
         self._aborts: set[str] = set()
         self._ids: dict[str, _Stream] = {}  # request id -> stream, of those waiting or running
         self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)

@@ -39,6 +39,7 @@ class StepRunner:
         self.model, self.kv_cache, self.plan, self.context = model, kv_cache, plan, context
         self.graphs, self.max_top_k = graphs, max_top_k
         self.fixed_steps = 0  # steps run at a fixed shape (the engine's stats report them)
+        self.dynamic_rope = model.rotary.rope_type == "dynamic"
 
     def logits(self, entries: Entries, flat: list[int], is_decode: bool,
                keep_hidden: Collection[int] = ()) -> StepLogits:
@@ -54,6 +55,9 @@ class StepRunner:
                 batch = StepBatch.build(
                     [seq.kv_slot for seq, _ in entries], [n for _, n in entries],
                     [seq.num_computed + n for seq, n in entries],
+                    # ("dynamic" rope: a prompt's chunks all scale for the whole prompt)
+                    [max(len(seq.prompt_ids), seq.num_computed + n) for seq, n in entries] if self.dynamic_rope
+                    else None,
                 )
                 device = self.model.device
                 ids = torch.tensor(flat, dtype=torch.int64, device=device)

@@ -27,13 +27,17 @@ class StepBatch:
     starts: tuple[int, ...]  # [B] index of the sequence's first new token in the flat batch
     num_new: tuple[int, ...]  # [B] new tokens this step (a prompt chunk, or 1 when decoding)
     context_lens: tuple[int, ...]  # [B] tokens of the sequence in the cache after this step
+    # [B] the length the "dynamic" rope type scales for (None: context_lens). A prompt prefilled
+    # in chunks keeps its whole length for every chunk, as one forward over it would.
+    rope_lens: tuple[int, ...] | None = None
 
     @classmethod
-    def build(cls, slots, num_new, context_lens) -> "StepBatch":
+    def build(cls, slots, num_new, context_lens, rope_lens=None) -> "StepBatch":
         """Sequences laid out back to back in the given order."""
         num_new = tuple(int(n) for n in num_new)
         starts = (0, *accumulate(num_new))[:-1]
-        return cls(tuple(int(s) for s in slots), starts, num_new, tuple(int(c) for c in context_lens))
+        rope_lens = None if rope_lens is None else tuple(int(n) for n in rope_lens)
+        return cls(tuple(int(s) for s in slots), starts, num_new, tuple(int(c) for c in context_lens), rope_lens)
 
     @property
     def num_seqs(self) -> int:

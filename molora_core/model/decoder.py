@@ -111,7 +111,7 @@ class DecoderForCausalLM(nn.Module):
             on_embeddings(h)
         seq_lens = None
         if self.rotary.rope_type == "dynamic":
-            seq_lens = torch.tensor(batch.per_token(batch.context_lens), dtype=torch.int64)
+            seq_lens = torch.tensor(batch.per_token(batch.rope_lens or batch.context_lens), dtype=torch.int64)
             seq_lens = seq_lens.to(input_ids.device)
         h = self._layers(h, positions, meta, kv_cache, seq_lens)
 

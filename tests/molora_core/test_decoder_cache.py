@@ -9,6 +9,7 @@ import torch
 from molora_core.model import KVCache, StepBatch, load_model
 from molora_core.model.attention import AttentionMeta
 from tests.molora_core.test_decoder import FP32_ATOL, ids_for, make_checkpoint
+from tests.molora_core.test_decoder_loader import save_tiny_tokenizer
 
 # Each step: (sequence, first new position, number of new tokens). Mixes two-chunk prefills, a
 # fresh prompt arriving while others decode, decode steps of different context lengths, a
@@ -244,3 +245,27 @@ def test_fresh_prompts_are_grouped_into_runs():
     # Listed out of flat order: sequence 1's tokens come first, so the two are not side by side as listed.
     meta = AttentionMeta.build(StepBatch((0, 1), (3, 0), (3, 3), (3, 3)), torch.device("cpu"), True)
     assert meta.prefill_runs == [(3, 3, (0,)), (0, 3, (1,))]
+
+
+def test_dynamic_rope_prompts_prefilled_in_chunks_generate_as_transformers(tmp_path):
+    """Dynamic NTK scales a prompt's frequencies for its whole length: a prompt longer than
+    max_position_embeddings, prefilled 8 tokens a step, generates transformers' greedy tokens
+    with its log-probabilities (each chunk scaled for the length after it, they were off); the
+    engine shares no prefixes under it."""
+    from molora_core.engine import Engine, EngineConfig, Request, SamplingParams
+
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    hf, path = make_checkpoint(tmp_path, "llama", rope_parameters=rope, max_position_embeddings=16)
+    save_tiny_tokenizer(path)
+    ids = ids_for(1, 40)[0].tolist()
+    with torch.no_grad():
+        gen = hf.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    want = gen.sequences[0, 40:].tolist()
+    want_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(gen.logits, want)]
+    engine = Engine(path, EngineConfig(max_batch=2, max_seq_len=64, prefill_chunk=8))
+    for _ in range(2):
+        out = engine.submit(Request(ids, SamplingParams(max_tokens=12, ignore_eos=True, logprobs=0))).result()
+        assert list(out.token_ids) == want and out.cached_tokens == 0
+        torch.testing.assert_close(torch.tensor([lp.logprob for lp in out.logprobs]), torch.tensor(want_logprobs),
+                                   atol=FP32_ATOL, rtol=0)

@@ -52,6 +52,7 @@ class StoreLimits:
     max_adapter_bytes: int = 512 << 20  # total bytes of an artifact's files
     max_rank: int = 64                  # the hot-set's R
     max_top_k: int = 4                  # the replicas' most adapters a token mixes (a gate's top-k)
+    hot_slots: int = 8                  # a replica's hot-set: the most adapters one request can name
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,9 @@ class Registry:
             check_name(a)
         if len(set(adapters)) != len(adapters):
             raise AdapterInvalid(f"router adapters {adapters} repeat a name, expected distinct names", param="adapters")
+        if len(adapters) > self.limits.hot_slots:
+            raise RouterInvalid(f"a router over {len(adapters)} adapters can never be served: a replica's hot-set "
+                                f"holds hot_slots={self.limits.hot_slots} (MOLORA_HOT_SLOTS)", param="adapters")
 
         def live() -> None:  # before the upload, and again under the lock as the router is published
             for a in adapters:

@@ -33,6 +33,7 @@ _ENV = {
     "max_adapter_bytes": "MOLORA_MAX_ADAPTER_BYTES",
     "max_rank": "MOLORA_MAX_RANK",
     "max_top_k": "MOLORA_MAX_TOP_K",
+    "hot_slots": "MOLORA_HOT_SLOTS",
     "cache_max_bytes": "MOLORA_CACHE_MAX_BYTES",
 }
 
@@ -46,6 +47,7 @@ class StoreSettings(BaseModel):
     max_adapter_bytes: int = Field(512 << 20, gt=0, description="Cap on an artifact's total bytes (uploads too).")
     max_rank: int = Field(64, gt=0, le=4096, description="Largest LoRA rank accepted (the hot-set's R).")
     max_top_k: int = Field(4, ge=1, le=16, description="Largest gate router top-k accepted (the replicas' max_top_k).")
+    hot_slots: int = Field(8, ge=1, le=4096, description="Most adapters a router may name (a replica's hot-set).")
     cache_max_bytes: int = Field(8 << 30, gt=0, description="Size cap of the local disk cache (LRU).")
     namespace: str = Field("molora", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key.")
     redis_retries: int = Field(3, ge=0, le=20, description="Retries of a transient Redis error.")
@@ -97,7 +99,8 @@ def build_store(settings: StoreSettings, base_model: BaseModelSignature) -> Adap
         )
         registry = Registry(
             client, storage, BlobCache(root / "blobs", settings.cache_max_bytes), base_model,
-            limits=StoreLimits(settings.max_adapter_bytes, settings.max_rank, settings.max_top_k),
+            limits=StoreLimits(settings.max_adapter_bytes, settings.max_rank, settings.max_top_k,
+                               settings.hot_slots),
             staging_dir=root / "staging", namespace=settings.namespace, replica_ttl_s=settings.replica_ttl_s,
         )
     except BaseException:

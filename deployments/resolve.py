@@ -108,10 +108,11 @@ class Resolver:
             if model != self.base_model:
                 raise bad_request(f"'adapters' (an explicit mixture) needs model={self.base_model!r}; got {model!r}",
                                   "model")
-            limit = self.registry.limits.max_top_k
-            if len(adapters) > limit:
-                raise bad_request(f"'adapters' names {len(adapters)} adapters; a mixture has at most max_top_k={limit} "
-                                  "(MOLORA_MAX_TOP_K)", "adapters")
+            limits = self.registry.limits
+            if len(adapters) > min(limits.max_top_k, limits.hot_slots):
+                raise bad_request(f"'adapters' names {len(adapters)} adapters; a mixture has at most max_top_k="
+                                  f"{limits.max_top_k} (MOLORA_MAX_TOP_K), and a replica's hot-set holds hot_slots="
+                                  f"{limits.hot_slots} (MOLORA_HOT_SLOTS)", "adapters")
             keys = [self.adapter_key(a.name, ApiError(404, f"adapter {a.name!r} in 'adapters' is not registered",
                                                       "not_found_error", "model_not_found", "adapters"))
                     for a in adapters]
@@ -136,6 +137,10 @@ class Resolver:
                                                  "or delete the router", "not_found_error", "adapter_not_found",
                                                  "model"))
                     for a in m.adapters]
+            slots = self.registry.limits.hot_slots
+            if len(keys) > slots:  # (registered under a larger hot-set)
+                raise bad_request(f"router {model!r} routes to {len(keys)} adapters; a replica's hot-set holds "
+                                  f"hot_slots={slots} (MOLORA_HOT_SLOTS)", "model")
             return Routing("router", tuple(keys), router=f"{m.name}@{m.version}:{','.join(keys)}")
         return Routing("adapter", (self.adapter_key(model, model_not_found(
             model, f"is neither the base model {self.base_model!r}, a registered adapter, nor '{ROUTER_PREFIX}<router>'"

@@ -168,3 +168,20 @@ def test_a_mixture_over_max_top_k_is_refused_naming_adapters(registry, adapters)
         resolver.resolve("base", mixture)
     assert err.value.status == 400 and err.value.param == "adapters" and "max_top_k=2" in err.value.message
     assert resolver.resolve("base", mixture[:2]).adapters == ("r-a@1", "r-b@1")
+
+
+def test_a_router_over_more_adapters_than_a_hot_set_holds_is_refused(registry, adapters, tmp_path):
+    """It could never be served: registration refuses it, and one registered under a larger
+    hot-set is a 400 naming the model at request time, before any replica sees it."""
+    registry.register_router(write_router(tmp_path / "g", adapters), "gate", kind="gate", adapters=adapters)
+    registry.limits = dataclasses.replace(registry.limits, hot_slots=2)
+    with pytest.raises(RouterInvalid, match="hot_slots=2") as err:
+        registry.register_router(write_router(tmp_path / "g2", adapters), "g2", kind="gate", adapters=adapters)
+    assert err.value.param == "adapters"
+    resolver = Resolver(registry, "base")
+    with pytest.raises(ApiError) as api:
+        resolver.resolve("molora:gate")
+    assert api.value.status == 400 and api.value.param == "model" and "hot_slots=2" in api.value.message
+    mixture = [types.SimpleNamespace(name=n, weight=1.0) for n in adapters]
+    with pytest.raises(ApiError, match="hot_slots=2"):
+        resolver.resolve("base", mixture)

@@ -72,3 +72,22 @@ def test_a_bad_http_port_is_a_usage_error(value, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([])
     assert exit_.value.code == 2 and "MOLORA_HTTP_PORT" in capsys.readouterr().err
+
+
+def test_a_demo_router_the_config_cannot_serve_is_skipped_with_a_warning(tmp_path, caplog):
+    """With hot_slots (or max_top_k) below what the demo gate needs, the registry refuses it:
+    the app still starts, with the demo adapters, and says why the router is missing."""
+    from types import SimpleNamespace
+
+    from adapter_store.errors import RouterInvalid
+    from deployments.bootstrap import register_demo_assets
+
+    def refuse(*args, **kwargs):
+        raise RouterInvalid("a router over 4 adapters can never be served: ... hot_slots=2", param="adapters")
+
+    registered = SimpleNamespace(manifest=SimpleNamespace(version=1))
+    store = SimpleNamespace(registry=SimpleNamespace(register_adapter=lambda *a, **k: registered, register_router=refuse))
+    with caplog.at_level("WARNING", logger="molora.deployments"):
+        done = register_demo_assets(store, tmp_path)
+    assert done == ["code@1", "math@1", "chat@1", "multilingual@1"]
+    assert "demo gate router is not registered" in caplog.text and "hot_slots=2" in caplog.text

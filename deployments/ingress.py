@@ -52,7 +52,9 @@ MAX_BODY_BYTES = 4 << 20
 # Serve counts a call as queued until its router has placed it, so a burst of calls (a batch of
 # prompts fans out at once) can see a full queue while the replicas have room: such a call is
 # tried again for up to this long (backing off from 20 ms) before its request is answered 429.
-BACKPRESSURE_RETRY_S = 0.3
+# (Placing a call takes the router a queue-length probe of a replica or two: on a loaded 2-core
+# machine, up to a few hundred ms.)
+BACKPRESSURE_RETRY_S = 1.0
 # A \u escape of a UTF-16 surrogate: JSON allows a lone one, which no tokenizer (nor Redis) takes.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal, Mapping
-
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -117,7 +116,7 @@ class AppConfig(BaseModel):
         parts = urlsplit(url or "")
         if url is not None and not ((parts.scheme in ("redis", "rediss") and parts.hostname)
                                     or (parts.scheme == "unix" and parts.path)):
-            raise ValueError(f"{url!r} is not a Redis URL, expected redis://[:password@]host:port[/db], "
+            raise ValueError(f"not a Redis URL (scheme {parts.scheme!r}), expected redis://[:password@]host:port[/db], "
                              "rediss://... or unix:///path")
         return url
 

@@ -39,7 +39,7 @@ class StepRunner:
         self.model, self.kv_cache, self.plan, self.context = model, kv_cache, plan, context
         self.graphs, self.max_top_k = graphs, max_top_k
         self.fixed_steps = 0  # steps run at a fixed shape (the engine's stats report them)
-        self.dynamic_rope = model.rotary.rope_type == "dynamic"
+        self.dynamic_rope = model is not None and model.rotary.rope_type == "dynamic"  # (None: routing-only tests)
 
     def logits(self, entries: Entries, flat: list[int], is_decode: bool,
                keep_hidden: Collection[int] = ()) -> StepLogits:

@@ -104,7 +104,7 @@ def compile_pattern_keys(field: str, patterns: dict) -> dict[str, regex.Pattern]
         if not key or len(key) > MAX_PATTERN_CHARS:
             raise AdapterInvalid(f"{field} key {key[:80]!r} has {len(key)} characters, expected 1-"
                                  f"{MAX_PATTERN_CHARS}", param=field)
-        wrapped = rf"(?:.*\.)?{key}"
+        wrapped = rf"(?:.*\.)?(?:{key})"  # (grouped: every alternative of `a|b` ends the path)
         try:
             re.compile(key)
             parsed = _sre.parse(wrapped)

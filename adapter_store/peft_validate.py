@@ -34,6 +34,7 @@ _KEY_RE = re.compile(
     r"\.(?P<module>[a-z_]+))\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight"
 )
 KEY_FORM = "'base_model.model.model.layers.<i>.self_attn|mlp.<module>.lora_A|lora_B.weight'"
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
 MAX_ALPHA = 1e6  # lora_alpha / alpha_pattern values: the loader's scale alpha/r must stay a sane float32
 
 
@@ -127,6 +128,10 @@ def _read_config(path: Path, max_rank: int) -> dict:
         raise AdapterInvalid(f"peft_type {peft_type!r} is not supported, expected 'LORA'")
     if cfg.get("use_dora"):
         raise AdapterInvalid("use_dora=true is not supported, expected plain LoRA")
+    if cfg.get("alora_invocation_tokens"):
+        raise AdapterInvalid("alora_invocation_tokens is set (Activated LoRA applies the adapter only from its "
+                             "invocation tokens on), which is not supported; expected plain LoRA",
+                             param="alora_invocation_tokens")
     if cfg.get("modules_to_save"):
         raise AdapterInvalid(f"modules_to_save {cfg['modules_to_save']!r} is not supported, expected none")
     # The loader (molora_core/peft_io.py, read_adapter_config) refuses these; so must we.
@@ -135,7 +140,7 @@ def _read_config(path: Path, max_rank: int) -> dict:
                              param="fan_in_fan_out")
     if cfg.get("bias", "none") != "none":
         raise AdapterInvalid(f"bias={cfg['bias']!r} is not supported, expected 'none'", param="bias")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not _is_int(r) or r < 1:
         raise AdapterInvalid(f"r={r!r} in {CONFIG_FILE}, expected a positive integer", param="r")
     if not _is_sane_alpha(alpha):
@@ -214,7 +219,7 @@ def validate_adapter(directory: Path, base: BaseModelSignature, *, max_rank: int
         max_seen = max(max_seen, rank)
     return ValidatedAdapter(
         rank=max_seen,
-        alpha=float(cfg.get("lora_alpha", cfg["r"])),
+        alpha=float(cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=bool(cfg.get("use_rslora", False)),
         rank_pattern={k: int(v) for k, v in cfg["rank_pattern"].items()},
         alpha_pattern={k: float(v) for k, v in cfg["alpha_pattern"].items()},

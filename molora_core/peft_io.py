@@ -43,6 +43,11 @@ def read_adapter_config(path: str | Path) -> dict:
     ):
         if config.get(flag):
             raise AdapterInvalid(f"{config_path}: {flag}=true is not supported ({why})")
+    if config.get("alora_invocation_tokens"):
+        raise AdapterInvalid(
+            f"{config_path}: alora_invocation_tokens is set (Activated LoRA applies the adapter only from its "
+            "invocation tokens on), which is not supported; expected a plain LoRA"
+        )
     if config.get("modules_to_save"):
         raise AdapterInvalid(
             f"{config_path}: modules_to_save={config['modules_to_save']} would replace full base "
@@ -55,12 +60,16 @@ def read_adapter_config(path: str | Path) -> dict:
     return config
 
 
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key applies to a module whose path ends with it. (The registry
+    """PEFT's rule: a pattern key (a regex; its alternatives grouped) applies to a module whose
+    path ends with it. (The registry
     refuses keys that do not compile or could backtrack without end: adapter_store/patterns.py.)"""
     for key, value in (patterns or {}).items():
         try:
-            if module == key or re.fullmatch(rf"(?:.*\.)?{key}", module):
+            if module == key or re.compile(key) and re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
                 return value
         except re.error as exc:
             raise AdapterInvalid(f"rank_pattern / alpha_pattern key {key!r} is not a valid regex: {exc}") from None
@@ -68,7 +77,7 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def module_scale(config: dict, module: str, rank: int) -> float:
-    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", config["r"]))
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 

@@ -1,6 +1,7 @@
 """Registration refuses what the loader cannot serve: non-finite or absurd alphas, regexes that
 do not compile or would backtrack for hours, options and tensor paths the model side refuses."""
 
+import json
 import math
 import time
 
@@ -75,7 +76,8 @@ def test_invalid_regexes_are_refused_simple_ones_pass(tmp_path, signature, field
 
 
 @pytest.mark.parametrize("config, param", [({"bias": "all"}, "bias"), ({"bias": "lora_only"}, "bias"),
-                                           ({"fan_in_fan_out": True}, "fan_in_fan_out")])
+                                           ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+                                           ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens")])
 def test_options_the_loader_refuses(tmp_path, signature, config, param):
     _refused(tmp_path, signature, param, param, config=config)
 
@@ -98,3 +100,11 @@ def test_tensor_paths_the_hotset_does_not_hold(tmp_path, signature, path, match)
     d = write_adapter(tmp_path / "a", modules=("q_proj",), tensors=tensors)
     with pytest.raises(AdapterInvalid, match=match):
         validate_adapter(d, tiny_signature(), max_rank=16)
+
+
+def test_a_config_without_lora_alpha_takes_peft_s_default(tmp_path, signature):
+    d = write_adapter(tmp_path / "a", rank=4)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    del cfg["lora_alpha"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    assert validate_adapter(d, signature, max_rank=16).alpha == 8.0  # peft.LoraConfig().lora_alpha, not r

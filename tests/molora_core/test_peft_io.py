@@ -49,6 +49,27 @@ def test_scale_rules(tmp_path):
     assert ap.modules["model.layers.0.self_attn.q_proj"].scale == pytest.approx(0.5)
 
 
+def test_pattern_keys_and_the_alpha_default_are_peft_s(tmp_path):
+    """A pattern key is a regex whose every alternative ends the module's path (PEFT groups it);
+    a config without lora_alpha takes LoraConfig's default, 8, not r."""
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+
+    tensors = {**_pair(rank=4), **{k.replace("q_proj", "v_proj"): v for k, v in _pair(rank=4).items()}}
+    config = {"target_modules": ["q_proj", "v_proj"], "alpha_pattern": {"q_proj|v_proj": 32}}
+    adapter = load_peft_adapter(_write(tmp_path / "alt", config, tensors))
+    for module in ("q_proj", "v_proj"):
+        path = f"model.layers.0.self_attn.{module}"
+        assert get_pattern_key(["q_proj|v_proj"], path) == "q_proj|v_proj"  # PEFT: the key applies
+        assert adapter.modules[path].scale == pytest.approx(32 / 4)
+    _write(tmp_path / "noalpha", {}, _pair(rank=4))
+    raw = json.loads((tmp_path / "noalpha" / "adapter_config.json").read_text())
+    del raw["lora_alpha"]
+    (tmp_path / "noalpha" / "adapter_config.json").write_text(json.dumps(raw))
+    scale = load_peft_adapter(tmp_path / "noalpha").modules["model.layers.0.self_attn.q_proj"].scale
+    assert scale == pytest.approx(LoraConfig().lora_alpha / 4)
+
+
 @pytest.mark.parametrize(
     "config, tensors, match",
     [
@@ -61,9 +82,10 @@ def test_scale_rules(tmp_path):
         ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(4, 16)}, "is not a LoRA weight"),
         ({}, {k: v.fill_(float("inf")) for k, v in _pair().items()}, "NaN or Inf"),
         ({"alpha_pattern": {"(": 2}}, _pair(), "key '\\(' is not a valid regex"),
+        ({"alora_invocation_tokens": [5, 6]}, _pair(), "alora_invocation_tokens is set"),
     ],
     ids=["dora", "modules-to-save", "bias", "peft-type", "rank-mismatch", "half-pair", "unknown-key", "inf",
-         "bad-pattern"],
+         "bad-pattern", "activated-lora"],
 )
 def test_unsupported_or_broken_adapters_are_refused(tmp_path, config, tensors, match):
     with pytest.raises(AdapterInvalid, match=match):

@@ -53,7 +53,10 @@ class GateRouter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, D] -> (indices long[T, k] into `adapters`, weights float32[T, k] summing to 1)."""
-        top, index = self.logits(hidden).topk(self.top_k, dim=-1)
+        # A stable sort, not topk (whose order of ties is unspecified): ties go to the lower
+        # adapter index and NaN comes first, as in the compiled route (decode_cpu.gate_route).
+        top, index = self.logits(hidden).sort(dim=-1, descending=True, stable=True)
+        top, index = top[:, : self.top_k], index[:, : self.top_k]
         return index, torch.softmax(top, dim=-1)
 
     def route_slots(self, hidden: torch.Tensor, lookup: torch.Tensor,

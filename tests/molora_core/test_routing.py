@@ -375,3 +375,20 @@ def test_routers_write_the_plan_in_place_and_uncovered_pairs_are_cleared(monkeyp
     assert plan.weights[:4, 2].tolist() == [0.0] * 4 and plan.weights[4:].tolist() == [[0.0] * 3] * 2
     assert meta.slot_counts.tolist() == [torch.tensor(lookup)[index].eq(s).sum().item() for s in range(4)]
     assert calls is None or calls == [(4, 8)]
+
+
+def test_gate_ties_go_to_the_lower_adapter_on_every_path():
+    """torch.topk's order of ties is unspecified (on CPU it took the higher indices) while the
+    compiled route takes the lower: a tied gate then routed differently with and without the
+    compiled kernels, and between eager and fixed-shape decode steps."""
+    gate = GateRouter(16, ["a", "b", "c", "d"], top_k=2)
+    with torch.no_grad():
+        gate.gate.weight.zero_()
+        gate.gate.bias.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    hidden = torch.randn(5, 16)
+    index, weights = gate(hidden)
+    assert index.tolist() == [[1, 2]] * 5 and torch.allclose(weights, torch.full((5, 2), 0.5))
+    lookup = torch.tensor([7, 6, 5, 4], dtype=torch.int32)
+    with torch.inference_mode():
+        slots, _ = gate.route_slots(hidden, lookup)  # the compiled route where the CPU kernels are built
+    assert slots.tolist() == [[6, 5]] * 5

@@ -348,6 +348,8 @@ class HotSet:
         self._lru.pop(slot, None)
 
     def _load_locked(self, key: str, adapter: LoRAAdapter) -> int:
+        if not self._lru and all(entry is not None for entry in self._slots):
+            self._free_slot()  # raises CapacityExceeded: before validate's scan of every weight
         self.validate(adapter)
         slot = self._free_slot()
         started = time.perf_counter()

@@ -145,6 +145,7 @@ class Admission:
             raise RequestInvalid(f"routing names {len(names)} adapters; the hot-set has {self.config.hot_slots} slots")
         if not self._fetched(names):
             return False
+        seq.blocked_on_slots = False
         try:
             for name in names:
                 future = self._fetches.get(name)
@@ -158,9 +159,11 @@ class Admission:
                 self._fetches.pop(name, None)
         except CapacityExceeded:
             self.unpin(seq)
+            seq.blocked_on_slots = True
             return False
         except BaseException:
             self.unpin(seq)
+            self._fetches.pop(name, None)  # (a load the hot-set refused: the next request loads anew)
             for name in names:  # a failed load is retried by the next request that needs it
                 future = self._fetches.get(name)
                 if future is not None and future.done() and future.exception() is not None:

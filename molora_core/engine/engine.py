@@ -7,8 +7,10 @@ pass. New requests join between steps; a request leaves on EOS, a stop string or
 max_tokens, a full KV-cache row, an abort, or when its consumer drops its handle.
 
 Requests pin their adapters in the hot-set from admission to exit. When every slot is pinned,
-a request waits (bounded by `pin_timeout_s`) and is admitted once a running request releases
-a slot; the wait queue itself is bounded by `max_queue`. Checking requests, loading their
+a request waits (bounded by `pin_timeout_s`, counted from its first try with a KV-cache slot
+free) and is admitted once a running request releases a slot: requests queued behind it that
+need adapters wait behind it (base-model ones go ahead), so a stream of requests for a resident
+adapter cannot keep its slot pinned for ever. The wait queue itself is bounded by `max_queue`. Checking requests, loading their
 adapters and routers off the step thread and pinning them is `Admission`'s
 (`molora_core.engine.admission`).
 
@@ -49,7 +51,7 @@ from molora_core.errors import CapacityExceeded, RequestInvalid, RouterInvalid
 from molora_core.hotset import HotSet
 from molora_core.lora_layer import SHARED_INPUTS, LoRAContext, attach_molora, pack_for_cpu
 from molora_core.model import KVCache, LoadedModel, load_pretrained
-from molora_core.routing import RoutingPlan, SequenceRouter
+from molora_core.routing import BaseSpec, RoutingPlan, SequenceRouter
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class Engine:
         self.kv_slots = KVSlots(self.kv_cache, config.max_batch,
                                 config.prefix_caching and self.model.rotary.rope_type != "dynamic")
         self._aborts: set[str] = set()
+        self._dropped: deque[tuple[str, _Stream]] = deque()  # handles finalized unread (see _drop)
         self._ids: dict[str, _Stream] = {}  # request id -> stream, of those waiting or running
         self._lock = threading.Lock()  # guards _waiting, _aborts, _ids (touched by callers)
         self._wake = threading.Condition(self._lock)
@@ -180,6 +183,7 @@ class Engine:
             self.counters.rejected += 1
             raise
         with self._lock:
+            self.check_alive()  # (again: close() may have run since; it ends only what it finds queued)
             if len(self._waiting) >= self.config.max_queue:
                 self.counters.rejected += 1
                 raise CapacityExceeded(
@@ -194,8 +198,14 @@ class Engine:
         return RequestHandle(self, request, seq.stream)
 
     def generate(self, requests: Iterable[Request | str], sampling: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run requests to completion (offline batch); outputs in input order."""
-        handles = [self.submit(r, sampling) for r in requests]
+        """Run requests to completion (offline batch, of any size: without a step thread, steps
+        run while the wait queue is full); outputs in input order."""
+        handles = []
+        for r in requests:
+            if not self.running_in_background:
+                while self.stats().waiting >= self.config.max_queue:
+                    self.step()
+            handles.append(self.submit(r, sampling))
         return [h.result() for h in handles]
 
     def abort(self, request_id: str, stream: _Stream | None = None) -> None:
@@ -207,6 +217,11 @@ class Engine:
             if live is not None and (stream is None or live is stream):
                 self._aborts.add(request_id)
                 self._wake.notify_all()
+
+    def _drop(self, request_id: str, stream: _Stream) -> None:
+        """`abort` for a handle's finalizer. That runs wherever the cyclic garbage collector does,
+        on the step thread inside `_lock` too, so it takes no lock: the step loop applies it."""
+        self._dropped.append((request_id, stream))
 
     def load_adapter(self, key: str, adapter: LoRAAdapter) -> int:
         """Prefetch `adapter` into the hot-set under `key` (between steps); returns its slot."""
@@ -287,7 +302,7 @@ class Engine:
             while not self._closed:
                 if not self.step():
                     with self._lock:
-                        if not (self._waiting or self._aborts or self._closed):
+                        if not (self._waiting or self._aborts or self._dropped or self._closed):
                             self._wake.wait(timeout=1.0)
         except BaseException as exc:  # a bug in a step: fail every request instead of hanging them
             self._fatal = exc
@@ -299,16 +314,23 @@ class Engine:
     def _admit(self) -> None:
         with self._lock:
             candidates = list(self._waiting)
+        held = False  # an earlier request waits for hot-set slots: later ones take no adapter pins
         for seq in candidates:
             if not self.kv_slots.available():
                 return
-            try:
-                admitted = self.admission.pin(seq)
-            except Exception as exc:  # unknown or invalid adapter / router, loader failure
-                self._fail(seq, exc)
-                continue
+            if seq.pin_since is None:  # (its wait for adapters starts now, not at its arrival)
+                seq.pin_since = time.monotonic()
+            if held and not isinstance(seq.request.routing, BaseSpec):
+                admitted = False  # (pinning adapters the waiter's slots hold would keep it waiting)
+            else:
+                try:
+                    admitted = self.admission.pin(seq)
+                except Exception as exc:  # unknown or invalid adapter / router, loader failure
+                    self._fail(seq, exc)
+                    continue
+                held = held or (not admitted and seq.blocked_on_slots)
             if not admitted:
-                waited = time.monotonic() - seq.arrival
+                waited = time.monotonic() - seq.pin_since
                 if waited > self.config.pin_timeout_s:
                     what = self.admission.waiting_for(seq)
                     self._fail(seq, CapacityExceeded(f"request {seq.request_id!r} waited {waited:.1f}s for {what}"))
@@ -355,6 +377,10 @@ class Engine:
 
     def _apply_aborts(self) -> None:
         with self._lock:
+            while self._dropped:
+                request_id, stream = self._dropped.popleft()
+                if self._ids.get(request_id) is stream:
+                    self._aborts.add(request_id)
             if not self._aborts:
                 return
             aborts = set(self._aborts)

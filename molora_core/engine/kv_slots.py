@@ -99,8 +99,8 @@ class KVSlots:
         n = seq.num_computed
         if keep and self.prefix_caching and seq.kv_key is not None and n > 0:
             self._cached[slot] = (seq.kv_key, (seq.prompt_ids + seq.output_ids)[:n])
-        else:
-            self.kv_cache.clear(slot, n)
+        else:  # (a step that failed may have written rows past num_computed: up to its tokens)
+            self.kv_cache.clear(slot, max(n, seq.num_tokens))
             heapq.heappush(self._free, slot)
 
     # -- internals -------------------------------------------------------------------------

@@ -327,8 +327,10 @@ class RequestHandle:
             self._done = True
             self.engine.abort(self.request_id, self._stream)
 
-    def __del__(self):
+    def __del__(self):  # (no lock here: see Engine._drop)
         try:
-            self.close()
+            if not self._done:
+                self._done = True
+                self.engine._drop(self.request_id, self._stream)
         except Exception:  # interpreter shutdown: the engine may already be gone
             pass

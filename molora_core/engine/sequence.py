@@ -35,6 +35,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    pin_since: float | None = None  # when admission first tried it with a KV-cache slot free
+    blocked_on_slots: bool = False  # its last pin found the hot-set's slots all pinned
     # Where the request asked for them: the prompt tokens' log-probabilities scored so far
     # (None for the first); handed out with the first delta, then None.
     prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -387,13 +387,11 @@ def test_cold_load_runs_beside_the_batch_not_inside_it(demo):
         running = engine.submit(Request(PROMPTS[0], greedy(30)))
         engine.step()  # the base request is admitted and prefilled
         cold = engine.submit(Request(PROMPTS[1], greedy(8), AdapterSpec("code")))
-        base_out = running.result()  # drives the steps while "code" loads in the background
-        events["base_done"] = time.monotonic()
-        assert base_out.completion_tokens == 30
+        arrivals = [time.monotonic() for delta in running if delta.token_ids]  # steps run while "code" loads
+        assert running.output().completion_tokens == 30
         cold_out = cold.result()
-        assert events["load_started"] < events["base_done"] < events["load_done"], (
-            "the base request finished while the adapter was still loading"
-        )
+        during = [t for t in arrivals if events["load_started"] < t < events["load_done"]]
+        assert len(during) >= 2, "the base request made no progress while the adapter was loading"
     finally:
         engine.close()
     reference = make_engine(demo)

@@ -10,9 +10,9 @@ Requests pin their adapters in the hot-set from admission to exit. When every sl
 a request waits (bounded by `pin_timeout_s`, counted from its first try with a KV-cache slot
 free) and is admitted once a running request releases a slot: requests queued behind it that
 need adapters wait behind it (base-model ones go ahead), so a stream of requests for a resident
-adapter cannot keep its slot pinned for ever. The wait queue itself is bounded by `max_queue`. Checking requests, loading their
-adapters and routers off the step thread and pinning them is `Admission`'s
-(`molora_core.engine.admission`).
+adapter cannot keep its slot pinned for ever. The wait queue itself is bounded by `max_queue`.
+Checking requests, loading their adapters and routers off the step thread and pinning them is
+`Admission`'s (`molora_core.engine.admission`).
 
 A finished request's KV-cache slot keeps its keys and values until a slot is needed, and a new
 request whose prompt begins with tokens a cached or running request computed under the same

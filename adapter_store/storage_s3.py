@@ -155,7 +155,8 @@ class S3Storage(ObjectStorage):
 
     def fetch_uri(self, uri: str, name: str, dest: Path, progress: ProgressFn | None = None) -> None:
         key = self._resolve_dir(uri).rstrip("/") + "/" + name
-        gone = AdapterInvalid(f"URI {uri!r}: {name} cannot be read: it is not there", param="uri")  # (deleted since listed)
+        # (deleted since it was listed)
+        gone = AdapterInvalid(f"URI {uri!r}: {name} cannot be read: it is not there", param="uri")
         write_verified(self._stream(key, f"read of {uri}/{name}", gone), dest, sha256=None, size=None, progress=progress)
 
     def ping(self) -> None:

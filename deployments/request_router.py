@@ -13,8 +13,9 @@ resident hot-set when it reported, refreshed every `request_routing_stats_period
 adapters this router sent it since shortly before that report (`report_grace_s`), which covers
 the gap until its next one; an adapter sent before that is in the report or was evicted since.
 Without stats (a new replica, a failed report) the adapters sent in the last `memory_s` seconds
-count, so routing falls back to plain power of two choices where there are none. When the best holder's queue is longer than the shortest
-queue by more than `imbalance_threshold`, load wins and the last rank goes first.
+count, so routing falls back to plain power of two choices where there are none. When the best
+holder's queue is longer than the shortest queue by more than `imbalance_threshold`, load wins
+and the last rank goes first.
 
 Prefix affinity comes before both: replicas keep finished requests' prompt keys and values for
 reuse (the engine's prefix caching), so a request whose prompt begins as one this router sent

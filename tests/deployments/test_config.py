@@ -86,7 +86,8 @@ def test_a_demo_router_the_config_cannot_serve_is_skipped_with_a_warning(tmp_pat
         raise RouterInvalid("a router over 4 adapters can never be served: ... hot_slots=2", param="adapters")
 
     registered = SimpleNamespace(manifest=SimpleNamespace(version=1))
-    store = SimpleNamespace(registry=SimpleNamespace(register_adapter=lambda *a, **k: registered, register_router=refuse))
+    registry = SimpleNamespace(register_adapter=lambda *a, **k: registered, register_router=refuse)
+    store = SimpleNamespace(registry=registry)
     with caplog.at_level("WARNING", logger="molora.deployments"):
         done = register_demo_assets(store, tmp_path)
     assert done == ["code@1", "math@1", "chat@1", "multilingual@1"]

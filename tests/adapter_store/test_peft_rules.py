@@ -108,3 +108,12 @@ def test_a_config_without_lora_alpha_takes_peft_s_default(tmp_path, signature):
     del cfg["lora_alpha"]
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     assert validate_adapter(d, signature, max_rank=16).alpha == 8.0  # peft.LoraConfig().lora_alpha, not r
+
+
+def test_a_pattern_keys_alternatives_each_end_the_path(tmp_path, signature):
+    """PEFT groups a key: rank_pattern {"q_proj|v_proj": 2} gives both modules rank 2 (only the
+    first alternative got the path prefix, so v_proj's rank-2 tensors were refused)."""
+    tensors = adapter_tensors(signature, 2, ("q_proj", "v_proj"))
+    d = write_adapter(tmp_path / "a", rank=4, modules=("q_proj", "v_proj"), tensors=tensors,
+                      config={"rank_pattern": {"q_proj|v_proj": 2}})
+    assert validate_adapter(d, signature, max_rank=16).rank == 2

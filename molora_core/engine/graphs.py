@@ -146,9 +146,10 @@ class DecodeGraphs:
         self.kv_slots.fill_(self.scratch_slot)
         self.kv_lens.fill_(1)
         self.gate_rows = torch.zeros(rows, dtype=torch.bool, device=device)  # bool[B_max]: routed by the gate
+        self._gate_rows_held: tuple[int, ...] = ()  # the rows gate_rows flags now (a step copies only a change)
         self.max_gates = max_gates
-        # id(gate) -> (gate, int32[A] its adapters' slots), least recently used first
-        self._gates: OrderedDict[int, tuple[GateRouter, torch.Tensor]] = OrderedDict()
+        # id(gate) -> [gate, int32[A] its adapters' slots, the slots that buffer holds], least recently used first
+        self._gates: OrderedDict[int, list] = OrderedDict()
         self._shapes: dict[tuple, _Shape] = {}
         self._pool = torch.cuda.graph_pool_handle() if mode == "graphs" else None
         self.captures = 0  # graphs captured so far (a test reads it to see no recapture happened)
@@ -179,25 +180,33 @@ class DecodeGraphs:
         if lora_meta is not None or gate.plan.dispatch_buffers is None:
             raise ValueError("a gate step builds its dispatch metadata in the plan's buffers; pass lora_meta=None")
         plan = gate.plan
-        lookup = self._gate_lookup(gate.gate)  # first: may drop the least recently used gate's shapes
+        entry = self._gate_entry(gate.gate)  # first: may drop the least recently used gate's shapes
         shape = self._shape(rows, length, (plan.num_tokens, plan.top_k, plan.slots.data_ptr()), gate.gate)
-        flagged = torch.zeros(self.gate_rows.shape[0], dtype=torch.bool)
-        flagged[gate.rows] = True
-        self.gate_rows.copy_(flagged.to(self.gate_rows.device, non_blocking=True))
-        lookup.copy_(torch.tensor(gate.lookup, dtype=torch.int32).to(lookup.device, non_blocking=True))
+        # Only what changed goes to the device: a decode batch keeps its rows and slots for many steps.
+        flagged_rows, slots = tuple(gate.rows), tuple(gate.lookup)
+        if flagged_rows != self._gate_rows_held:
+            flagged = torch.zeros(self.gate_rows.shape[0], dtype=torch.bool)
+            flagged[list(flagged_rows)] = True
+            self.gate_rows.copy_(flagged.to(self.gate_rows.device, non_blocking=True))
+            self._gate_rows_held = flagged_rows
+        lookup = entry[1]
+        if slots != entry[2]:
+            lookup.copy_(torch.tensor(slots, dtype=torch.int32).to(lookup.device, non_blocking=True))
+            entry[2] = slots
         return self._execute(shape, None, _GateStep(self, gate.gate, lookup, plan))[:n]
 
-    def _gate_lookup(self, gate: GateRouter) -> torch.Tensor:
-        """The gate's adapter-to-slot buffer (made on first use), marking it most recently used."""
+    def _gate_entry(self, gate: GateRouter) -> list:
+        """[gate, its adapter-to-slot buffer, the slots that buffer holds] (made on first use),
+        marking it most recently used."""
         key = id(gate)
         if key in self._gates:
             self._gates.move_to_end(key)
-            return self._gates[key][1]
-        lookup = torch.zeros(len(gate.adapters), dtype=torch.int32, device=self.gate_rows.device)
-        self._gates[key] = (gate, lookup)
+            return self._gates[key]
+        entry = self._gates[key] = [gate, torch.zeros(len(gate.adapters), dtype=torch.int32,
+                                                      device=self.gate_rows.device), None]
         while len(self._gates) > self.max_gates:
             self._drop_gate(next(iter(self._gates.values()))[0])
-        return lookup
+        return entry
 
     def _drop_gate(self, gate: GateRouter) -> None:
         """Forget a gate router's shapes (and graphs), the least recently used one past max_gates."""

@@ -115,13 +115,18 @@ class StepRunner:
         if any(seq.router is not None for seq, _ in entries):
             # Always max_top_k choices over the bucket's rows: the shape the graph captured.
             self.plan.begin(rows, self.max_top_k)
-            ids = torch.tensor(flat, dtype=torch.int64)  # host: the plan moves them for routers that read them
+            ids = None  # host token ids, made for the first router that is handed them (the plan moves them)
             gate_rows = []
             for row, (seq, _) in enumerate(entries):
-                if seq.router is not None and seq.router.needs_hidden:
+                router = seq.router
+                if router is None:
+                    continue  # (rows no router covers stay on the base model)
+                if router.needs_hidden:
                     gate_rows.append(row)
                 else:
-                    self.plan.assign(row, seq.router, ids[row : row + 1])
+                    if ids is None:
+                        ids = torch.tensor(flat, dtype=torch.int64)
+                    self.plan.assign(row, router, ids[row : row + 1])
             if gate_rows:
                 router = entries[gate_rows[0]][0].router
                 self.plan.resolve()

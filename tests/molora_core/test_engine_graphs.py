@@ -116,6 +116,47 @@ def test_fixed_shape_engine_generates_what_the_ordinary_engine_does(demo, max_ba
     fixed.close()
 
 
+def test_gate_rows_and_slots_that_change_between_steps_reach_the_fixed_shape_step(demo):
+    """A step copies the gate's flagged rows and adapter slots to the device only when they
+    change: rows move when a request before them ends, and slots when the gate's adapters come
+    back into other slots. Both engines see the same requests; the fixed-shape one must route
+    as the ordinary one does throughout."""
+    engines = [make_engine(demo, decode_graphs=mode, max_queue=32, prefill_chunk=64) for mode in ("off", "eager")]
+    eager, fixed = engines
+    seen, logprobs = [], []
+    run = fixed.graphs.run
+    fixed.graphs.run = lambda *a: seen.append(a[4] and (tuple(a[4].rows), tuple(a[4].lookup))) or run(*a)
+
+    def interleaved():
+        on_gate = RouterSpec("demo-gate")
+        return [Request(PROMPTS[0], greedy(3)), Request(PROMPTS[1], greedy(10), on_gate),
+                Request(PROMPTS[2], greedy(12)), Request(PROMPTS[3], greedy(10), on_gate)]
+
+    def gate():
+        return [Request(PROMPTS[2], greedy(8, logprobs=1), RouterSpec("demo-gate"))]
+
+    for engine in engines:
+        outs = [engine.generate(gate())[0].token_ids]  # (the router loads: then every request starts at once)
+        outs += [o.token_ids for o in engine.generate(interleaved())]
+        # The gate's adapters leave and come back in the reverse order: other slots.
+        for name in ("code", "math", "chat", "multilingual"):
+            engine.hotset.remove(name)
+        for name in ("multilingual", "chat", "math", "code"):
+            engine.generate([Request(PROMPTS[0], greedy(1), AdapterSpec(name))])
+        last = engine.generate(gate())[0]  # (its log-probabilities tell adapters apart where tokens may not)
+        outs.append(last.token_ids)
+        logprobs.append([lp.logprob for lp in last.logprobs])
+        if engine is eager:
+            want = outs
+    assert outs == want and logprobs[1] == pytest.approx(logprobs[0], abs=1e-4)
+    gated = [step for step in seen if step is not None]
+    pairs = [rows for rows, _ in gated if len(rows) == 2]
+    assert len(set(pairs)) >= 2, gated  # the two gate requests' rows moved once the first request ended
+    assert len({slots for _, slots in gated}) == 2, gated  # and the slots, for the last request
+    eager.close()
+    fixed.close()
+
+
 def _second_gate(demo, tmp_path) -> Path:
     """The demo's routers plus `other-gate`, a top-1 gate over three adapters in another order."""
     routers = tmp_path / "routers"

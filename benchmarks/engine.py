@@ -118,12 +118,13 @@ def requests(s: dict, routing_of) -> list[Request]:
     return [Request(p, sampling, routing_of(i)) for i, p in enumerate(prompts)]
 
 
-def run_ours(engine: Engine, make_requests: Callable[[], list[Request]]) -> dict:
-    # Warm-up on the whole batch: on a GPU the first run at a shape compiles Triton kernels
+def run_ours(engine: Engine, make_requests: Callable[[], list[Request]], warmups: int = 1) -> dict:
+    # Warm-up on the whole batch (`warmups` times): on a GPU the first run at a shape compiles Triton kernels
     # (prefill tile heights) and captures the gate's decode graphs, which a timed run should not hold.
     # The batch is made twice, not deep-copied: the engine keys a gate's graphs by the router
     # object, so a copied gate's warm-up left the first timed run to capture them all again.
-    engine.generate(make_requests())
+    for _ in range(warmups):
+        engine.generate(make_requests())
     reqs = make_requests()
     engine.counters.step_s.clear()
     before = _process_counters()
@@ -352,7 +353,9 @@ def median_run(runs: list[dict]) -> dict:
     """The run with the median throughput (the lower middle one of an even count), plus every
     run's throughput."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+    return {**ordered[(len(ordered) - 1) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+            # each run's decode step and prefill, in run order: where a trend over repeats comes from
+            **{f"runs_{key}": [r[key] for r in runs] for key in ("step_p50_ms", "first_step_ms") if key in runs[0]}}
 
 
 def peft_runner(root: Path, s: dict, device, dtype):
@@ -401,6 +404,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per scenario (median kept)")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed runs of the batch before each timed one")
     parser.add_argument("--compare-decode", default="", metavar="KERNELS",
                         help="comma-separated decode kernels (split, fused, dense, dense_base) to also run (b) and "
                              "(c) with, each on a second engine whose Triton backend uses that kernel in decode steps")
@@ -465,7 +469,7 @@ def main() -> None:
         runs = {name: [] for name in [*scenarios, *(["peft_mixed_adapter_names"] if peft else [])]}
         for _ in range(args.repeats):
             for name, (ours, routing) in scenarios.items():
-                runs[name].append(run_ours(ours, functools.partial(requests, s, routing)))
+                runs[name].append(run_ours(ours, functools.partial(requests, s, routing), args.warmups))
             if peft:
                 runs["peft_mixed_adapter_names"].append(peft())
         results = {name: median_run(r) for name, r in runs.items()}
@@ -474,7 +478,7 @@ def main() -> None:
 
     print(f"device={device} dtype={dtype_name} batch={s['batch']} prompt={s['prompt']} new={s['new']} "
           f"hidden={s['hidden']} layers={s['layers']} rank={RANK} adapters={NUM_ADAPTERS} "
-          f"repeats={args.repeats} (median run shown)")
+          f"repeats={args.repeats} warmups={args.warmups} (median run shown)")
     print(f"{'scenario':<36}{'tokens/s':>12}{'step p50 ms':>14}{'step p99 ms':>14}{'prefill ms':>12}{'between ms':>12}"
           f"{'ctx sw':>8}{'preempt':>8}{'faults':>8}{'gc ms':>8}{'cpu/wall':>10}{'step thr':>10}{'thrtl ms':>10}")
     na = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
@@ -496,7 +500,8 @@ def main() -> None:
     report = {
         "benchmark": "engine",
         "environment": environment(str(device)),
-        "size": size, "sizes": s, "dtype": dtype_name, "repeats": args.repeats, "results": results,
+        "size": size, "sizes": s, "dtype": dtype_name, "repeats": args.repeats, "warmups": args.warmups,
+        "results": results,
         "vs_peft_throughput": vs_peft, "molora_vs_base_throughput": vs_base, "per_repeat": per_repeat,
         "notes": "PEFT step latency is the mean per generated token (generate exposes no per-step timing)",
     }
@@ -507,6 +512,11 @@ def main() -> None:
     print(f"wrote {args.out}")
     for key, ratios in per_repeat.items():
         print(f"{key} per repeat: " + " ".join(f"{r:.2f}" for r in ratios))
+    for name, r in results.items():
+        if "runs_step_p50_ms" in r:
+            print(f"{name} per repeat: tokens/s " + " ".join(f"{v:.0f}" for v in r["runs_tokens_per_s"])
+                  + "; decode step p50 ms " + " ".join(f"{v:.2f}" for v in r["runs_step_p50_ms"])
+                  + "; prefill ms " + " ".join(f"{v:.1f}" for v in r["runs_first_step_ms"]))
     print("vs_peft_throughput: " + ("n/a (--skip-peft)" if vs_peft is None else f"{vs_peft:.2f}"))
     for step, kernel, _ in compare:
         key = f"molora_vs_base_throughput_{kernel}_{step}"

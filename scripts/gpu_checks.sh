@@ -40,13 +40,14 @@ if [[ $stages == *tests* ]]; then
     # (On an H200 on 2026-11-26: 171-181 s for the first; the second, 38 tests, over 200 s in one
     # worker and over 240 s in four, where the 38th did not finish. It has 54 since 2026-11-27,
     # the sampling, log-probability and min_tokens tests among them, and the prefix-cache tests
-    # beside them since the twenty-fourth session: six workers, 400 s. With the
+    # beside them since the twenty-fourth session: six workers, 400 s. On 2026-11-27, 81 tests in
+    # ten workers with one OpenMP thread each took 134-224 s beside the kernel tests. With the
     # engine benchmark after it, that can pass the device tool's 600 s a call: run "tests" and
     # "engine" as two calls then.)
     timeout 240 python3 -m pytest -q -n 8 -m gpu tests/kernels tests/molora_core/test_decoder.py \
         >"$out/gpu_tests.log" 2>&1 &
     kernels=$!
-    timeout 400 python3 -m pytest -q -n 6 tests/molora_core/test_engine.py tests/molora_core/test_engine_sampling.py \
+    OMP_NUM_THREADS=1 timeout 400 python3 -m pytest -q -n 10 tests/molora_core/test_engine.py tests/molora_core/test_engine_sampling.py \
         tests/molora_core/test_engine_streaming.py tests/molora_core/test_engine_graphs.py \
         tests/molora_core/test_prefix_cache.py >"$out/engine_tests_cuda.log" 2>&1 &
     engine=$!
@@ -70,10 +71,10 @@ if want engine; then
     # 16-bit decode kernel (base projection and LoRA in one launch, dense_base) against the base
     # matmul then the slot-dense LoRA (dense), each on a second engine, end to end, and where each
     # scenario's time goes, prefill alone and whole run (PEFT, slow at this size, was measured
-    # before: --skip-peft); three runs each, so the row kept is a true median (of two, the lower
-    # run was kept, slow steps and all).
+    # before: --skip-peft); seven runs each, so the row kept is a true median (single repeats of
+    # gate/base spread 0.74-0.93 on the H200 on 2026-11-27).
     # shellcheck disable=SC2086  # the options are words
-    timeout 330 python3 benchmarks/engine.py --repeats 3 --skip-peft \
+    timeout 330 python3 benchmarks/engine.py --repeats 7 --skip-peft \
         ${ENGINE_COMPARE---compare-prefill grouped --compare-decode dense} \
         --out "$out/engine-gpu.json" --profile "$out/engine_profile.txt" 2>&1 | tee -a "$out/bench.log" || status=1
 fi

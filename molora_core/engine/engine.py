@@ -190,6 +190,7 @@ class Engine:
                     f"the wait queue is full ({self.config.max_queue} requests); retry later"
                 )
             if request.request_id in self._ids:
+                self.counters.rejected += 1
                 raise RequestInvalid(f"request id {request.request_id!r} is already in use")
             self._ids[request.request_id] = seq.stream
             self._waiting.append(seq)

@@ -138,6 +138,12 @@ def test_bad_requests_are_refused(engine):
         engine.submit(Request([5, 99999], greedy(2)))
     with pytest.raises(RequestInvalid, match="temperature"):
         SamplingParams(temperature=-1)
+    first, before = engine.submit(Request(PROMPTS[0], greedy(2), request_id="twice")), engine.stats()
+    with pytest.raises(RequestInvalid, match="'twice' is already in use"):
+        engine.submit(Request(PROMPTS[1], greedy(2), request_id="twice"))
+    after = engine.stats()  # a refused id counts as rejected, as every other refusal does
+    assert (after.rejected, after.submitted) == (before.rejected + 1, before.submitted)
+    assert first.result().completion_tokens == 2
 
 
 @pytest.mark.parametrize("flags,warns", [({"avx2", "fma"}, True), ({"avx2", "fma", "avx512_bf16"}, False)])

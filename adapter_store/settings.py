@@ -45,7 +45,7 @@ class StoreSettings(BaseModel):
     api_key: SecretStr | None = Field(None, description="Bearer token required for registry mutations.")
     s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible store (else AWS_ENDPOINT_URL / AWS).")
     max_adapter_bytes: int = Field(512 << 20, gt=0, description="Cap on an artifact's total bytes (uploads too).")
-    max_rank: int = Field(64, gt=0, le=4096, description="Largest LoRA rank accepted (the hot-set's R).")
+    max_rank: int = Field(64, gt=0, le=1024, description="Largest LoRA rank accepted (the hot-set's R; the app's cap).")
     max_top_k: int = Field(4, ge=1, le=16, description="Largest gate router top-k accepted (the replicas' max_top_k).")
     hot_slots: int = Field(8, ge=1, le=4096, description="Most adapters a router may name (a replica's hot-set).")
     cache_max_bytes: int = Field(8 << 30, gt=0, description="Size cap of the local disk cache (LRU).")

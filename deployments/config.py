@@ -134,6 +134,9 @@ class AppConfig(BaseModel):
             raise ValueError(f"min_replicas {self.min_replicas} is over max_replicas {self.max_replicas}")
         if self.device == "cpu" and self.num_gpus_per_replica:
             raise ValueError(f"device 'cpu' with num_gpus_per_replica={self.num_gpus_per_replica}; expected 0")
+        if self.device == "cuda" and not self.num_gpus_per_replica:
+            # (Ray hides every GPU from an actor that reserves none: its replicas would find no CUDA.)
+            raise ValueError("device 'cuda' with num_gpus_per_replica=0; expected a GPU share above 0")
         return self
 
     @classmethod

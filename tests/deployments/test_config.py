@@ -59,6 +59,25 @@ def test_a_uri_the_app_cannot_use_is_refused_before_anything_starts(field, value
         AppConfig.from_sources({field: value}, env={})
 
 
+@pytest.mark.parametrize("device, gpus", [("cpu", 1), ("cuda", 0)])
+def test_a_device_without_its_gpu_share_is_refused(device, gpus):
+    """device 'cuda' needs GPUs reserved for its replicas (Ray shows an actor only its own), and
+    'cpu' reserves none."""
+    with pytest.raises(ValidationError, match=f"device '{device}' with num_gpus_per_replica="):
+        AppConfig.from_sources({"device": device, "num_gpus_per_replica": gpus}, env={})
+    assert AppConfig.from_sources({"device": device, "num_gpus_per_replica": 1 - gpus}, env={}).device == device
+
+
+def test_the_app_and_the_store_refuse_the_same_max_rank():
+    """MOLORA_MAX_RANK sizes the replicas' hot-set and the registry's rank check alike."""
+    from adapter_store.settings import StoreSettings
+
+    for settings in (AppConfig, StoreSettings):
+        assert settings.model_validate({"max_rank": 1024}).max_rank == 1024
+        with pytest.raises(ValidationError, match="max_rank"):
+            settings.model_validate({"max_rank": 1025})
+
+
 def test_good_uris_pass():
     cfg = AppConfig.from_sources({"storage_uri": "s3://b/p#1", "redis_url": "rediss://:pw@r:6380/1",
                                   "s3_endpoint_url": "http://minio:9000"}, env={"MOLORA_STORAGE_URI": "file:///x"})

@@ -92,6 +92,15 @@ class GateRouting:
 
 
 @dataclass
+class _GateBuffer:
+    """A gate router's adapter-to-slot table on the device, which its graphs read."""
+
+    gate: GateRouter
+    lookup: torch.Tensor  # int32[A]: the hot-set slot of each of the gate's adapters
+    held: tuple[int, ...] | None = None  # the slots `lookup` holds now (a step copies only a change)
+
+
+@dataclass
 class _Shape:
     rows: int  # B
     length: int  # L
@@ -148,8 +157,7 @@ class DecodeGraphs:
         self.gate_rows = torch.zeros(rows, dtype=torch.bool, device=device)  # bool[B_max]: routed by the gate
         self._gate_rows_held: tuple[int, ...] = ()  # the rows gate_rows flags now (a step copies only a change)
         self.max_gates = max_gates
-        # id(gate) -> [gate, int32[A] its adapters' slots, the slots that buffer holds], least recently used first
-        self._gates: OrderedDict[int, list] = OrderedDict()
+        self._gates: OrderedDict[int, _GateBuffer] = OrderedDict()  # by id(gate), least recently used first
         self._shapes: dict[tuple, _Shape] = {}
         self._pool = torch.cuda.graph_pool_handle() if mode == "graphs" else None
         self.captures = 0  # graphs captured so far (a test reads it to see no recapture happened)
@@ -189,23 +197,21 @@ class DecodeGraphs:
             flagged[list(flagged_rows)] = True
             self.gate_rows.copy_(flagged.to(self.gate_rows.device, non_blocking=True))
             self._gate_rows_held = flagged_rows
-        lookup = entry[1]
-        if slots != entry[2]:
-            lookup.copy_(torch.tensor(slots, dtype=torch.int32).to(lookup.device, non_blocking=True))
-            entry[2] = slots
-        return self._execute(shape, None, _GateStep(self, gate.gate, lookup, plan))[:n]
+        if slots != entry.held:
+            entry.lookup.copy_(torch.tensor(slots, dtype=torch.int32).to(entry.lookup.device, non_blocking=True))
+            entry.held = slots
+        return self._execute(shape, None, _GateStep(self, gate.gate, entry.lookup, plan))[:n]
 
-    def _gate_entry(self, gate: GateRouter) -> list:
-        """[gate, its adapter-to-slot buffer, the slots that buffer holds] (made on first use),
-        marking it most recently used."""
+    def _gate_entry(self, gate: GateRouter) -> "_GateBuffer":
+        """The gate's adapter-to-slot buffer (made on first use), marking it most recently used."""
         key = id(gate)
         if key in self._gates:
             self._gates.move_to_end(key)
             return self._gates[key]
-        entry = self._gates[key] = [gate, torch.zeros(len(gate.adapters), dtype=torch.int32,
-                                                      device=self.gate_rows.device), None]
+        lookup = torch.zeros(len(gate.adapters), dtype=torch.int32, device=self.gate_rows.device)
+        entry = self._gates[key] = _GateBuffer(gate, lookup)
         while len(self._gates) > self.max_gates:
-            self._drop_gate(next(iter(self._gates.values()))[0])
+            self._drop_gate(next(iter(self._gates.values())).gate)
         return entry
 
     def _drop_gate(self, gate: GateRouter) -> None:

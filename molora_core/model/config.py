@@ -64,7 +64,7 @@ class DecoderConfig:
                 f"rope_type={self.rope.get('rope_type')!r} is not supported; "
                 f"expected one of {SUPPORTED_ROPE_TYPES}"
             )
-        if float(self.rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        if self.rope.get("partial_rotary_factor") not in (None, 1.0):  # (null: 1.0, as transformers reads it)
             raise ModelLoadError(
                 f"partial_rotary_factor={self.rope['partial_rotary_factor']} is not supported "
                 "by these families (expected 1.0)"

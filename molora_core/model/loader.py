@@ -9,6 +9,7 @@ memory is one copy of the weights plus one tensor. Pickled weights (`*.bin`, `*.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import nn
 from molora_core.errors import ModelLoadError
 from molora_core.model.config import DecoderConfig, check_architecture, from_hf_config
 from molora_core.model.decoder import DecoderForCausalLM
+
+log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Any one of these (with its partner files) is enough for AutoTokenizer.
@@ -150,7 +153,8 @@ def load_model(path, dtype: torch.dtype | str | None = None, device: torch.devic
     with torch.device("meta"):
         model = DecoderForCausalLM(cfg)
     expected = {name: p.shape for name, p in model.named_parameters()}  # tied lm_head appears once
-    skip = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    head = "lm_head.weight"
+    stored_head = None  # a tied config's checkpoint may hold an lm_head all the same (see below)
 
     from safetensors import safe_open
 
@@ -162,7 +166,10 @@ def load_model(path, dtype: torch.dtype | str | None = None, device: torch.devic
             raise ModelLoadError(f"{file}: not a readable safetensors file ({e})") from e
         with handle as f:
             for name in f.keys():
-                if name in skip or name.endswith(IGNORED_SUFFIXES):
+                if name.endswith(IGNORED_SUFFIXES):
+                    continue
+                if name == head and cfg.tie_word_embeddings:
+                    stored_head = f.get_tensor(name)
                     continue
                 if name not in expected:
                     unexpected.append(name)
@@ -177,7 +184,7 @@ def load_model(path, dtype: torch.dtype | str | None = None, device: torch.devic
                     tensor = tensor.to(dtype)
                 _set_tensor(model, name, tensor.to(device))
                 loaded.add(name)
-    missing = sorted(set(expected) - loaded - skip)
+    missing = sorted(set(expected) - loaded)
     if missing or unexpected:
         raise ModelLoadError(
             f"{path}: weights do not match the {cfg.architecture} config; missing {missing[:8]}"
@@ -185,7 +192,17 @@ def load_model(path, dtype: torch.dtype | str | None = None, device: torch.devic
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        embed = model.model.embed_tokens.weight
+        if stored_head is not None and tuple(stored_head.shape) != tuple(embed.shape):
+            raise ModelLoadError(f"{path}: lm_head.weight has shape {tuple(stored_head.shape)}, the config "
+                                 f"expects {tuple(embed.shape)}")
+        if stored_head is not None and not torch.equal(stored_head.to(embed.device, embed.dtype), embed):
+            # As transformers does: a stored head that differs from the embeddings is the model's own.
+            log.warning("%s: tie_word_embeddings is set but the checkpoint's lm_head.weight differs from "
+                        "embed_tokens.weight; using the stored lm_head (untied), as transformers does", path)
+            model.lm_head.weight = nn.Parameter(stored_head.to(device, dtype), requires_grad=False)
+        else:
+            model.lm_head.weight = embed
     return model.eval()
 
 

@@ -7,9 +7,11 @@ Every checkpoint is built here with random weights (no downloads), saved as safe
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -146,6 +148,33 @@ def test_tied_embeddings(tmp_path, family):
     hf, path = make_checkpoint(tmp_path, family, tie_word_embeddings=True)
     ours = assert_parity(hf, path, ids_for(2, 9))
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_a_tied_config_whose_checkpoint_holds_its_own_head_reads_as_transformers(tmp_path, caplog):
+    """tie_word_embeddings set, and the checkpoint holds an lm_head.weight: transformers uses a
+    head that differs from the embeddings (untied) and ties an equal one; so do we."""
+    hf, path = make_checkpoint(tmp_path, "qwen3")  # untied: its own lm_head, saved
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, "tie_word_embeddings": True}))
+    hf = Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    with caplog.at_level(logging.WARNING, logger="molora_core.model.loader"):
+        ours = assert_parity(hf, path, ids_for(2, 9))
+    assert ours.lm_head.weight is not ours.model.embed_tokens.weight
+    assert any("using the stored lm_head" in r.getMessage() for r in caplog.records)
+    weights = load_file(path / "model.safetensors")
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()}, path / "model.safetensors")
+    hf = Qwen3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ours = assert_parity(hf, path, ids_for(2, 9))
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_a_null_partial_rotary_factor_reads_as_one(tmp_path):
+    """`partial_rotary_factor: null` in rope_parameters: transformers reads the default 1.0."""
+    _, path = make_checkpoint(tmp_path, "llama")
+    raw = json.loads((path / "config.json").read_text())
+    raw["rope_parameters"]["partial_rotary_factor"] = None
+    (path / "config.json").write_text(json.dumps(raw))
+    assert_parity(LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval(), path, ids_for(1, 20))
 
 
 def test_qwen2_qkv_bias_and_no_o_bias(tmp_path):

@@ -369,6 +369,8 @@ class Engine:
                 logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if reason != "stop" or not seq.detok.stopped:
             seq.detok.flush(check_stop=len(seq.output_ids) >= seq.request.sampling.min_tokens)
+            if reason == "length" and seq.detok.stopped:
+                reason = "stop"  # the held-back tail held a stop string: the text ends there
         seq.stream.put(seq.delta(seq.detok.take_delta(final=True), token_ids, reason, logprobs))
         self._release(seq)
         if reason == "abort":

@@ -41,14 +41,20 @@ def byte_token_ids(tokenizer, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def chain_model(demo, tmp_path_factory):
-    """A Qwen3 checkpoint whose greedy continuation of "A" is TEXT byte by byte, then EOS.
-
-    Attention and MLP outputs are zeroed, so the last hidden state is the (normed) embedding of
-    the current token, and lm_head row next(a) points along token a's embedding.
-    """
+    """A Qwen3 checkpoint whose greedy continuation of "A" is TEXT byte by byte, then EOS."""
     tokenizer = AutoTokenizer.from_pretrained(demo / "model")
     chain = [tokenizer.convert_tokens_to_ids("A"), *byte_token_ids(tokenizer, TEXT), tokenizer.eos_token_id]
     assert len(set(chain)) == len(chain)
+    path = tmp_path_factory.mktemp("chain")
+    save_chain_model(tokenizer, chain, path)
+    return path, chain
+
+
+def save_chain_model(tokenizer, chain: list[int], path) -> None:
+    """Save under path a Qwen3 checkpoint (and the tokenizer) whose greedy continuation of
+    chain[i] is chain[i + 1]: attention and MLP outputs are zeroed, so the last hidden state is
+    the (normed) embedding of the current token, and lm_head row chain[i + 1] points along
+    chain[i]'s embedding."""
     cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
                       eos_token_id=tokenizer.eos_token_id)
@@ -62,10 +68,8 @@ def chain_model(demo, tmp_path_factory):
         model.lm_head.weight.zero_()
         for a, b in zip(chain, chain[1:]):
             model.lm_head.weight[b] = 20 * emb[a] / emb[a].norm()
-    path = tmp_path_factory.mktemp("chain")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path, chain
 
 
 def test_multibyte_characters_stream_whole(chain_model):
@@ -257,22 +261,7 @@ def test_a_stop_string_in_the_held_back_tail_finishes_with_stop(tmp_path):
     request finishes with "stop", not "length"."""
     fast, (the, held, _) = _byte_level_tokenizer()
     prompt = fast("cat")["input_ids"]
-    chain = [prompt[-1], the, held, fast.eos_token_id]
-    cfg = Qwen3Config(vocab_size=len(fast), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
-                      eos_token_id=fast.eos_token_id)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(cfg)
-    with torch.no_grad():  # greedy walks the chain (as `chain_model` above)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb = model.model.embed_tokens.weight
-        model.lm_head.weight.zero_()
-        for a, b in zip(chain, chain[1:]):
-            model.lm_head.weight[b] = 20 * emb[a] / emb[a].norm()
-    model.save_pretrained(tmp_path)
-    fast.save_pretrained(tmp_path)
+    save_chain_model(fast, [prompt[-1], the, held, fast.eos_token_id], tmp_path)
     engine = Engine(tmp_path, EngineConfig(max_batch=1, max_seq_len=32, hot_slots=1, max_rank=4))
     handle = engine.submit(Request(prompt, SamplingParams(max_tokens=2, stop=("日",))))
     streamed = "".join(d.text for d in handle)

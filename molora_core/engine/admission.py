@@ -175,14 +175,17 @@ class Admission:
 
     def _kv_key(self, seq: Sequence) -> tuple | None:
         """What seq's keys and values depend on besides its tokens: its router's routes, the load
-        serial of each slot it pinned, and its gate (held, so the key's id of it stays its own)."""
+        serial of each slot it pinned, and its gate (held, so the key's id of it stays its own)
+        with its weights' versions (a gate trained further in place routes anew)."""
         router = seq.router
         if router is None:
             return ("base",)
         if router.route_key is None:
             return None
         loads = tuple(self.hotset.serial(slot) for _, slot in seq.pinned)
-        return router.route_key, loads, getattr(router, "gate", None)
+        gate = getattr(router, "gate", None)
+        weights = () if gate is None else tuple((p.data_ptr(), p._version) for p in gate.parameters())
+        return router.route_key, loads, gate, weights
 
     def unpin(self, seq: Sequence) -> None:
         for key, slot in seq.pinned:

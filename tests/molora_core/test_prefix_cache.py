@@ -11,7 +11,7 @@ import torch
 
 from molora_core.engine import Request, RouterSpec, SamplingParams
 from molora_core.engine.kv_slots import common_prefix
-from molora_core.routing import AdapterSpec, BaseSpec, MixtureSpec, VocabSpec
+from molora_core.routing import AdapterSpec, BaseSpec, GateRouter, GateSpec, MixtureSpec, VocabSpec
 from tests.molora_core.test_engine import PROMPTS, demo, greedy, hf_reference, make_engine  # noqa: F401
 
 LONG = PROMPTS[2] + " I am fine, thank you. And what did you do over the weekend?"
@@ -105,6 +105,25 @@ def test_an_adapter_loaded_again_does_not_share_the_old_rows(demo):
     assert again.cached_tokens == 0
     assert _run(engine, Request(LONG, greedy(4), AdapterSpec("math"))).cached_tokens > 0  # the new load's rows
     engine.close()
+
+
+def test_a_gate_trained_further_in_place_does_not_share_its_old_rows(demo):
+    """A GateSpec's router changed in place between requests (train_gate run again on it):
+    rows routed by its old weights are not reused, and the tokens are those of an engine
+    without the cache."""
+    gate = GateRouter.load(demo / "routers" / "demo-gate")
+    engines = [make_engine(demo), make_engine(demo, prefix_caching=False)]
+    for engine in engines:
+        assert _run(engine, Request(LONG, greedy(4), GateSpec(gate))).completion_tokens == 4
+    with torch.no_grad():
+        gate.gate.weight.neg_()
+    cached, plain = (_run(engine, Request(LONG + " Again.", greedy(6, logprobs=1), GateSpec(gate)))
+                     for engine in engines)
+    assert cached.cached_tokens == 0 and cached.token_ids == plain.token_ids
+    assert [lp.logprob for lp in cached.logprobs] == pytest.approx([lp.logprob for lp in plain.logprobs], abs=1e-4)
+    assert _run(engines[0], Request(LONG, greedy(2), GateSpec(gate))).cached_tokens > 0  # the new weights' rows
+    for engine in engines:
+        engine.close()
 
 
 def test_prompt_logprobs_requests_compute_every_token(demo):

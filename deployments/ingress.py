@@ -53,7 +53,9 @@ MAX_BODY_BYTES = 4 << 20
 # prompts fans out at once) can see a full queue while the replicas have room: such a call is
 # tried again for up to this long (backing off from 20 ms) before its request is answered 429.
 # (Placing a call takes the router a queue-length probe of a replica or two: on a loaded 2-core
-# machine, up to a few hundred ms.)
+# machine, up to a few hundred ms.) Serve's count of a replica's calls can also lag, so a call
+# may reach an engine whose own wait queue is full: that refusal (before anything ran) is tried
+# again alike.
 BACKPRESSURE_RETRY_S = 1.0
 # A \u escape of a UTF-16 surrogate: JSON allows a lone one, which no tokenizer (nor Redis) takes.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -179,6 +181,8 @@ def _sse(data: dict) -> str:
 @serve.ingress(app)
 class Ingress:
     """Serve deployment class; `deployments.app` binds it to the ModelReplica handle and config."""
+
+    backpressure_retry_s = BACKPRESSURE_RETRY_S
 
     def __init__(self, replica: DeploymentHandle, config: dict, placement_interval_s: float = 5.0):
         cfg = AppConfig.model_validate(config)
@@ -316,19 +320,24 @@ class Ingress:
         return JSONResponse({key: value for key, value in result.items() if key != "type"})
 
     async def _start(self, payloads: list[dict]) -> tuple[list, list]:
-        """One replica call per payload, each to its first item (a BackPressureError retried for
-        up to BACKPRESSURE_RETRY_S). If any fails, the others are stopped and cancelled too."""
+        """One replica call per payload, each to its first item (a BackPressureError, or an
+        engine's full wait queue, retried for up to BACKPRESSURE_RETRY_S). If any fails, the
+        others are stopped and cancelled too."""
         streams: list = [None] * len(payloads)
 
         async def first(i: int):
-            delay, deadline = 0.02, time.monotonic() + BACKPRESSURE_RETRY_S
+            delay, deadline = 0.02, time.monotonic() + self.backpressure_retry_s
             while True:
                 streams[i] = self.replica.generate.remote(payloads[i])
                 try:
-                    return await streams[i].__anext__()
+                    item = await streams[i].__anext__()
                 except BackPressureError:
                     if time.monotonic() + delay > deadline:
                         raise
+                else:
+                    full = item.get("type") == "error" and item.get("code") == "overloaded"
+                    if not full or time.monotonic() + delay > deadline:
+                        return item
                 await asyncio.sleep(delay)
                 delay *= 2
 
